@@ -1,0 +1,341 @@
+"""The layer contract and the combinators that compose layers into models.
+
+A :class:`Layer` is a NamedTuple of two pure functions and a default name::
+
+    params, state = layer.init(key, x)          # x: an array or jax.ShapeDtypeStruct
+    y, state = layer.apply(params, state, x, rng=None, train=False)
+
+Combinators (``serial``, ``parallel``, ``residual``, ``repeat``, ``remat``) are
+layers built from layers. Their ``init`` infers each child's input shape with
+``jax.eval_shape`` on the previous child's ``apply``, so ``jax.eval_shape(model.init,
+key, x)`` plans any model without FLOPs or memory.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from nnjax.errors import LayerError
+from nnjax.paths import STACKED
+
+__all__ = [
+    "Layer",
+    "as_layer",
+    "serial",
+    "parallel",
+    "residual",
+    "repeat",
+    "remat",
+    "output_shape",
+    "record_outputs",
+]
+
+Params = dict[str, Any]
+State = dict[str, Any]
+
+
+class Layer(NamedTuple):
+    """A layer: ``init(key, x) -> (params, state)`` and ``apply(params, state, x, *, rng, train) -> (y, state)``.
+
+    ``name`` is the default name a combinator gives this child (``dense`` gives
+    ``dense_0``, ``dense_1``, ...).
+    """
+
+    init: Callable[..., tuple[Params, State]]
+    apply: Callable[..., tuple[Any, State]]
+    name: str
+
+
+def as_layer(obj: Layer | Callable[[Any], Any]) -> Layer:
+    """A :class:`Layer` as is; a plain callable (``jax.nn.relu``) as a parameter-free layer."""
+    if isinstance(obj, Layer):
+        return obj
+    if not callable(obj):
+        raise TypeError(f"expected a Layer or a callable, got {type(obj).__name__}: {obj!r}")
+    fn = obj
+
+    def init(key, x):
+        del key, x
+        return {}, {}
+
+    def apply(params, state, x, *, rng=None, train=False):
+        del params, rng, train
+        return fn(x), state
+
+    return Layer(init, apply, getattr(fn, "__name__", type(fn).__name__).strip("<>"))
+
+
+def output_shape(layer: Layer, params: Params, state: State, x: Any) -> Any:
+    """Shape and dtype (``ShapeDtypeStruct`` pytree) of ``layer.apply``'s output, without FLOPs."""
+
+    def forward(p, s, x):
+        return layer.apply(p, s, x, rng=None, train=False)[0]
+
+    return jax.eval_shape(forward, params, state, x)
+
+
+def _call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a child's init/apply; a LayerError from it gains the child's name in its path."""
+    try:
+        return fn(*args, **kwargs)
+    except LayerError as err:
+        raise err.within(name) from None
+
+
+def _name_children(
+    layers: Sequence[Any], named: Mapping[str, Any]
+) -> list[tuple[str, Layer]]:
+    counts: dict[str, int] = {}
+    children = []
+    for obj in layers:
+        layer = as_layer(obj)
+        k = counts.get(layer.name, 0)
+        counts[layer.name] = k + 1
+        children.append((f"{layer.name}_{k}", layer))
+    for name, obj in named.items():
+        if "/" in name:
+            raise ValueError(f"child name {name!r} may not contain '/'")
+        children.append((name, as_layer(obj)))
+    return children
+
+
+def _check_keys(kind: str, tree: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    extra = sorted(set(tree) - set(allowed))
+    if extra:
+        raise LayerError(
+            f"unexpected {kind} key(s) {extra}; this layer has children {sorted(allowed)}"
+        )
+
+
+def _split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    if rng is None:
+        return [None] * n
+    return list(jax.random.split(rng, n))
+
+
+def _init_children(children, key, x, *, chain: bool):
+    """Init each child; with ``chain`` the next child sees the previous child's output."""
+    params: Params = {}
+    state: State = {}
+    keys = jax.random.split(key, max(len(children), 1))
+    for (name, child), k in zip(children, keys, strict=False):
+        p, s = _call(name, child.init, k, x)
+        if p:
+            params[name] = p
+        if s:
+            state[name] = s
+        if chain:
+            x = _call(name, output_shape, child, p, s, x)
+    return params, state, x
+
+
+# While ``nj.summary`` traces a model, each child's output shape is logged here
+# under its path. Set only inside ``record_outputs``; ordinary calls never see it.
+_OUTPUT_LOG: contextvars.ContextVar = contextvars.ContextVar("nnjax_output_log", default=None)
+
+
+def _apply_child(name, child, params, state, x, rng, train):
+    args = (params.get(name, {}), state.get(name, {}), x)
+    log = _OUTPUT_LOG.get()
+    if log is None:
+        return _call(name, child.apply, *args, rng=rng, train=train)
+    prefix, rows = log
+    path = (*prefix, name)
+    token = _OUTPUT_LOG.set((path, rows))
+    try:
+        y, s = _call(name, child.apply, *args, rng=rng, train=train)
+    finally:
+        _OUTPUT_LOG.reset(token)
+    rows.append(("/".join(path), jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), y)))
+    return y, s
+
+
+def record_outputs(layer: Layer, params: Params, state: State, x: Any) -> list[tuple[str, Any]]:
+    """``(path, output ShapeDtypeStruct)`` of every child a combinator applies, innermost first.
+
+    Runs ``jax.eval_shape``: no FLOPs, no memory.
+    """
+    rows: list[tuple[str, Any]] = []
+    token = _OUTPUT_LOG.set(((), rows))
+    try:
+        out = output_shape(layer, params, state, x)
+    finally:
+        _OUTPUT_LOG.reset(token)
+    rows.append(("(output)", out))
+    return rows
+
+
+def serial(*layers: Layer | Callable, **named_layers: Layer | Callable) -> Layer:
+    """Apply layers one after another.
+
+    Positional children are named ``{layer.name}_{k}`` (``dense_0``, ``conv_0``,
+    ``dense_1``); keyword children by their keyword, after the positional ones.
+    Children without params or state take no entry.
+
+    Example:
+        >>> model = nj.serial(nj.Dense(64), jax.nn.relu, head=nj.Dense(10))
+        >>> params, state = model.init(key, jnp.zeros((8, 32)))
+        >>> jax.tree.map(jnp.shape, params)
+        {'dense_0': {'bias': (64,), 'kernel': (32, 64)}, 'head': {'bias': (10,), 'kernel': (64, 10)}}
+    """
+    children = _name_children(layers, named_layers)
+    names = [n for n, _ in children]
+
+    def init(key, x):
+        params, state, _ = _init_children(children, key, x, chain=True)
+        return params, state
+
+    def apply(params, state, x, *, rng=None, train=False):
+        _check_keys("param", params, names)
+        _check_keys("state", state, names)
+        new_state = {}
+        for (name, child), r in zip(children, _split(rng, len(children)), strict=True):
+            x, s = _apply_child(name, child, params, state, x, r, train)
+            if s:
+                new_state[name] = s
+        return x, new_state
+
+    return Layer(init, apply, "serial")
+
+
+def parallel(
+    *layers: Layer | Callable,
+    combine: Callable[[tuple], Any] | None = None,
+    **named_layers: Layer | Callable,
+) -> Layer:
+    """Fan out: every child gets the same input; the output is the tuple of theirs.
+
+    ``combine`` (``lambda ys: jnp.concatenate(ys, -1)``, ``sum``) merges the tuple.
+    Children are named as in :func:`serial`.
+    """
+    children = _name_children(layers, named_layers)
+    names = [n for n, _ in children]
+
+    def init(key, x):
+        params, state, _ = _init_children(children, key, x, chain=False)
+        return params, state
+
+    def apply(params, state, x, *, rng=None, train=False):
+        _check_keys("param", params, names)
+        _check_keys("state", state, names)
+        outs, new_state = [], {}
+        for (name, child), r in zip(children, _split(rng, len(children)), strict=True):
+            y, s = _apply_child(name, child, params, state, x, r, train)
+            outs.append(y)
+            if s:
+                new_state[name] = s
+        ys = tuple(outs)
+        return (combine(ys) if combine is not None else ys), new_state
+
+    return Layer(init, apply, "parallel")
+
+
+def residual(
+    *layers: Layer | Callable,
+    shortcut: Layer | Callable | None = None,
+    **named_layers: Layer | Callable,
+) -> Layer:
+    """``y = shortcut(x) + serial(*layers)(x)``; ``shortcut`` defaults to the identity.
+
+    The children's params sit directly under the residual (no extra level); a
+    projection shortcut's params sit under ``shortcut``.
+    """
+    body = serial(*layers, **named_layers)
+    short = None if shortcut is None else as_layer(shortcut)
+
+    def init(key, x):
+        k_body, k_short = jax.random.split(key)
+        params, state = body.init(k_body, x)
+        if short is not None:
+            p, s = _call("shortcut", short.init, k_short, x)
+            if p:
+                params = {**params, "shortcut": p}
+            if s:
+                state = {**state, "shortcut": s}
+        return params, state
+
+    def apply(params, state, x, *, rng=None, train=False):
+        r_body, r_short = _split(rng, 2)
+        body_params = {k: v for k, v in params.items() if k != "shortcut"}
+        body_state = {k: v for k, v in state.items() if k != "shortcut"}
+        y, new_state = body.apply(body_params, body_state, x, rng=r_body, train=train)
+        skip = x
+        if short is not None:
+            skip, s = _apply_child("shortcut", short, params, state, x, r_short, train)
+            if s:
+                new_state = {**new_state, "shortcut": s}
+        if jnp.shape(skip) != jnp.shape(y):
+            raise LayerError(
+                f"residual branch changes the shape: input {jnp.shape(skip)}, "
+                f"branch output {jnp.shape(y)}; give a shortcut= projection"
+            )
+        return skip + y, new_state
+
+    return Layer(init, apply, "residual")
+
+
+def repeat(layer: Layer, n: int, *, unroll: int = 1) -> Layer:
+    """``n`` copies of ``layer`` applied in turn, params stacked on a leading axis.
+
+    Runs with ``jax.lax.scan``, so compile time does not grow with ``n``. The
+    copies' params and state live under the key ``"stacked"`` with a leading axis
+    of size ``n``; their logical paths are ``0/...``, ``1/...`` (see
+    :mod:`nnjax.paths`). The layer must keep its input's shape and dtype.
+
+    Params:
+        stacked: the child's params, each leaf with shape ``(n, *leaf.shape)``.
+    """
+    if n < 1:
+        raise ValueError(f"repeat: n must be >= 1, got {n}")
+    layer = as_layer(layer)
+
+    def init(key, x):
+        keys = jax.random.split(key, n)
+        p0, s0 = jax.eval_shape(layer.init, keys[0], x)
+        out = output_shape(layer, p0, s0, x)
+        x_spec = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+        if not isinstance(out, jax.ShapeDtypeStruct) or (out.shape, out.dtype) != (
+            x_spec.shape,
+            x_spec.dtype,
+        ):
+            raise LayerError(
+                f"repeat: the layer must keep its input's shape and dtype, "
+                f"got input {x_spec.shape} {x_spec.dtype} -> output {out}"
+            )
+        params, state = jax.vmap(lambda k: layer.init(k, x_spec))(keys)
+        return ({STACKED: params} if params else {}), ({STACKED: state} if state else {})
+
+    def apply(params, state, x, *, rng=None, train=False):
+        _check_keys("param", params, [STACKED])
+        _check_keys("state", state, [STACKED])
+        stacked_p = params.get(STACKED, {})
+        stacked_s = state.get(STACKED, {})
+        rngs = None if rng is None else jax.random.split(rng, n)
+
+        def body(carry, xs):
+            p, s, r = xs
+            y, s = layer.apply(p, s, carry, rng=r, train=train)
+            return y, s
+
+        y, new_state = jax.lax.scan(body, x, (stacked_p, stacked_s, rngs), length=n, unroll=unroll)
+        return y, ({STACKED: new_state} if new_state else {})
+
+    return Layer(init, apply, layer.name)
+
+
+def remat(layer: Layer, *, policy: Callable | None = None) -> Layer:
+    """``layer`` whose activations are recomputed in the backward pass (``jax.checkpoint``)."""
+    layer = as_layer(layer)
+
+    def apply(params, state, x, *, rng=None, train=False):
+        def forward(p, s, x, r):
+            return layer.apply(p, s, x, rng=r, train=train)
+
+        return jax.checkpoint(forward, policy=policy)(params, state, x, rng)
+
+    return Layer(layer.init, apply, layer.name)

@@ -1,0 +1,41 @@
+"""The errors nnjax raises: each names the parameter path where it happened."""
+
+from __future__ import annotations
+
+__all__ = ["NNJaxError", "LayerError", "GlobError", "CheckpointError"]
+
+
+class NNJaxError(Exception):
+    """Base class of every error nnjax raises on purpose."""
+
+
+class LayerError(NNJaxError, ValueError):
+    """Bad input, params or state for a layer, raised at trace time.
+
+    ``path`` is the layer's position in the model (``("blocks", "3", "attn")``);
+    combinators prepend their child's name as the error travels up, so the
+    message reads ``blocks/3/attn: expected ..., got ...``.
+    """
+
+    def __init__(self, detail: str, path: tuple[str, ...] = ()):
+        self.detail = detail
+        self.path = tuple(path)
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return f"{'/'.join(self.path)}: {self.detail}" if self.path else self.detail
+
+    def within(self, name: str) -> LayerError:
+        """The same error, one level further from the root (``name`` prepended)."""
+        return type(self)(self.detail, (name, *self.path))
+
+    def __reduce__(self):
+        return type(self), (self.detail, self.path)
+
+
+class GlobError(NNJaxError, ValueError):
+    """A path glob (mask, rule, group) that matches no leaf, or groups that overlap."""
+
+
+class CheckpointError(NNJaxError, ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit the target structure."""

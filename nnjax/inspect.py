@@ -1,0 +1,57 @@
+"""Look at a model without running it: parameter tables, counts and paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from nnjax.core import Layer, record_outputs
+from nnjax.paths import count_params, flatten, leaf_paths, param_bytes
+
+__all__ = ["summary", "count_params", "param_bytes", "leaf_paths", "param_shapes"]
+
+
+def param_shapes(model: Layer, x: Any, key: jax.Array | None = None) -> tuple[dict, dict]:
+    """``(params, state)`` of ``model.init`` as ShapeDtypeStruct trees, from ``jax.eval_shape``."""
+    key = jax.random.key(0) if key is None else key
+    return jax.eval_shape(model.init, key, x)
+
+
+def _fmt_shape(s: Any) -> str:
+    if isinstance(s, jax.ShapeDtypeStruct):
+        return f"{tuple(s.shape)} {s.dtype}"
+    return str(jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), s))
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return [line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
+
+
+def summary(model: Layer, x: Any, *, key: jax.Array | None = None, print_fn: Any = print) -> str:
+    """A table of every param and state leaf (path, shape, dtype, count) and each child's output.
+
+    Everything comes from ``jax.eval_shape``, so it works for a model too big to
+    allocate. Prints the table (``print_fn=None`` to not) and returns it.
+    """
+    params, state = param_shapes(model, x, key)
+    lines = []
+    for title, tree in (("params", params), ("state", state)):
+        flat = flatten(tree)
+        if not flat:
+            continue
+        rows = [
+            (path, str(tuple(v.shape)), str(v.dtype), f"{int(np.prod(v.shape)):,}")
+            for path, v in flat.items()
+        ]
+        rows.append((f"total {title}", "", "", f"{count_params(tree):,} ({param_bytes(tree):,} bytes)"))
+        lines += _table((title, "shape", "dtype", "count"), rows) + [""]
+    outputs = record_outputs(model, params, state, x)
+    lines += _table(("layer", "output"), [(path, _fmt_shape(s)) for path, s in outputs])
+    text = "\n".join(lines)
+    if print_fn is not None:
+        print_fn(text)
+    return text

@@ -1,0 +1,147 @@
+"""Parameter paths and globs: the names fine-tuning, sharding and checkpoints use.
+
+A leaf's path joins its dict keys with ``/``: ``blocks/attn/query/kernel``.
+``repeat`` keeps its ``n`` copies stacked under one key, ``STACKED``; the
+*logical* paths expand it into one path per copy (``blocks/3/attn/query/kernel``)
+so a glob can pick single copies of a stacked layer.
+
+Globs: ``*`` matches within one segment (``fnmatch`` style), ``**`` matches zero
+or more whole segments. A glob that matches nothing is a :class:`GlobError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from nnjax.errors import GlobError
+
+__all__ = [
+    "STACKED",
+    "flatten",
+    "unflatten",
+    "leaf_paths",
+    "glob_match",
+    "match",
+    "map_with_path",
+    "count_params",
+    "param_bytes",
+]
+
+STACKED = "stacked"
+"""Key under which ``repeat`` stores its copies' params, stacked on axis 0."""
+
+
+def _items(tree: Mapping[str, Any], prefix: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for key in tree:
+        value = tree[key]
+        if isinstance(value, Mapping):
+            yield from _items(value, (*prefix, str(key)))
+        else:
+            yield (*prefix, str(key)), value
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}`` (physical paths, stacked copies not expanded)."""
+    return {"/".join(p): v for p, v in _items(tree, ())}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten`."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, last = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return tree
+
+
+def _stack_depth(path: tuple[str, ...]) -> list[int]:
+    return [i for i, key in enumerate(path) if key == STACKED]
+
+
+def leaf_paths(tree: Mapping[str, Any]) -> list[str]:
+    """Every logical leaf path, stacked copies expanded (``blocks/0/...``, ``blocks/1/...``)."""
+    out = []
+    for path, leaf in _items(tree, ()):
+        out.extend(_expand(path, np.shape(leaf)))
+    return out
+
+
+def _expand(path: tuple[str, ...], shape: tuple[int, ...]) -> list[str]:
+    """Logical paths of one physical leaf; nested ``repeat``s stack more leading axes."""
+    paths = [()]
+    axis = 0
+    for key in path:
+        if key == STACKED:
+            paths = [(*p, str(i)) for p in paths for i in range(shape[axis])]
+            axis += 1
+        else:
+            paths = [(*p, key) for p in paths]
+    return ["/".join(p) for p in paths]
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(pattern: str) -> tuple[str, ...]:
+    return tuple(s for s in pattern.strip("/").split("/"))
+
+
+def glob_match(pattern: str, path: str) -> bool:
+    """Whether ``path`` matches ``pattern`` (``*`` in a segment, ``**`` across segments)."""
+    return _match_segments(_compiled(pattern), tuple(path.split("/")))
+
+
+@functools.lru_cache(maxsize=65536)
+def _match_segments(pat: tuple[str, ...], segs: tuple[str, ...]) -> bool:
+    if not pat:
+        return not segs
+    head, rest = pat[0], pat[1:]
+    if head == "**":
+        return any(_match_segments(rest, segs[i:]) for i in range(len(segs) + 1))
+    return bool(segs) and fnmatch.fnmatchcase(segs[0], head) and _match_segments(rest, segs[1:])
+
+
+def near_paths(pattern: str, paths: Iterable[str], n: int = 5) -> list[str]:
+    """Paths that look like ``pattern``, for error messages."""
+    paths = list(paths)
+    close = difflib.get_close_matches(pattern, paths, n=n, cutoff=0.3)
+    return close or paths[:n]
+
+
+def match(tree: Mapping[str, Any], globs: str | Iterable[str], *, what: str = "glob") -> list[str]:
+    """Logical paths of ``tree`` matched by any of ``globs``; each glob must match something."""
+    globs = [globs] if isinstance(globs, str) else list(globs)
+    paths = leaf_paths(tree)
+    hits: dict[str, None] = {}
+    for g in globs:
+        found = [p for p in paths if glob_match(g, p)]
+        if not found:
+            raise GlobError(
+                f"{what} {g!r} matches no parameter path; near paths: {near_paths(g, paths)}"
+            )
+        hits.update(dict.fromkeys(found))
+    return list(hits)
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``tree`` with each leaf replaced by ``fn(physical_path, leaf)``."""
+    return unflatten({p: fn(p, v) for p, v in flatten(tree).items()})
+
+
+def count_params(tree: Mapping[str, Any]) -> int:
+    """Number of scalars in a params (or state) tree; works on ShapeDtypeStructs."""
+    return int(sum(int(np.prod(np.shape(v))) for v in flatten(tree).values()))
+
+
+def param_bytes(tree: Mapping[str, Any]) -> int:
+    """Bytes a tree's leaves take; works on ShapeDtypeStructs."""
+    return int(
+        sum(int(np.prod(np.shape(v))) * np.dtype(v.dtype).itemsize for v in flatten(tree).values())
+    )

@@ -1,0 +1,29 @@
+import os
+import pathlib
+
+import jax
+import pytest
+
+# Tests compare against float64 NumPy/PyTorch references in float32; keep XLA
+# from silently picking lower-precision matmuls and keep runs repeatable.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+DATA = pathlib.Path(os.environ.get("NNJAX_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture
+def data_dir() -> pathlib.Path:
+    """``../shared/data`` (or ``$NNJAX_DATA``); the test skips where it is absent."""
+    if not DATA.is_dir():
+        pytest.skip(f"shared datasets not found at {DATA} (set NNJAX_DATA)")
+    return DATA
+
+
+@pytest.fixture
+def torch():
+    """PyTorch on the CPU as the reference implementation; skips where torch is absent."""
+    torch = pytest.importorskip("torch", reason="torch is the reference for layer numbers")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float32)
+    return torch

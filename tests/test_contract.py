@@ -1,0 +1,95 @@
+"""Every registered layer against the layer contract (tests/cases/*.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nnjax as nj
+from tests.cases import all_cases
+
+CASES = all_cases()
+
+
+def _input(case, dtype):
+    key = jax.random.key(1)
+    if case.int_input is not None:
+        return jax.random.randint(key, case.shape, *case.int_input)
+    return jax.random.normal(key, case.shape, jnp.dtype(dtype))
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), tree)
+
+
+@pytest.fixture(params=CASES, ids=[c.name for c in CASES])
+def case(request):
+    return request.param
+
+
+def test_init_is_shape_only(case):
+    layer, x = case.make(), _input(case, "float32")
+    key = jax.random.key(0)
+    planned = jax.eval_shape(layer.init, key, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    params, state = layer.init(key, x)
+    assert _shapes(planned) == _shapes((params, state))
+    for leaf in jax.tree.leaves((params, state)):
+        assert isinstance(leaf, jax.Array)
+
+
+def test_apply_shape_matches_eval_shape_and_jit(case):
+    layer, x = case.make(), _input(case, "float32")
+    params, state = layer.init(jax.random.key(0), x)
+    predicted = nj.output_shape(layer, params, state, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    y, new_state = layer.apply(params, state, x)
+    assert _shapes(y) == _shapes(predicted)
+    assert _shapes(new_state) == _shapes(state)
+    y_jit, _ = jax.jit(lambda p, s, x: layer.apply(p, s, x))(params, state, x)
+    for a, b in zip(jax.tree.leaves(y), jax.tree.leaves(y_jit), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_grads_are_finite(case):
+    if not case.grad:
+        pytest.skip("layer has no differentiable output")
+    layer, x = case.make(), _input(case, "float32")
+    params, state = layer.init(jax.random.key(0), x)
+
+    def loss(p, x):
+        y, _ = layer.apply(p, state, x, rng=jax.random.key(2), train=case.train)
+        return sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(y))
+
+    if case.int_input is None:
+        g_params, g_x = jax.grad(loss, argnums=(0, 1))(params, x)
+        assert bool(jnp.all(jnp.isfinite(g_x)))
+    else:
+        g_params = jax.grad(loss)(params, x)
+    for g in jax.tree.leaves(g_params):
+        assert bool(jnp.all(jnp.isfinite(g)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dtype_is_kept(case, dtype):
+    if dtype not in case.dtypes:
+        pytest.skip(f"{case.name} does not take {dtype} input")
+    layer, x = case.make(), _input(case, dtype)
+    params, state = layer.init(jax.random.key(0), x)
+    y, _ = layer.apply(params, state, x)
+    expected = jnp.float32 if case.int_input is not None else jnp.dtype(dtype)
+    for leaf in jax.tree.leaves(y):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == expected
+        assert bool(jnp.all(jnp.isfinite(leaf.astype(jnp.float32))))
+
+
+def test_train_mode(case):
+    if not case.train:
+        pytest.skip("no train-mode behaviour")
+    layer, x = case.make(), _input(case, "float32")
+    params, state = layer.init(jax.random.key(0), x)
+    y, new_state = jax.jit(lambda p, s, x, r: layer.apply(p, s, x, rng=r, train=True))(
+        params, state, x, jax.random.key(3)
+    )
+    y_eval, _ = layer.apply(params, state, x)
+    assert _shapes(y) == _shapes(y_eval)
+    assert _shapes(new_state) == _shapes(state)
