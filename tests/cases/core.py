@@ -16,3 +16,8 @@ CASES = [
     Case("repeat", lambda: nj.repeat(nj.serial(nj.Dense(5), jnp.tanh), 3), (4, 5)),
     Case("remat", lambda: nj.remat(nj.serial(nj.Dense(6), jnp.tanh)), (4, 5)),
 ]
+CASES += [
+    Case("Dropout", lambda: nj.Dropout(0.3), (4, 6), train=True),
+    Case("LayerNorm", lambda: nj.LayerNorm(), (4, 6)),
+    Case("LayerNorm_noscale", lambda: nj.LayerNorm(use_scale=False), (2, 3, 6)),
+]
