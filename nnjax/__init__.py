@@ -5,9 +5,9 @@ functions over parameter dicts; see ``DESIGN.md`` for the contracts.
 """
 
 from nnjax import paths
-from nnjax.core import *  # noqa: F403
-from nnjax.errors import *  # noqa: F403
-from nnjax.inspect import *  # noqa: F403
-from nnjax.layers import *  # noqa: F403
+from nnjax.core import *
+from nnjax.errors import *
+from nnjax.inspect import *
+from nnjax.layers import *
 
 __version__ = "0.1.0"

@@ -87,9 +87,7 @@ def _call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise err.within(name) from None
 
 
-def _name_children(
-    layers: Sequence[Any], named: Mapping[str, Any]
-) -> list[tuple[str, Layer]]:
+def _name_children(layers: Sequence[Any], named: Mapping[str, Any]) -> list[tuple[str, Layer]]:
     counts: dict[str, int] = {}
     children = []
     for obj in layers:

@@ -27,7 +27,7 @@ def _fmt_shape(s: Any) -> str:
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
     return [line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
 
 
@@ -47,8 +47,10 @@ def summary(model: Layer, x: Any, *, key: jax.Array | None = None, print_fn: Any
             (path, str(tuple(v.shape)), str(v.dtype), f"{int(np.prod(v.shape)):,}")
             for path, v in flat.items()
         ]
-        rows.append((f"total {title}", "", "", f"{count_params(tree):,} ({param_bytes(tree):,} bytes)"))
-        lines += _table((title, "shape", "dtype", "count"), rows) + [""]
+        rows.append(
+            (f"total {title}", "", "", f"{count_params(tree):,} ({param_bytes(tree):,} bytes)")
+        )
+        lines += [*_table((title, "shape", "dtype", "count"), rows), ""]
     outputs = record_outputs(model, params, state, x)
     lines += _table(("layer", "output"), [(path, _fmt_shape(s)) for path, s in outputs])
     text = "\n".join(lines)

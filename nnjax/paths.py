@@ -37,7 +37,9 @@ STACKED = "stacked"
 """Key under which ``repeat`` stores its copies' params, stacked on axis 0."""
 
 
-def _items(tree: Mapping[str, Any], prefix: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any]]:
+def _items(
+    tree: Mapping[str, Any], prefix: tuple[str, ...]
+) -> Iterator[tuple[tuple[str, ...], Any]]:
     for key in tree:
         value = tree[key]
         if isinstance(value, Mapping):

@@ -8,7 +8,9 @@ import pytest
 # from silently picking lower-precision matmuls and keep runs repeatable.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-DATA = pathlib.Path(os.environ.get("NNJAX_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = pathlib.Path(
+    os.environ.get("NNJAX_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 @pytest.fixture

@@ -57,7 +57,10 @@ def check_float(x: Any) -> None:
 
 
 def check_keys(
-    tree: Mapping[str, Any], required: Iterable[str], optional: Iterable[str] = (), kind: str = "param"
+    tree: Mapping[str, Any],
+    required: Iterable[str],
+    optional: Iterable[str] = (),
+    kind: str = "param",
 ) -> None:
     """``tree`` holds every ``required`` key and nothing beyond ``required + optional``."""
     required = list(required)

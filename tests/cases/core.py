@@ -10,7 +10,11 @@ CASES = [
     Case("Flatten", lambda: nj.Flatten(), (2, 3, 4, 5)),
     Case("Reshape", lambda: nj.Reshape((4, -1)), (2, 3, 4)),
     Case("serial", lambda: nj.serial(nj.Dense(8), jax.nn.relu, head=nj.Dense(3)), (4, 5)),
-    Case("parallel", lambda: nj.parallel(nj.Dense(3), jnp.tanh, combine=lambda ys: ys[0] + ys[1][..., :3]), (4, 5)),
+    Case(
+        "parallel",
+        lambda: nj.parallel(nj.Dense(3), jnp.tanh, combine=lambda ys: ys[0] + ys[1][..., :3]),
+        (4, 5),
+    ),
     Case("residual", lambda: nj.residual(nj.Dense(5), jax.nn.gelu), (4, 5)),
     Case("residual_shortcut", lambda: nj.residual(nj.Dense(6), shortcut=nj.Dense(6)), (4, 5)),
     Case("repeat", lambda: nj.repeat(nj.serial(nj.Dense(5), jnp.tanh), 3), (4, 5)),

@@ -1,0 +1,211 @@
+"""Combinators: naming, composition, repeat, remat, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nnjax as nj
+
+
+def _shapes(tree):
+    return jax.tree.map(jnp.shape, tree)
+
+
+def test_serial_names_children_by_kind_then_keyword():
+    model = nj.serial(
+        nj.Dense(8), jax.nn.relu, nj.Dense(8), nj.LayerNorm(), nj.Dense(4), head=nj.Dense(3)
+    )
+    params, state = model.init(jax.random.key(0), jnp.zeros((2, 5)))
+    assert list(params) == ["dense_0", "dense_1", "layernorm_0", "dense_2", "head"]
+    assert state == {}
+    assert _shapes(params["dense_1"]) == {"kernel": (8, 8), "bias": (8,)}
+
+
+def test_serial_equals_manual_composition():
+    d1, d2 = nj.Dense(6), nj.Dense(3)
+    model = nj.serial(d1, jnp.tanh, d2)
+    x = jax.random.normal(jax.random.key(1), (4, 5))
+    params, state = model.init(jax.random.key(0), x)
+    y, _ = model.apply(params, state, x)
+    h = jnp.tanh(x @ params["dense_0"]["kernel"] + params["dense_0"]["bias"])
+    expected = h @ params["dense_1"]["kernel"] + params["dense_1"]["bias"]
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_init_makes_no_real_forward_pass():
+    # eval_shape of init on a model far too large to allocate (~69 GB of float32).
+    big = nj.serial(
+        nj.Dense(16384), nj.Dense(16384), nj.Dense(16384), blocks=nj.repeat(nj.Dense(16384), 60)
+    )
+    params, _ = jax.eval_shape(
+        big.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16384), jnp.float32)
+    )
+    assert nj.count_params(params) == 63 * (16384 * 16384 + 16384)
+
+
+def test_parallel_fans_out_and_combines():
+    model = nj.parallel(
+        nj.Dense(3), nj.Dense(2), extra=jnp.tanh, combine=lambda ys: jnp.concatenate(ys, -1)
+    )
+    x = jax.random.normal(jax.random.key(1), (4, 5))
+    params, state = model.init(jax.random.key(0), x)
+    assert list(params) == ["dense_0", "dense_1"]
+    y, _ = model.apply(params, state, x)
+    p0, p1 = params["dense_0"], params["dense_1"]
+    expected = jnp.concatenate(
+        [x @ p0["kernel"] + p0["bias"], x @ p1["kernel"] + p1["bias"], jnp.tanh(x)], -1
+    )
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_residual_adds_input_and_projection_shortcut():
+    x = jax.random.normal(jax.random.key(1), (4, 5))
+    model = nj.residual(nj.Dense(5), jnp.tanh)
+    params, state = model.init(jax.random.key(0), x)
+    y, _ = model.apply(params, state, x)
+    p = params["dense_0"]
+    np.testing.assert_allclose(y, x + jnp.tanh(x @ p["kernel"] + p["bias"]), rtol=1e-6, atol=1e-6)
+
+    proj = nj.residual(nj.Dense(7), shortcut=nj.Dense(7, use_bias=False))
+    params, state = proj.init(jax.random.key(0), x)
+    y, _ = proj.apply(params, state, x)
+    p = params["dense_0"]
+    expected = x @ params["shortcut"]["kernel"] + x @ p["kernel"] + p["bias"]
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_shape_change_without_shortcut_is_an_error():
+    model = nj.serial(nj.Dense(5), block=nj.residual(nj.Dense(7)))
+    with pytest.raises(
+        nj.LayerError,
+        match=r"block: residual branch changes the shape: input \(4, 5\), branch output \(4, 7\)",
+    ):
+        model.init(jax.random.key(0), jnp.zeros((4, 5)))
+
+
+def test_repeat_equals_blocks_applied_in_turn():
+    block = nj.serial(nj.Dense(5), jnp.tanh, nj.LayerNorm())
+    n = 4
+    model = nj.repeat(block, n)
+    x = jax.random.normal(jax.random.key(1), (3, 5))
+    params, state = model.init(jax.random.key(0), x)
+    assert _shapes(params)["stacked"]["dense_0"]["kernel"] == (n, 5, 5)
+    y, _ = model.apply(params, state, x)
+    h = x
+    for i in range(n):
+        p_i = jax.tree.map(lambda a, i=i: a[i], params["stacked"])
+        h, _ = block.apply(p_i, {}, h)
+    np.testing.assert_allclose(y, h, rtol=1e-5, atol=1e-5)
+    # the n copies are independently initialised
+    k = params["stacked"]["dense_0"]["kernel"]
+    assert not np.allclose(k[0], k[1])
+
+
+def test_repeat_paths_expand_per_copy():
+    model = nj.serial(blocks=nj.repeat(nj.Dense(4), 3), head=nj.Dense(2))
+    params, _ = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+    assert sorted(nj.leaf_paths(params)) == [
+        "blocks/0/bias",
+        "blocks/0/kernel",
+        "blocks/1/bias",
+        "blocks/1/kernel",
+        "blocks/2/bias",
+        "blocks/2/kernel",
+        "head/bias",
+        "head/kernel",
+    ]
+
+
+def test_repeat_rejects_shape_changing_layer():
+    with pytest.raises(nj.LayerError, match=r"repeat: the layer must keep its input's shape"):
+        nj.repeat(nj.Dense(7), 2).init(jax.random.key(0), jnp.zeros((2, 5)))
+
+
+def test_repeat_compiles_body_once():
+    traces = []
+
+    def counting(x):
+        traces.append(1)
+        return jnp.tanh(x)
+
+    model = nj.repeat(nj.serial(nj.Dense(4), counting), 16)
+    x = jnp.ones((2, 4))
+    params, state = model.init(jax.random.key(0), x)
+    traces.clear()
+    jax.jit(lambda p: model.apply(p, state, x)[0])(params)
+    assert len(traces) == 1
+
+
+def test_remat_matches_plain_values_and_grads():
+    block = nj.serial(nj.Dense(6), jnp.tanh, nj.Dense(6))
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    params, state = block.init(jax.random.key(0), x)
+    loss = lambda layer: lambda p: jnp.sum(layer.apply(p, state, x)[0] ** 2)
+    g_plain = jax.grad(loss(block))(params)
+    g_remat = jax.grad(loss(nj.remat(block)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), g_plain, g_remat)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(nj.remat(block))))(params))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr
+
+
+def test_rng_is_split_per_child():
+    model = nj.serial(nj.Dropout(0.5), nj.Dropout(0.5))
+    x = jnp.ones((1000,))
+    y, _ = model.apply({}, {}, x, rng=jax.random.key(0), train=True)
+    y1, _ = nj.Dropout(0.5).apply({}, {}, x, rng=jax.random.key(0), train=True)
+    kept = float(jnp.mean(y > 0))
+    # two independent masks keep ~25%; reusing one key for both would keep ~50%
+    assert 0.2 < kept < 0.3
+    assert not np.array_equal(np.asarray(y > 0), np.asarray(y1 > 0))
+
+
+def test_wrong_input_shape_names_path_and_shapes():
+    model = nj.serial(nj.Dense(64), jax.nn.relu, nj.Dense(10))
+    params, state = model.init(jax.random.key(0), jnp.zeros((8, 32)))
+    with pytest.raises(
+        nj.LayerError,
+        match=r"^dense_0: expected x.shape\[-1\] == 32 \(kernel \(32, 64\)\), got x.shape == \(8, 31\)$",
+    ):
+        model.apply(params, state, jnp.zeros((8, 31)))
+    nested = nj.serial(backbone=model)
+    with pytest.raises(nj.LayerError, match=r"^backbone/dense_0: expected x.shape\[-1\] == 32"):
+        jax.jit(lambda x: nested.apply({"backbone": params}, {}, x))(jnp.zeros((8, 31)))
+
+
+def test_missing_and_extra_param_keys_name_the_path():
+    model = nj.serial(nj.Dense(4), head=nj.Dense(2))
+    params, state = model.init(jax.random.key(0), jnp.zeros((1, 3)))
+    broken = {**params, "head": {"kernel": params["head"]["kernel"]}}
+    with pytest.raises(nj.LayerError, match=r"^head: missing param\(s\) \['bias'\]"):
+        model.apply(broken, state, jnp.zeros((1, 3)))
+    extra = {**params, "head": {**params["head"], "gamma": jnp.ones(2)}}
+    with pytest.raises(nj.LayerError, match=r"^head: unexpected param\(s\) \['gamma'\]"):
+        model.apply(extra, state, jnp.zeros((1, 3)))
+    with pytest.raises(nj.LayerError, match=r"unexpected param key\(s\) \['tail'\]"):
+        model.apply({**params, "tail": {}}, state, jnp.zeros((1, 3)))
+
+
+def test_wrong_param_shape_names_path():
+    model = nj.serial(nj.Dense(4), head=nj.Dense(2))
+    params, state = model.init(jax.random.key(0), jnp.zeros((1, 3)))
+    params["head"]["bias"] = jnp.zeros(3)
+    with pytest.raises(
+        nj.LayerError, match=r"^head: expected param 'bias' with shape \(2,\), got \(3,\)"
+    ):
+        model.apply(params, state, jnp.zeros((1, 3)))
+
+
+def test_as_layer_rejects_non_callables():
+    with pytest.raises(TypeError, match="expected a Layer or a callable, got int"):
+        nj.serial(nj.Dense(2), 3)
+
+
+def test_summary_lists_every_leaf_and_output():
+    model = nj.serial(nj.Dense(64), jax.nn.relu, head=nj.Dense(10))
+    text = nj.summary(model, jax.ShapeDtypeStruct((8, 32), jnp.float32), print_fn=None)
+    assert "dense_0/kernel  (32, 64)" in text
+    assert "head/bias" in text
+    assert f"{32 * 64 + 64 + 64 * 10 + 10:,}" in text
+    assert "relu_0    (8, 64) float32" in text
+    assert "(output)  (8, 10) float32" in text
