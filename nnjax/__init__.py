@@ -4,10 +4,11 @@
 functions over parameter dicts; see ``DESIGN.md`` for the contracts.
 """
 
-from nnjax import paths
+from nnjax import losses, metrics, paths
 from nnjax.core import *
 from nnjax.errors import *
 from nnjax.inspect import *
 from nnjax.layers import *
+from nnjax.train import *
 
 __version__ = "0.1.0"

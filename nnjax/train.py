@@ -1,0 +1,412 @@
+"""The trainer: one jit-compiled train step over a model, a loss and an optax optimizer.
+
+``trainer(...)`` returns a :class:`Trainer`, a NamedTuple of pure functions (as an
+optax ``GradientTransformation``)::
+
+    tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adam(1e-3),
+                    metrics=[nj.metrics.accuracy])
+    ts = tr.init(params, state)                  # copies params: yours stay valid
+    ts, m = tr.step(ts, (x, y), jax.random.key(0))   # m == {"loss": ..., "accuracy": ...}
+    m = tr.evaluate(ts, (x, y))
+
+The step is one XLA computation (forward with ``train=True``, loss, gradient,
+optax update, new layer state, metrics) with the :class:`TrainState` donated.
+
+Fine-tuning masks (``trainable``): a pytree of bools with the structure of params
+(True = trainable; a bool may also stand for a whole subtree). Only trainable
+leaves are differentiated (the frozen ones enter the loss as constants, so XLA
+forms no weight gradient for them), only they have optimizer state, and frozen
+leaves come out bit for bit. A leaf stacked by ``nj.repeat`` (under ``"stacked"``)
+may take a NumPy bool array ``(n,)`` that selects copies along axis 0: the whole
+stacked leaf is then differentiated and has optimizer state, the unselected
+copies' gradients are zeroed before the optimizer (so clipping sees only the
+selected ones) and their values are kept by ``jnp.where``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nnjax import metrics as metrics_lib
+from nnjax.core import Layer
+from nnjax.errors import LayerError
+from nnjax.layers.base import shape_str
+from nnjax.paths import STACKED, flatten
+
+__all__ = ["TrainState", "Trainer", "trainer", "evaluate_dataset"]
+
+Params = dict[str, Any]
+Batch = tuple[Any, Any]
+MetricFn = Callable[[Any, Any], jax.Array]
+
+
+class TrainState(NamedTuple):
+    """Everything a train step updates; a pytree.
+
+    Attributes:
+        step: int32 scalar, the number of optimizer updates applied.
+        params: the model's params (float32 master copy under mixed precision).
+        state: the model's layer state (BatchNorm statistics), ``{}`` if none.
+        opt_state: the optax state, built on the trainable params only.
+    """
+
+    step: jax.Array
+    params: Params
+    state: dict[str, Any]
+    opt_state: Any
+
+
+class Trainer(NamedTuple):
+    """Pure functions built by :func:`trainer`.
+
+    Attributes:
+        init: ``init(params, state=None) -> TrainState``; copies its inputs.
+        step: ``step(ts, batch, rng=None) -> (ts, metrics)``, jitted, ``ts`` donated.
+        evaluate: ``evaluate(ts, batch) -> metrics`` (``train=False``), jitted; one
+            plain batch (no ``steps_per_call`` axis, no accumulation).
+        predict: ``predict(ts, inputs) -> outputs`` (``train=False``), jitted.
+    """
+
+    init: Callable[..., TrainState]
+    step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+    evaluate: Callable[[TrainState, Batch], dict[str, jax.Array]]
+    predict: Callable[[TrainState, Any], Any]
+
+
+# --- the trainable mask --------------------------------------------------------------
+
+
+def _mask_value(path: str, value: Any) -> bool | np.ndarray:
+    """A mask leaf as ``True``/``False`` or a bool array that selects stacked copies."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    arr = np.asarray(value)
+    if arr.dtype != np.bool_ or arr.ndim == 0:
+        raise TypeError(
+            f"trainable[{path!r}]: expected a bool or a NumPy bool array, got {value!r}"
+        )
+    return bool(arr[0]) if arr.all() or not arr.any() else arr
+
+
+def _resolve_mask(trainable: Any, params: Params) -> dict[str, bool | np.ndarray]:
+    """``{param path: True | False | bool array}``; a mask bool may cover a whole subtree."""
+    param_flat = flatten(params)
+    if trainable is None:
+        return dict.fromkeys(param_flat, True)
+    if isinstance(trainable, bool):
+        return dict.fromkeys(param_flat, trainable)
+    mask_flat = {p: _mask_value(p, v) for p, v in flatten(trainable).items()}
+    resolved, used = {}, set()
+    for path, leaf in param_flat.items():
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        hit = next((p for p in prefixes if p in mask_flat), None)
+        if hit is None:
+            raise ValueError(f"trainable mask has no entry for param {path!r}")
+        used.add(hit)
+        value = mask_flat[hit]
+        if isinstance(value, np.ndarray):
+            n_stacked = parts.count(STACKED)
+            if value.ndim > n_stacked or np.shape(leaf)[: value.ndim] != value.shape:
+                raise ValueError(
+                    f"trainable[{hit!r}]: expected a bool array over the {n_stacked} stacked "
+                    f"axes of {path!r} (shape {shape_str(np.shape(leaf))}), "
+                    f"got shape {shape_str(value.shape)}"
+                )
+        resolved[path] = value
+    unknown = sorted(set(mask_flat) - used)
+    if unknown:
+        raise ValueError(f"trainable mask has paths that are not params: {unknown}")
+    return resolved
+
+
+def _split(params: Params, mask: Mapping[str, Any]) -> tuple[Params, dict[str, Any]]:
+    """``(trainable tree, {path: frozen leaf})``; the trainable tree is a nested dict."""
+    trainable: Params = {}
+    frozen = {}
+    for path, leaf in flatten(params).items():
+        if mask[path] is False:
+            frozen[path] = leaf
+            continue
+        node = trainable
+        *parents, last = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return trainable, frozen
+
+
+def _merge(template: Params, trainable: Params, frozen: Mapping[str, Any]) -> Params:
+    """``template``'s structure with its leaves taken from ``trainable`` and ``frozen``."""
+    flat = {**frozen, **flatten(trainable)}
+
+    def rebuild(node, prefix):
+        return {
+            k: rebuild(v, f"{prefix}{k}/") if isinstance(v, Mapping) else flat[f"{prefix}{k}"]
+            for k, v in node.items()
+        }
+
+    return rebuild(template, "")
+
+
+def _select_copies(mask: Mapping[str, Any], new: Params, old: Params | None) -> Params:
+    """``new``, except on the unselected copies of partially masked stacked leaves.
+
+    There it takes ``old``'s values (zeros where ``old`` is None).
+    """
+    old_flat = {} if old is None else flatten(old)
+    out = {}
+    for path, n in flatten(new).items():
+        m = mask[path]
+        if isinstance(m, np.ndarray):
+            o = old_flat[path] if old is not None else jnp.zeros_like(n)
+            n = jnp.where(m.reshape(m.shape + (1,) * (n.ndim - m.ndim)), n, o)
+        out[path] = n
+    return _merge(new, {}, out)
+
+
+# --- small helpers -------------------------------------------------------------------
+
+
+def _cast_floats(tree: Any, dtype: Any) -> Any:
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
+    )
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def _metric_fns(metrics: Sequence[MetricFn] | Mapping[str, MetricFn]) -> dict[str, MetricFn]:
+    if isinstance(metrics, Mapping):
+        return dict(metrics)
+    fns: dict[str, MetricFn] = {}
+    for fn in metrics:
+        name = getattr(fn, "__name__", "")
+        if not name or name.startswith("<") or name in fns:
+            raise ValueError(
+                f"metric {fn!r} needs a unique __name__; pass metrics as a dict {{name: fn}}"
+            )
+        fns[name] = fn
+    return fns
+
+
+def _split_leading(tree: Any, n: int, what: str) -> Any:
+    """Each leaf ``(B, ...)`` -> ``(n, B // n, ...)``."""
+
+    def split(x):
+        if np.ndim(x) < 1 or np.shape(x)[0] % n:
+            raise LayerError(
+                f"expected batch arrays whose leading axis divides by {what}={n}, "
+                f"got x.shape == {shape_str(np.shape(x))}"
+            )
+        return x.reshape(n, np.shape(x)[0] // n, *np.shape(x)[1:])
+
+    return jax.tree.map(split, tree)
+
+
+def _check_leading(tree: Any, n: int) -> None:
+    for x in jax.tree.leaves(tree):
+        if np.ndim(x) < 1 or np.shape(x)[0] != n:
+            raise LayerError(
+                f"expected batch arrays with a leading axis of steps_per_call={n}, "
+                f"got x.shape == {shape_str(np.shape(x))}"
+            )
+
+
+def _keys(rng: jax.Array | None, n: int) -> jax.Array | None:
+    return None if rng is None else jax.random.split(rng, n)
+
+
+# --- the trainer ---------------------------------------------------------------------
+
+
+def trainer(
+    model: Layer,
+    loss_fn: Callable[[Any, Any], Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    trainable: Any = None,
+    metrics: Sequence[MetricFn] | Mapping[str, MetricFn] = (),
+    steps_per_call: int = 1,
+    accumulate: int = 1,
+    compute_dtype: Any = None,
+    donate: bool = True,
+    check_finite: bool = False,
+) -> Trainer:
+    """Build the train step, evaluation and prediction functions for ``model``.
+
+    Args:
+        model: a :class:`~nnjax.Layer`.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` or ``(scalar, {name: scalar})``
+            (the dict is reported as extra metrics). Use a mean over examples.
+        optimizer: an optax ``GradientTransformation`` (chain clipping, schedules, ...).
+        trainable: a bool pytree over params (True = trainable), see the module doc;
+            ``None`` trains everything.
+        metrics: ``fn(outputs, targets) -> scalar``, keyed by ``__name__``, or a dict.
+        steps_per_call: ``K``; ``step`` takes batches with a leading axis ``K``
+            (``(K, B, ...)``) and runs ``K`` optimizer steps in a ``lax.scan``; step
+            ``i`` uses ``jax.random.split(rng, K)[i]``; metrics come stacked ``(K,)``.
+        accumulate: ``M``; each batch is split into ``M`` micro-batches along axis 0
+            (``B % M == 0``), gradients are averaged over them in a ``lax.scan``
+            (micro-batch ``j`` uses ``jax.random.split(rng, M)[j]``; layer state is
+            threaded through in order), then one optimizer update. Metrics are the
+            mean over micro-batches.
+        compute_dtype: e.g. ``jnp.bfloat16``: float params and inputs are cast to it
+            for the forward and backward pass; params and optimizer state stay in
+            their own dtype (float32 master copy) and the loss is computed on outputs
+            cast to float32.
+        donate: donate the train state to ``step`` (``donate_argnums=0``): the ``ts``
+            passed in is invalid afterwards; use the returned one.
+        check_finite: add a bool metric ``"finite"`` (loss and gradients finite);
+            a non-finite step leaves the train state unchanged (``step`` included).
+
+    Returns:
+        A :class:`Trainer` ``(init, step, evaluate, predict)``.
+
+    Example:
+        >>> model = nj.serial(nj.Dense(64), jax.nn.relu, nj.Dense(10))
+        >>> params, state = model.init(key, jnp.zeros((32, 784)))
+        >>> tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adam(1e-3))
+        >>> ts = tr.init(params, state)
+        >>> ts, m = tr.step(ts, (x, y), jax.random.key(1))
+    """
+    if steps_per_call < 1 or accumulate < 1:
+        raise ValueError(
+            f"steps_per_call and accumulate must be >= 1, got {steps_per_call}, {accumulate}"
+        )
+    metric_fns = _metric_fns(metrics)
+
+    def forward(params, state, inputs, rng, train):
+        if compute_dtype is not None:
+            params, inputs = _cast_floats((params, inputs), compute_dtype)
+        outputs, new_state = model.apply(params, state, inputs, rng=rng, train=train)
+        if compute_dtype is not None:
+            outputs = _cast_floats(outputs, jnp.float32)
+        return outputs, new_state
+
+    def loss_and_metrics(outputs, targets):
+        out = loss_fn(outputs, targets)
+        loss, extra = out if isinstance(out, tuple) else (out, {})
+        values = {"loss": loss, **extra}
+        for name, fn in metric_fns.items():
+            if name in values:
+                raise ValueError(f"metric name {name!r} is also a loss output")
+            values[name] = fn(outputs, targets)
+        return loss, values
+
+    def grads_of(train_p, frozen, template, state, batch, rng):
+        """Gradient of the loss w.r.t. the trainable params only; frozen ones are constants."""
+        inputs, targets = batch
+
+        def loss_of(train_p):
+            params = _merge(template, train_p, frozen)
+            outputs, new_state = forward(params, state, inputs, rng, True)
+            loss, values = loss_and_metrics(outputs, targets)
+            return loss, (new_state, values)
+
+        (_, (new_state, values)), grads = jax.value_and_grad(loss_of, has_aux=True)(train_p)
+        if jax.tree.structure(new_state) != jax.tree.structure(state):
+            raise ValueError(
+                "model.apply returned a state with another structure than ts.state; "
+                "pass the state from model.init to trainer.init"
+            )
+        new_state = jax.tree.map(lambda n, o: n.astype(o.dtype), new_state, state)
+        return grads, new_state, values
+
+    def one_step(ts, batch, rng):
+        mask = _resolve_mask(trainable, ts.params)
+        train_p, frozen = _split(ts.params, mask)
+        if accumulate == 1:
+            grads, new_state, values = grads_of(train_p, frozen, ts.params, ts.state, batch, rng)
+        else:
+
+            def micro_step(carry, xs):
+                g_sum, state = carry
+                g, state, values = grads_of(train_p, frozen, ts.params, state, *xs)
+                return (jax.tree.map(jnp.add, g_sum, g), state), values
+
+            micro = (_split_leading(batch, accumulate, "accumulate"), _keys(rng, accumulate))
+            g0 = jax.tree.map(jnp.zeros_like, train_p)
+            (g_sum, new_state), values = jax.lax.scan(micro_step, (g0, ts.state), micro)
+            grads = jax.tree.map(lambda g: g / accumulate, g_sum)
+            values = jax.tree.map(lambda v: jnp.mean(v, axis=0), values)
+        grads = _select_copies(mask, grads, None)
+        updates, opt_state = optimizer.update(grads, ts.opt_state, train_p)
+        new_train = _select_copies(mask, optax.apply_updates(train_p, updates), train_p)
+        new = (ts.step + 1, new_train, new_state, opt_state)
+        if check_finite:
+            finite = jnp.isfinite(values["loss"])
+            for g in jax.tree.leaves(grads):
+                finite &= jnp.all(jnp.isfinite(g))
+            old = (ts.step, train_p, ts.state, ts.opt_state)
+            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            values = {**values, "finite": finite}
+        step, new_train, new_state, opt_state = new
+        params = _merge(ts.params, new_train, frozen)
+        return TrainState(step, params, new_state, opt_state), values
+
+    def step(ts: TrainState, batch: Batch, rng: jax.Array | None = None):
+        if steps_per_call == 1:
+            return one_step(ts, batch, rng)
+        _check_leading(batch, steps_per_call)
+        return jax.lax.scan(
+            lambda ts, xs: one_step(ts, *xs), ts, (batch, _keys(rng, steps_per_call))
+        )
+
+    def evaluate(ts: TrainState, batch: Batch):
+        inputs, targets = batch
+        outputs, _ = forward(ts.params, ts.state, inputs, None, False)
+        return loss_and_metrics(outputs, targets)[1]
+
+    def predict(ts: TrainState, inputs: Any):
+        return forward(ts.params, ts.state, inputs, None, False)[0]
+
+    def init(params: Params, state: dict[str, Any] | None = None) -> TrainState:
+        mask = _resolve_mask(trainable, params)
+        params, state = _copy(params), _copy({} if state is None else state)
+        opt_state = optimizer.init(_split(params, mask)[0])
+        # An optimizer may keep the very param arrays in its state (lookahead):
+        # copy those, or the donated step would get one buffer twice.
+        held = {id(x) for x in jax.tree.leaves(params)}
+        opt_state = jax.tree.map(lambda x: _copy(x) if id(x) in held else x, opt_state)
+        return TrainState(jnp.zeros((), jnp.int32), params, state, opt_state)
+
+    return Trainer(
+        init=init,
+        step=jax.jit(step, donate_argnums=0 if donate else ()),
+        evaluate=jax.jit(evaluate),
+        predict=jax.jit(predict),
+    )
+
+
+def evaluate_dataset(tr: Trainer, ts: TrainState, batches: Iterable[Batch]) -> dict[str, Any]:
+    """``tr.evaluate`` over ``batches``, each metric averaged weighted by batch size.
+
+    The weight of a batch is the leading axis of its first input array. (A loss
+    that is itself a mean over a varying number of tokens, with ``ignore_index``,
+    is still weighted per example.)
+
+    Returns:
+        ``{name: float}`` (arrays for non-scalar metrics).
+
+    Raises:
+        ValueError: ``batches`` is empty.
+    """
+    avg = metrics_lib.MetricsAverage()
+    for batch in batches:
+        n = np.shape(jax.tree.leaves(batch[0])[0])[0]
+        avg = metrics_lib.update(avg, tr.evaluate(ts, batch), n)
+    if not avg.sums:
+        raise ValueError("evaluate_dataset: no batches")
+    return {
+        k: float(v) if np.ndim(v) == 0 else np.asarray(v)
+        for k, v in jax.device_get(metrics_lib.compute(avg)).items()
+    }
