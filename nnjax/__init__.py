@@ -4,9 +4,10 @@
 functions over parameter dicts; see ``DESIGN.md`` for the contracts.
 """
 
-from nnjax import losses, metrics, paths
+from nnjax import checkpoint, data, losses, metrics, paths
 from nnjax.core import *
 from nnjax.errors import *
+from nnjax.fit import *
 from nnjax.inspect import *
 from nnjax.layers import *
 from nnjax.train import *

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["NNJaxError", "LayerError", "GlobError", "CheckpointError"]
+__all__ = [
+    "NNJaxError",
+    "LayerError",
+    "GlobError",
+    "CheckpointError",
+    "DataError",
+    "TrainingDiverged",
+]
 
 
 class NNJaxError(Exception):
@@ -39,3 +46,24 @@ class GlobError(NNJaxError, ValueError):
 
 class CheckpointError(NNJaxError, ValueError):
     """A checkpoint that is missing, corrupt, or does not fit the target structure."""
+
+
+class DataError(NNJaxError, ValueError):
+    """Data that cannot be read or batched: a corrupt file, mismatched array lengths."""
+
+
+class TrainingDiverged(NNJaxError, FloatingPointError):  # noqa: N818 (the name users know)
+    """A step's loss (or the trainer's ``finite`` metric) was not finite.
+
+    Attributes:
+        step: the first bad step, counted from 1 (``step_000005`` is the state after step 5).
+        checkpoint: the path of the last good checkpoint (left intact), or None.
+    """
+
+    def __init__(self, step: int, checkpoint: str | None, detail: str = "non-finite loss"):
+        self.step, self.checkpoint, self.detail = step, checkpoint, detail
+        where = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint saved"
+        super().__init__(f"training diverged: {detail} at step {step}; {where}")
+
+    def __reduce__(self):
+        return type(self), (self.step, self.checkpoint, self.detail)

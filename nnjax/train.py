@@ -71,12 +71,14 @@ class Trainer(NamedTuple):
         evaluate: ``evaluate(ts, batch) -> metrics`` (``train=False``), jitted; one
             plain batch (no ``steps_per_call`` axis, no accumulation).
         predict: ``predict(ts, inputs) -> outputs`` (``train=False``), jitted.
+        steps_per_call: how many stacked batches ``step`` takes per call.
     """
 
     init: Callable[..., TrainState]
     step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
     evaluate: Callable[[TrainState, Batch], dict[str, jax.Array]]
     predict: Callable[[TrainState, Any], Any]
+    steps_per_call: int = 1
 
 
 # --- the trainable mask --------------------------------------------------------------
@@ -384,6 +386,7 @@ def trainer(
         step=jax.jit(step, donate_argnums=0 if donate else ()),
         evaluate=jax.jit(evaluate),
         predict=jax.jit(predict),
+        steps_per_call=steps_per_call,
     )
 
 

@@ -1,0 +1,273 @@
+"""nj.fit: the loop against a hand-written loop, exact resumption, divergence, Ctrl-C, callbacks."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import nnjax as nj
+import nnjax.checkpoint as ckpt
+import nnjax.data as nd
+from nnjax.fit import TrainingDiverged, early_stopping, fit
+from nnjax.losses import softmax_cross_entropy
+from nnjax.metrics import accuracy
+from nnjax.train import trainer
+
+N, D, C = 48, 5, 3
+
+
+def _data(n=N, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, D)).astype(np.float32)
+    y = (x @ rng.normal(size=(D, C))).argmax(-1).astype(np.int32)
+    return x, y
+
+
+# Dropout makes every step depend on its rng, so a resume with the wrong key shows.
+MODEL = nj.serial(nj.Dense(16), jax.nn.relu, nj.Dropout(0.25), nj.Dense(C))
+
+
+@functools.cache  # one trainer (one compile) per configuration for the whole file
+def _setup(lr=1e-2, check_finite=False):
+    opt = optax.adam(lr)
+    tr = trainer(MODEL, softmax_cross_entropy, opt, metrics=[accuracy], check_finite=check_finite)
+    params, state = MODEL.init(jax.random.key(0), jnp.zeros((1, D)))
+    return tr, (params, state)
+
+
+def _fresh(tr, init):
+    return tr.init(*init)  # copies: the same init seeds every run
+
+
+def test_losses_match_a_hand_written_loop():
+    tr, init = _setup()
+    x, y = _data()
+    data = nd.batches((x, y), 8, seed=1, epochs=2)
+    _, history = fit(tr, _fresh(tr, init), data, log_every=5, progress=False)
+    ts, rng, want = _fresh(tr, init), jax.random.key(0), []
+    for s, batch in enumerate(nd.batches((x, y), 8, seed=1, epochs=2)):
+        ts, m = tr.step(ts, batch, jax.random.fold_in(rng, s))
+        want.append(float(m["loss"]))
+    assert len(history["loss"]) == 12
+    assert history["loss"] == want
+    # log points at 5, 10 and the end; each the mean of its window
+    assert [e["step"] for e in history["train"]] == [5, 10, 12]
+    np.testing.assert_allclose(history["train"][0]["loss"], np.mean(want[:5]), rtol=1e-6)
+    np.testing.assert_allclose(history["train"][2]["loss"], np.mean(want[10:]), rtol=1e-6)
+    assert 0.0 <= history["train"][2]["accuracy"] <= 1.0
+    # no prefetch, a plain list: the same losses
+    batches = list(nd.batches((x, y), 8, seed=1, epochs=2))
+    _, h2 = fit(tr, _fresh(tr, init), batches, prefetch=0, progress=False)
+    h3 = fit(
+        tr,
+        _fresh(tr, init),
+        lambda e: nd.batches((x, y), 8, seed=1).at(6 * e, epochs=e + 1),
+        epochs=2,
+        progress=False,
+    )[1]
+    assert h2["loss"] == want and h3["loss"] == want
+
+
+def test_metrics_fetched_only_at_log_points(monkeypatch):
+    tr, init = _setup()
+    x, y = _data()
+    calls = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda t: calls.append(1) or real(t))
+    fit(tr, _fresh(tr, init), nd.batches((x, y), 4, epochs=1), log_every=4, progress=False)
+    assert len(calls) == 3  # 12 steps, log_every=4: one fetch per log point, none per step
+
+
+def test_eval_is_weighted_by_batch_size():
+    tr, init = _setup(lr=0.0)  # params stay at init: the reference is a closed form
+    x, y = _data()
+    xv, yv = _data(13, seed=1)
+    eval_batches = [(xv[:10], yv[:10]), (xv[10:], yv[10:])]  # sizes 10 and 3
+    _, history = fit(
+        tr,
+        _fresh(tr, init),
+        nd.batches((x, y), 8),
+        eval_data=eval_batches,
+        eval_every=3,
+        progress=False,
+    )
+    assert [e["step"] for e in history["eval"]] == [3, 6]
+    params = jax.tree.map(np.float64, init[0])
+    h = np.maximum(xv @ params["dense_0"]["kernel"] + params["dense_0"]["bias"], 0)
+    logits = h @ params["dense_1"]["kernel"] + params["dense_1"]["bias"]
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want_loss = -logp[np.arange(13), yv].mean()
+    want_acc = (logits.argmax(-1) == yv).mean()
+    np.testing.assert_allclose(history["eval"][-1]["loss"], want_loss, rtol=1e-5)
+    np.testing.assert_allclose(history["eval"][-1]["accuracy"], want_acc, rtol=1e-6)
+    # an endless batches() iterator as eval_data: one full pass (5 + 5 + 3) per evaluation
+    eval_iter = nd.batches((xv, yv), 5, shuffle=False, drop_remainder=False, epochs=None)
+    _, h2 = fit(tr, _fresh(tr, init), nd.batches((x, y), 8), eval_data=eval_iter, progress=False)
+    np.testing.assert_allclose(h2["eval"][-1]["loss"], want_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["raise", "stop", "ctrl_c"])
+def test_resume_gives_identical_losses(tmp_path, how):
+    tr, init = _setup()
+    x, y = _data()
+    make = lambda: nd.batches((x, y), 8, seed=3, epochs=None)
+    _, full = fit(tr, _fresh(tr, init), make(), steps=14, log_every=1, progress=False)
+
+    def interrupt(step, ts, logs):
+        if step == 9:
+            if how == "raise":
+                raise RuntimeError("crash at step 9")
+            if how == "ctrl_c":
+                raise KeyboardInterrupt
+            return True
+        return False
+
+    run = dict(steps=14, log_every=1, progress=False, checkpoint_dir=tmp_path, checkpoint_every=4)
+    error = {"raise": RuntimeError, "ctrl_c": KeyboardInterrupt, "stop": None}[how]
+    if error is None:
+        _, partial = fit(tr, _fresh(tr, init), make(), callbacks=[interrupt], **run)
+        assert len(partial["loss"]) == 9
+    else:
+        with pytest.raises(error):
+            fit(tr, _fresh(tr, init), make(), callbacks=[interrupt], **run)
+    resumed_from = {"raise": 8, "stop": 9, "ctrl_c": 9}[how]  # a crash loses the steps since 8
+    assert ckpt.latest(tmp_path).endswith(f"step_{resumed_from:06d}")
+    ts, resumed = fit(tr, _fresh(tr, init), make(), **run)
+    assert resumed["loss"] == full["loss"]
+    assert ckpt.latest(tmp_path).endswith("step_000014")
+    assert int(ts.step) == 14
+
+
+def test_resume_mid_epoch_of_a_list(tmp_path):
+    tr, init = _setup()
+    x, y = _data()
+    batches = list(nd.batches((x, y), 8, seed=3))  # 6 per epoch
+    run = dict(epochs=3, log_every=1, progress=False, checkpoint_every=4, checkpoint_dir=tmp_path)
+    _, full = fit(tr, _fresh(tr, init), batches, **{**run, "checkpoint_dir": None})
+    stop_at_8 = lambda step, ts, logs: step == 8
+    _, part = fit(tr, _fresh(tr, init), batches, callbacks=[stop_at_8], **run)
+    assert len(part["loss"]) == 8
+    _, resumed = fit(tr, _fresh(tr, init), batches, **run)
+    assert len(full["loss"]) == 18 and resumed["loss"] == full["loss"]
+
+
+def _nan_batches(bad_index, n_batches=12):
+    x, y = _data()
+    out = list(nd.batches((x, y), 4, seed=0))[:n_batches]
+    xb, yb = out[bad_index]
+    out[bad_index] = (np.full_like(xb, np.nan), yb)
+    return out
+
+
+def test_divergence_names_first_bad_step_and_keeps_last_good_checkpoint(tmp_path):
+    tr, init = _setup()
+    data = _nan_batches(7)  # step 8 (counted from 1) sees NaN inputs
+    with pytest.raises(
+        TrainingDiverged, match=r"loss nan at step 8; last good checkpoint: .*step_000006"
+    ) as info:
+        fit(
+            tr,
+            _fresh(tr, init),
+            data,
+            log_every=5,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=3,
+            progress=False,
+        )
+    assert info.value.step == 8
+    assert info.value.checkpoint.endswith("step_000006")
+    assert isinstance(info.value, nj.NNJaxError)
+    assert sorted(os.listdir(tmp_path)) == ["step_000003", "step_000006"]  # nothing after
+    ts, extra = ckpt.restore(info.value.checkpoint, _fresh(tr, init))
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(ts.params))
+    assert len(extra["fit"]["history"]["loss"]) == 6
+
+
+def test_divergence_with_check_finite_trainer():
+    tr, init = _setup(check_finite=True)
+    with pytest.raises(TrainingDiverged, match="at step 3; no checkpoint saved"):
+        fit(tr, _fresh(tr, init), _nan_batches(2), log_every=100, progress=False)
+
+
+def test_early_stopping_callback_logic():
+    cb = early_stopping("val_loss", patience=2)
+    values = [1.0, 0.5, 0.6, 0.5, 0.4, 0.45, 0.41]
+    got = [cb(i, None, {"val_loss": v}) for i, v in enumerate(values)]
+    assert got == [False, False, False, True, False, False, True]
+    assert cb(9, None, {"loss": 0.0}) is False  # logs without the monitor are ignored
+    up = early_stopping("val_accuracy", patience=1, mode="max")
+    assert [up(i, None, {"val_accuracy": v}) for i, v in enumerate([0.5, 0.6, 0.6])] == [
+        False,
+        False,
+        True,
+    ]
+
+
+def test_early_stopping_in_fit():
+    tr, init = _setup(lr=0.0)  # val_loss never improves after the first eval
+    x, y = _data()
+    _, history = fit(
+        tr,
+        _fresh(tr, init),
+        nd.batches((x, y), 4, epochs=None),
+        steps=50,
+        eval_data=[_data(8, seed=2)],
+        eval_every=2,
+        callbacks=[early_stopping(patience=3)],
+        progress=False,
+    )
+    assert [e["step"] for e in history["eval"]] == [2, 4, 6, 8]
+    assert len(history["loss"]) == 8
+
+
+def test_steps_per_call_matches_single_steps():
+    x, y = _data()
+    model = nj.serial(nj.Dense(16), jax.nn.relu, nj.Dense(C))  # no rng use: same losses
+    params, state = model.init(jax.random.key(0), jnp.zeros((1, D)))
+    one = trainer(model, softmax_cross_entropy, optax.sgd(0.1))
+    four = trainer(model, softmax_cross_entropy, optax.sgd(0.1), steps_per_call=4)
+    data = nd.batches((x, y), 4, seed=0, epochs=2)  # 24 batches
+    _, h1 = fit(one, one.init(params, state), data, log_every=8, progress=False)
+    _, h4 = fit(four, four.init(params, state), data, log_every=8, steps_per_call=4, progress=False)
+    assert len(h4["loss"]) == 24
+    np.testing.assert_allclose(h4["loss"], h1["loss"], rtol=1e-5)
+    with pytest.raises(ValueError, match=r"steps_per_call=2\) but trainer.step returned 1 losses"):
+        fit(one, one.init(params, state), data, steps_per_call=2, progress=False)
+
+
+def test_progress_bar_shows_loss_and_throughput(capsys):
+    tr, init = _setup()
+    x, y = _data()
+    fit(tr, _fresh(tr, init), nd.batches((x, y), 8), log_every=2, progress=True)
+    err = capsys.readouterr().err
+    assert "6/6" in err and "loss=" in err and "ex/s=" in err
+
+
+def test_endless_data_needs_steps():
+    tr, init = _setup()
+    x, y = _data()
+    with pytest.raises(ValueError, match="endless"):
+        fit(tr, _fresh(tr, init), nd.batches((x, y), 8, epochs=None), progress=False)
+
+
+def test_lm_batches_resume(tmp_path):
+    vocab = 11
+    ids = (np.arange(500) * 7 % vocab).astype(np.int32)
+    model = nj.serial(nj.Embedding(vocab, 8), nj.Dense(vocab))
+    params, state = model.init(jax.random.key(0), jnp.zeros((1, 6), jnp.int32))
+    tr = trainer(model, softmax_cross_entropy, optax.adam(1e-2))
+    data = nd.lm_batches(ids, 6, 4, seed=1)
+    run = dict(steps=7, log_every=1, progress=False)
+    _, full = fit(tr, tr.init(params, state), data, **run)
+    stop = lambda step, ts, logs: step == 3
+    fit(tr, tr.init(params, state), data, callbacks=[stop], checkpoint_dir=tmp_path, **run)
+    with open(os.path.join(ckpt.latest(tmp_path), "metadata.json")) as f:
+        assert '"position": 3' in f.read()
+    _, resumed = fit(tr, tr.init(params, state), data, checkpoint_dir=tmp_path, **run)
+    assert len(full["loss"]) == 7 and resumed["loss"] == full["loss"]
+    with pytest.raises(ValueError, match="LMBatches has no epochs; pass steps="):
+        fit(tr, tr.init(params, state), data, epochs=1, progress=False)
