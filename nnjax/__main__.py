@@ -1,0 +1,7 @@
+"""``python -m nnjax demo``."""
+
+import sys
+
+from nnjax.cli import main
+
+sys.exit(main())
