@@ -277,6 +277,17 @@ def residual(
     return Layer(init, apply, "residual")
 
 
+def _signature(tree: Any) -> tuple:
+    leaves = [(tuple(a.shape), jnp.dtype(a.dtype)) for a in jax.tree.leaves(tree)]
+    return jax.tree.structure(tree), leaves
+
+
+def _describe(tree: Any) -> str:
+    if isinstance(tree, jax.ShapeDtypeStruct):
+        return f"{tuple(tree.shape)} {tree.dtype}"
+    return str(jax.tree.map(lambda a: f"{tuple(a.shape)} {a.dtype}", tree))
+
+
 def repeat(layer: Layer, n: int, *, unroll: int = 1) -> Layer:
     """``n`` copies of ``layer`` applied in turn, params stacked on a leading axis.
 
@@ -296,14 +307,11 @@ def repeat(layer: Layer, n: int, *, unroll: int = 1) -> Layer:
         keys = jax.random.split(key, n)
         p0, s0 = jax.eval_shape(layer.init, keys[0], x)
         out = output_shape(layer, p0, s0, x)
-        x_spec = jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-        if not isinstance(out, jax.ShapeDtypeStruct) or (out.shape, out.dtype) != (
-            x_spec.shape,
-            x_spec.dtype,
-        ):
+        x_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), x)
+        if _signature(out) != _signature(x_spec):
             raise LayerError(
                 f"repeat: the layer must keep its input's shape and dtype, "
-                f"got input {x_spec.shape} {x_spec.dtype} -> output {out}"
+                f"got input {_describe(x_spec)} -> output {_describe(out)}"
             )
         params, state = jax.vmap(lambda k: layer.init(k, x_spec))(keys)
         return ({STACKED: params} if params else {}), ({STACKED: state} if state else {})
