@@ -1,0 +1,13 @@
+"""Fine-tuning: masks over parameter paths, presets, per-group optimizers, adapters, surgery.
+
+``import nnjax as nj``; ``nj.finetune.mask(params, "head/**")``. Everything here
+builds or reads a mask (True = trainable) or a params tree; the trainer takes
+the mask as a plain bool pytree (``nj.trainer(..., trainable=mask)``).
+"""
+
+from nnjax.finetune.adapters import *  # noqa: F403
+from nnjax.finetune.cost import *  # noqa: F403
+from nnjax.finetune.groups import *  # noqa: F403
+from nnjax.finetune.masks import *  # noqa: F403
+from nnjax.finetune.presets import *  # noqa: F403
+from nnjax.finetune.surgery import *  # noqa: F403

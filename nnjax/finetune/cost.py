@@ -1,0 +1,146 @@
+"""What a compiled train step spends: memory, FLOPs, matmuls, gradient and optimizer bytes.
+
+Freezing parameters should make a step cheaper, not just possible. ``step_cost``
+compiles a step (without running it) and reports XLA's own accounting, so the
+saving of a mask can be read off and tested::
+
+    full = nj.finetune.step_cost(tr_full.step, ts_full, batch)
+    frozen = nj.finetune.step_cost(tr_head.step, ts_head, batch, trainable=m)
+    print(frozen)   # temp bytes, FLOPs, dot_generals, gradient and optimizer bytes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from nnjax.finetune.masks import _human, trainable_bytes
+from nnjax.paths import param_bytes
+
+__all__ = ["StepCost", "step_cost", "count_primitives"]
+
+
+def _subjaxprs(value: Any):
+    if hasattr(value, "eqns"):
+        yield value
+    elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+        yield value.jaxpr
+    elif isinstance(value, tuple | list):
+        for v in value:
+            yield from _subjaxprs(v)
+
+
+def count_primitives(jaxpr: Any, names: tuple[str, ...] = ("dot_general",)) -> int:
+    """Number of equations of the primitives ``names`` in a jaxpr, sub-jaxprs included.
+
+    A ``scan``/``while`` body counts once whatever its trip count: this counts the
+    matmuls the program *contains*, e.g. whether weight-gradient matmuls are there.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name in names
+        for value in eqn.params.values():
+            for sub in _subjaxprs(value):
+                n += count_primitives(sub, names)
+    return n
+
+
+class StepCost(NamedTuple):
+    """XLA's accounting of one compiled step (bytes per device), plus the trainable split.
+
+    Attributes:
+        temp_bytes: temporaries (activations kept for the backward pass, gradients,
+            optimizer intermediates).
+        argument_bytes, output_bytes, alias_bytes: inputs, outputs, and outputs that
+            reuse a donated input's buffer.
+        peak_bytes: XLA's peak estimate (0 where the backend does not give one).
+        flops: XLA's FLOP estimate for the step.
+        dot_generals: matmul (``dot_general``) and convolution equations in the step's jaxpr.
+        param_bytes: all params.
+        gradient_bytes: the trainable params (the gradient the step forms).
+        opt_state_bytes: the optimizer state's arrays.
+    """
+
+    temp_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    peak_bytes: int
+    flops: float
+    dot_generals: int
+    param_bytes: int
+    gradient_bytes: int
+    opt_state_bytes: int
+
+    def __str__(self) -> str:
+        rows = [
+            ("temporaries", _human(self.temp_bytes)),
+            ("arguments", _human(self.argument_bytes)),
+            ("outputs", _human(self.output_bytes)),
+            ("aliased (donated)", _human(self.alias_bytes)),
+            ("peak (XLA estimate)", _human(self.peak_bytes)),
+            ("params", _human(self.param_bytes)),
+            ("gradients (trainable)", _human(self.gradient_bytes)),
+            ("optimizer state", _human(self.opt_state_bytes)),
+            ("FLOPs", f"{self.flops:,.0f}"),
+            ("matmul/conv ops (jaxpr)", f"{self.dot_generals}"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _array_bytes(tree: Any) -> int:
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and hasattr(x, "shape")]
+    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves))
+
+
+def _flops(compiled: Any) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def step_cost(
+    step_fn: Callable[..., Any], *args: Any, trainable: Any = None, **kwargs: Any
+) -> StepCost:
+    """Compile ``step_fn(*args, **kwargs)`` (nothing runs) and report what it spends.
+
+    Args:
+        step_fn: a train step, jitted (``trainer(...).step``, its donation kept) or not.
+        *args, **kwargs: its arguments, arrays or ``ShapeDtypeStruct``; the first
+            argument with ``.params`` and ``.opt_state`` (a ``TrainState``) gives the
+            param and optimizer-state bytes.
+        trainable: the mask the step trains with (default: all params trainable).
+
+    Returns:
+        A :class:`StepCost`; ``print`` it for a table.
+    """
+    jitted = step_fn if hasattr(step_fn, "lower") else jax.jit(step_fn)
+    compiled = jitted.lower(*args, **kwargs).compile()
+    mem = compiled.memory_analysis()
+    get = lambda name: int(getattr(mem, name, 0) or 0) if mem is not None else 0
+    jaxpr = jax.make_jaxpr(step_fn)(*args, **kwargs)
+    ts = next((a for a in args if hasattr(a, "params") and hasattr(a, "opt_state")), None)
+    params = getattr(ts, "params", {})
+    grads = (
+        param_bytes(params)
+        if trainable is None or ts is None
+        else trainable_bytes(params, trainable)
+    )
+    return StepCost(
+        temp_bytes=get("temp_size_in_bytes"),
+        argument_bytes=get("argument_size_in_bytes"),
+        output_bytes=get("output_size_in_bytes"),
+        alias_bytes=get("alias_size_in_bytes"),
+        peak_bytes=get("peak_memory_in_bytes"),
+        flops=_flops(compiled),
+        dot_generals=count_primitives(jaxpr, ("dot_general", "conv_general_dilated")),
+        param_bytes=param_bytes(params) if ts is not None else 0,
+        gradient_bytes=grads if ts is not None else 0,
+        opt_state_bytes=_array_bytes(getattr(ts, "opt_state", None)),
+    )

@@ -1,0 +1,261 @@
+"""Trainability masks: which parameter leaves a fine-tuning updates.
+
+A mask is a pytree with the structure of ``params`` whose leaves are Python
+bools, True = trainable (``DESIGN.md`` §4). It is built from ``/``-path globs
+over *logical* paths (:func:`nnjax.paths.leaf_paths`), so a glob can pick single
+copies of a ``repeat``-stacked layer: ``blocks/10/**`` selects copy 10 of the leaves
+under ``blocks/stacked/...``. Where a glob selects only some copies of a stacked
+leaf, that leaf's mask is a NumPy bool array over the stacked axes (``(n,)`` for
+one ``repeat``, ``(n1, n2)`` for a repeat inside a repeat); a leaf whose copies are
+all selected (or none) is plain ``True`` (``False``).
+
+Example:
+    >>> m = nj.finetune.mask(params, include="**", exclude="blocks/**")
+    >>> print(nj.finetune.report(params, m))
+    group   trainable   frozen   trainable bytes  frozen bytes  trainable %
+    ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from nnjax.paths import STACKED, match
+
+__all__ = [
+    "mask",
+    "report",
+    "MaskReport",
+    "GroupCount",
+    "trainable_count",
+    "trainable_bytes",
+    "union",
+    "intersect",
+    "invert",
+    "map_copies",
+    "keypath_str",
+    "logical_copies",
+]
+
+Globs = str | Iterable[str]
+
+
+def keypath_str(keypath: tuple[Any, ...]) -> str:
+    """A ``jax.tree_util`` key path as a ``/`` path (``DictKey('a'), DictKey('b')`` -> ``a/b``)."""
+    parts = []
+    for k in keypath:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def logical_copies(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Logical paths of one physical leaf, as an object array over its stacked axes.
+
+    ``logical_copies("blocks/stacked/w", (3, 4, 4))`` is
+    ``["blocks/0/w", "blocks/1/w", "blocks/2/w"]`` (shape ``(3,)``); a leaf outside
+    any ``repeat`` gives a 0-d array holding ``path``.
+    """
+    segs = path.split("/")
+    dims = tuple(int(d) for d in shape[: segs.count(STACKED)])
+    out = np.empty(dims, dtype=object)
+    for idx in np.ndindex(*dims):
+        it = iter(idx)
+        out[idx] = "/".join(str(next(it)) if s == STACKED else s for s in segs)
+    return out
+
+
+def _collapse(values: np.ndarray, dtype: Any) -> Any:
+    """A per-copy array as one Python scalar when all copies agree, else a NumPy array."""
+    values = np.asarray(values, dtype=dtype)
+    flat = values.reshape(-1)
+    if flat.size and bool(np.all(flat == flat[0])):
+        first = flat[0]
+        return first.item() if isinstance(first, np.generic) else first
+    return values
+
+
+def map_copies(fn: Callable[[str], Any], params: Any, dtype: Any = object) -> Any:
+    """A tree like ``params`` with each leaf ``fn(logical_path)`` per stacked copy.
+
+    The result's leaf is a Python scalar where every copy of the leaf gets the same
+    value (always, outside ``repeat``), else a NumPy array (``dtype``) over the
+    stacked axes. Works on any pytree of arrays or ShapeDtypeStructs, nested dicts
+    or flat ``{"a/b": x}`` dicts alike, so it adapts to the subtree a trainer
+    hands an optimizer.
+    """
+
+    def leaf(keypath, x):
+        copies = logical_copies(keypath_str(keypath), np.shape(x))
+        return _collapse(np.vectorize(fn, otypes=[dtype])(copies), dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def _globs(globs: Globs) -> list[str]:
+    return [globs] if isinstance(globs, str) else list(globs)
+
+
+def mask(params: Any, include: Globs = "**", exclude: Globs = ()) -> Any:
+    """A trainability mask: leaves matched by ``include`` and not by ``exclude`` are True.
+
+    Args:
+        params: a params tree (arrays or ShapeDtypeStructs).
+        include: glob or globs over logical paths (``head/**``, ``**/bias``,
+            ``blocks/*/attn/**``, ``blocks/10/**``); default all.
+        exclude: globs taken out of ``include``.
+
+    Returns:
+        A tree like ``params``: ``True``/``False`` per leaf, or a NumPy bool array
+        ``(n,)`` over the copies of a ``repeat``-stacked leaf of which only some
+        are selected.
+
+    Raises:
+        GlobError: a glob in ``include`` or ``exclude`` matches no leaf (the message
+            lists near paths).
+
+    Example:
+        >>> m = nj.finetune.mask(params, "**", exclude="backbone/**")
+        >>> m["backbone"]["dense_0"]["kernel"], m["head"]["kernel"]
+        (False, True)
+    """
+    chosen = set(match(params, _globs(include), what="include glob"))
+    excluded = _globs(exclude)
+    if excluded:
+        chosen -= set(match(params, excluded, what="exclude glob"))
+    return map_copies(chosen.__contains__, params, dtype=bool)
+
+
+def _bool_op(op: Callable[..., np.ndarray], *masks: Any) -> Any:
+    if not masks:
+        raise ValueError("expected at least one mask")
+    return jax.tree.map(lambda *ms: _collapse(op(*(np.asarray(m) for m in ms)), bool), *masks)
+
+
+def union(*masks: Any) -> Any:
+    """Leaves trainable in any of ``masks`` (same structure; stacked arrays combine per copy)."""
+    return _bool_op(lambda *ms: np.logical_or.reduce(np.broadcast_arrays(*ms)), *masks)
+
+
+def intersect(*masks: Any) -> Any:
+    """Leaves trainable in every one of ``masks``."""
+    return _bool_op(lambda *ms: np.logical_and.reduce(np.broadcast_arrays(*ms)), *masks)
+
+
+def invert(m: Any) -> Any:
+    """Trainable <-> frozen."""
+    return _bool_op(np.logical_not, m)
+
+
+def _fraction(m: Any, x: Any) -> float:
+    """Share of leaf ``x`` that mask leaf ``m`` makes trainable."""
+    m = np.asarray(m, dtype=bool)
+    if m.ndim and m.shape != tuple(np.shape(x)[: m.ndim]):
+        raise ValueError(
+            f"expected a mask leaf of shape {tuple(np.shape(x)[: m.ndim])} (the stacked axes "
+            f"of a leaf {tuple(np.shape(x))}), got {m.shape}"
+        )
+    return float(np.mean(m)) if m.size else 0.0
+
+
+def _counts(params: Any, m: Any) -> list[tuple[str, int, int, int]]:
+    """``(path, trainable count, total count, itemsize)`` per physical leaf."""
+    rows = []
+
+    def leaf(keypath, x, mk):
+        size = int(np.prod(np.shape(x)))
+        rows.append((keypath_str(keypath), round(size * _fraction(mk, x)), size, _itemsize(x)))
+
+    jax.tree_util.tree_map_with_path(leaf, params, m)
+    return rows
+
+
+def _itemsize(x: Any) -> int:
+    return int(np.dtype(x.dtype).itemsize) if hasattr(x, "dtype") else np.asarray(x).itemsize
+
+
+def trainable_count(params: Any, m: Any) -> int:
+    """Number of trainable scalars (a stacked leaf counts only its selected copies)."""
+    return sum(t for _, t, _, _ in _counts(params, m))
+
+
+def trainable_bytes(params: Any, m: Any) -> int:
+    """Bytes of the trainable scalars: what a gradient, or one Adam moment, takes."""
+    return sum(t * s for _, t, _, s in _counts(params, m))
+
+
+class GroupCount(NamedTuple):
+    """Trainable and frozen scalars and bytes of one top-level group (or the total)."""
+
+    group: str
+    trainable: int
+    frozen: int
+    trainable_bytes: int
+    frozen_bytes: int
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class MaskReport(NamedTuple):
+    """What a mask trains, by top-level group; ``str(report)`` is a table."""
+
+    groups: tuple[GroupCount, ...]
+    total: GroupCount
+
+    def __str__(self) -> str:
+        header = ("group", "trainable", "frozen", "trainable bytes", "frozen bytes", "trainable %")
+        rows = [
+            (
+                g.group,
+                f"{g.trainable:,}",
+                f"{g.frozen:,}",
+                _human(g.trainable_bytes),
+                _human(g.frozen_bytes),
+                f"{100 * g.trainable / max(g.trainable + g.frozen, 1):.2f}",
+            )
+            for g in (*self.groups, self.total)
+        ]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        fmt = lambda r: "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        lines = [fmt(header), fmt(tuple("-" * w for w in widths))]
+        lines += [fmt(r) for r in rows[:-1]] + [fmt(tuple("-" * w for w in widths)), fmt(rows[-1])]
+        return "\n".join(lines)
+
+
+def report(params: Any, m: Any) -> MaskReport:
+    """Trainable and frozen parameter counts and bytes per top-level group, with totals.
+
+    Args:
+        params: the params tree (arrays or ShapeDtypeStructs).
+        m: a mask for it (see :func:`mask`).
+
+    Returns:
+        A :class:`MaskReport`; ``print(report)`` shows the table.
+    """
+    sums: dict[str, list[int]] = {}
+    for path, t, n, itemsize in _counts(params, m):
+        s = sums.setdefault(path.split("/")[0], [0, 0, 0, 0])
+        s[0] += t
+        s[1] += n - t
+        s[2] += t * itemsize
+        s[3] += (n - t) * itemsize
+    groups = tuple(GroupCount(g, *s) for g, s in sums.items())
+    total = GroupCount("total", *(sum(g[i] for g in groups) for i in range(1, 5)))
+    return MaskReport(groups, total)
