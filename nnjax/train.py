@@ -35,7 +35,7 @@ import optax
 
 from nnjax import metrics as metrics_lib
 from nnjax.core import Layer
-from nnjax.errors import LayerError
+from nnjax.errors import DataError, LayerError
 from nnjax.layers.base import shape_str
 from nnjax.paths import STACKED, flatten
 
@@ -227,6 +227,101 @@ def _keys(rng: jax.Array | None, n: int) -> jax.Array | None:
     return None if rng is None else jax.random.split(rng, n)
 
 
+# --- trace-time checks: bad batches, params and optimizer states fail before any work ---
+
+
+def _check_batch(batch: Any) -> None:
+    """Every input and target array must have the same leading (batch) length."""
+    inputs, targets = batch
+    xs = [a for a in jax.tree.leaves(inputs) if np.ndim(a) >= 1]
+    ys = [a for a in jax.tree.leaves(targets) if np.ndim(a) >= 1]
+    if not xs:
+        return
+    n = np.shape(xs[0])[0]
+    for other, what in [*((a, "another input") for a in xs[1:]), *((a, "targets") for a in ys)]:
+        if np.shape(other)[0] != n:
+            raise DataError(
+                "expected inputs and targets with the same leading (batch) length, "
+                f"got x.shape == {shape_str(np.shape(xs[0]))} (inputs) and "
+                f"{shape_str(np.shape(other))} ({what})"
+            )
+
+
+def _plan_key() -> jax.ShapeDtypeStruct:
+    return jax.eval_shape(jax.random.key, 0)
+
+
+def _check_params(model: Layer, params: Params, inputs: Any) -> None:
+    """``params`` must hold every leaf ``model.init`` makes for ``inputs``, with its shape.
+
+    Runs ``jax.eval_shape`` (no FLOPs) while the step is traced, so it costs nothing per
+    step. Extra leaves are left to the layers' own checks: adapters (``lora_a``, ...)
+    are params that ``init`` does not make.
+    """
+    try:
+        expected = jax.eval_shape(model.init, _plan_key(), inputs)[0]
+    except Exception:  # init cannot plan from this batch; the layers' own checks remain
+        return
+    got = flatten(params)
+    for path, spec in flatten(expected).items():
+        *parent, leaf = path.split("/")
+        if path not in got:
+            prefix = "/".join(parent) + "/" if parent else ""
+            keys = sorted(p[len(prefix) :].split("/")[0] for p in got if p.startswith(prefix))
+            raise LayerError(
+                f"missing param {leaf!r} (expected shape {shape_str(spec.shape)}); got keys {keys}",
+                tuple(parent),
+            )
+        if tuple(np.shape(got[path])) != tuple(spec.shape):
+            raise LayerError(
+                f"expected param {leaf!r} with shape {shape_str(spec.shape)}, "
+                f"got {shape_str(np.shape(got[path]))}",
+                tuple(parent),
+            )
+
+
+def _state_kind(tree: Any) -> str:
+    """An optimizer state's node types: ``(ScaleByAdamState, EmptyState)``."""
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree).__name__
+    if isinstance(tree, tuple | list):
+        return "(" + ", ".join(_state_kind(t) for t in tree) + ")"
+    return type(tree).__name__
+
+
+def _check_opt_state(optimizer: optax.GradientTransformation, train_p: Params, opt_state: Any):
+    """``opt_state`` must have the structure and shapes ``optimizer.init(train_p)`` gives."""
+    try:
+        want = jax.eval_shape(optimizer.init, train_p)
+    except Exception:  # an optimizer whose init cannot be traced: nothing to compare
+        return
+    if jax.tree.structure(want) != jax.tree.structure(opt_state):
+        kind_w, kind_g = _state_kind(want), _state_kind(opt_state)
+        if kind_w == kind_g:  # same optimizer, built over other params (another mask?)
+            paths = lambda t: {jax.tree_util.keystr(k) for k, _ in jax.tree.leaves_with_path(t)}
+            pw, pg = paths(want), paths(opt_state)
+            raise LayerError(
+                f"expected a {kind_w} over the trainable params, got one over other params: "
+                f"missing {sorted(pw - pg)[:5]}, unexpected {sorted(pg - pw)[:5]}; "
+                "build the TrainState with this trainer's init",
+                ("opt_state",),
+            )
+        raise LayerError(
+            f"expected the state of this trainer's optimizer, {kind_w}, got {kind_g}; "
+            "build the TrainState with this trainer's init",
+            ("opt_state",),
+        )
+    for (keypath, w), g in zip(
+        jax.tree.leaves_with_path(want), jax.tree.leaves(opt_state), strict=True
+    ):
+        if tuple(np.shape(g)) != tuple(w.shape):
+            raise LayerError(
+                f"expected {jax.tree_util.keystr(keypath)} with shape {shape_str(w.shape)}, "
+                f"got {shape_str(np.shape(g))}",
+                ("opt_state",),
+            )
+
+
 # --- the trainer ---------------------------------------------------------------------
 
 
@@ -324,8 +419,11 @@ def trainer(
         return grads, new_state, values
 
     def one_step(ts, batch, rng):
+        _check_batch(batch)
+        _check_params(model, ts.params, batch[0])
         mask = _resolve_mask(trainable, ts.params)
         train_p, frozen = _split(ts.params, mask)
+        _check_opt_state(optimizer, train_p, ts.opt_state)
         if accumulate == 1:
             grads, new_state, values = grads_of(train_p, frozen, ts.params, ts.state, batch, rng)
         else:
@@ -364,11 +462,14 @@ def trainer(
         )
 
     def evaluate(ts: TrainState, batch: Batch):
+        _check_batch(batch)
         inputs, targets = batch
+        _check_params(model, ts.params, inputs)
         outputs, _ = forward(ts.params, ts.state, inputs, None, False)
         return loss_and_metrics(outputs, targets)[1]
 
     def predict(ts: TrainState, inputs: Any):
+        _check_params(model, ts.params, inputs)
         return forward(ts.params, ts.state, inputs, None, False)[0]
 
     def init(params: Params, state: dict[str, Any] | None = None) -> TrainState:
