@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "TrainingDiverged",
+    "ShardingError",
 ]
 
 
@@ -67,3 +68,8 @@ class TrainingDiverged(NNJaxError, FloatingPointError):  # noqa: N818 (the name 
 
     def __reduce__(self):
         return type(self), (self.step, self.checkpoint, self.detail)
+
+
+class ShardingError(NNJaxError, ValueError):
+    """A sharding that does not fit: an axis not divisible by its mesh axes, an unknown
+    mesh axis, a spec longer than the array's rank, or axis sizes that miss the devices."""

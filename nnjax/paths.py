@@ -31,6 +31,8 @@ __all__ = [
     "map_with_path",
     "count_params",
     "param_bytes",
+    "keypath_str",
+    "logical_copies",
 ]
 
 STACKED = "stacked"
@@ -147,3 +149,32 @@ def param_bytes(tree: Mapping[str, Any]) -> int:
     return int(
         sum(int(np.prod(np.shape(v))) * np.dtype(v.dtype).itemsize for v in flatten(tree).values())
     )
+
+
+def keypath_str(keypath: tuple[Any, ...]) -> str:
+    """A ``jax.tree_util`` key path as a ``/`` path (``DictKey('a'), DictKey('b')`` -> ``a/b``)."""
+    parts = []
+    for k in keypath:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def logical_copies(path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Logical paths of one physical leaf, as an object array over its stacked axes.
+
+    ``logical_copies("blocks/stacked/w", (3, 4, 4))`` is
+    ``["blocks/0/w", "blocks/1/w", "blocks/2/w"]`` (shape ``(3,)``); a leaf outside
+    any ``repeat`` gives a 0-d array holding ``path``.
+    """
+    segs = path.split("/")
+    dims = tuple(int(d) for d in shape[: segs.count(STACKED)])
+    out = np.empty(dims, dtype=object)
+    for idx in np.ndindex(*dims):
+        it = iter(idx)
+        out[idx] = "/".join(str(next(it)) if s == STACKED else s for s in segs)
+    return out

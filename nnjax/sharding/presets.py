@@ -1,0 +1,137 @@
+"""Rule presets: data parallel, FSDP (ZeRO-3), and Megatron tensor parallelism for the GPT block.
+
+Each preset is a plain rules dict (print it, edit it, add rules in front of it).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from nnjax.sharding.mesh import axis_size
+
+__all__ = [
+    "data_parallel_rules",
+    "fsdp_spec",
+    "fsdp_rules",
+    "column_parallel",
+    "row_parallel",
+    "tensor_parallel_rules",
+]
+
+COLUMN = ("attn/query", "attn/key", "attn/value", "mlp/fc")
+ROW = ("attn/out", "mlp/proj")
+
+
+def data_parallel_rules() -> dict[str, Any]:
+    """Every parameter replicated: ``{"**": P()}``. Pair with ``shard_batch`` on ``data``."""
+    return {"**": P()}
+
+
+def _fsdp(path: str, shape: tuple[int, ...], mesh: Mesh, *, axis: str, min_size: int) -> P:
+    del path
+    n = axis_size(mesh, axis)
+    size = 1
+    for d in shape:
+        size *= d
+    fits = [i for i, d in enumerate(shape) if d % n == 0]
+    if size < min_size or not fits or n == 1:
+        return P()
+    dim = max(fits, key=lambda i: (shape[i], -i))  # the largest; the first among equals
+    return P(*(None,) * dim, axis)
+
+
+def fsdp_spec(axis: str = "data", min_size: int = 2**14) -> Any:
+    """A spec function for FSDP: split the largest dimension divisible by the ``axis`` size.
+
+    Leaves with fewer than ``min_size`` elements, or with no dimension divisible
+    by the axis size, stay replicated. For a stacked leaf, the dimension is picked
+    among the per-copy dimensions.
+    """
+    return functools.partial(_fsdp, axis=axis, min_size=min_size)
+
+
+def fsdp_rules(axis: str = "data", min_size: int = 2**14) -> dict[str, Any]:
+    """Fully sharded data parallel (ZeRO-3): params and optimizer state split along ``axis``.
+
+    Use the same ``axis`` for the batch; XLA all-gathers each weight where it is
+    used and reduce-scatters its gradient.
+
+    Args:
+        axis: the mesh axis to split along (the data axis).
+        min_size: leaves smaller than this (elements) are replicated.
+
+    Returns:
+        ``{"**": fsdp_spec(axis, min_size)}``.
+    """
+    return {"**": fsdp_spec(axis, min_size)}
+
+
+def _column(path: str, shape: tuple[int, ...], mesh: Mesh, *, axis: str) -> P:
+    del shape, mesh
+    leaf = path.rpartition("/")[2]
+    if leaf in ("kernel", "lora_b"):  # (in, out), (r, out): split the outputs
+        return P(None, axis)
+    if leaf in ("bias", "ia3_scale", "dora_magnitude"):  # (out,)
+        return P(axis)
+    return P()  # lora_a (in, r)
+
+
+def _row(path: str, shape: tuple[int, ...], mesh: Mesh, *, axis: str) -> P:
+    del shape, mesh
+    leaf = path.rpartition("/")[2]
+    if leaf in ("kernel", "lora_a"):  # (in, out), (in, r): split the inputs
+        return P(axis, None)
+    return P()  # bias, lora_b (r, out), ia3_scale: on the full outputs
+
+
+def column_parallel(axis: str = "model") -> Any:
+    """Spec function for a Dense whose *outputs* are split along ``axis``.
+
+    ``kernel (in, out)`` -> ``P(None, axis)``, ``bias``, ``ia3_scale``,
+    ``dora_magnitude`` ``(out,)`` -> ``P(axis)``, LoRA ``lora_b (r, out)`` ->
+    ``P(None, axis)``, ``lora_a (in, r)`` replicated.
+    """
+    return functools.partial(_column, axis=axis)
+
+
+def row_parallel(axis: str = "model") -> Any:
+    """Spec function for a Dense whose *inputs* are split along ``axis``.
+
+    ``kernel (in, out)`` -> ``P(axis, None)``, ``lora_a (in, r)`` -> ``P(axis, None)``;
+    ``bias``, ``lora_b``, ``ia3_scale`` replicated (XLA all-reduces the partial
+    products before the bias is added).
+    """
+    return functools.partial(_row, axis=axis)
+
+
+def tensor_parallel_rules(
+    axis: str = "model", *, column: Iterable[str] = COLUMN, row: Iterable[str] = ROW
+) -> dict[str, Any]:
+    """Megatron-style tensor parallelism for the GPT block; everything else replicated.
+
+    The attention's ``query``/``key``/``value`` and the MLP's ``fc`` are column-parallel
+    (each device computes some heads, some hidden units), ``out`` and ``proj`` are
+    row-parallel (each device multiplies its slice, XLA all-reduces the sums): one
+    all-reduce per sub-block in the forward pass. Heads split evenly when
+    ``num_heads`` is divisible by the ``axis`` size. LoRA and other adapters beside
+    these kernels follow (see :func:`column_parallel`, :func:`row_parallel`).
+
+    Args:
+        axis: the mesh axis for the model dimension.
+        column: Dense layers (path tails) to split on their outputs.
+        row: Dense layers (path tails) to split on their inputs.
+
+    Returns:
+        ``{"**/attn/query/*": column_parallel(axis), ..., "**/mlp/proj/*":
+        row_parallel(axis), "**": P()}``. Each glob must match: for a model without
+        attention pass ``column=("mlp/fc",), row=("mlp/proj",)``.
+    """
+    rules: dict[str, Any] = {f"**/{c}/*": column_parallel(axis) for c in column}
+    rules.update({f"**/{r}/*": row_parallel(axis) for r in row})
+    rules["**"] = P()
+    return rules
