@@ -4,7 +4,7 @@
 functions over parameter dicts; see ``DESIGN.md`` for the contracts.
 """
 
-from nnjax import checkpoint, data, finetune, losses, metrics, paths, sharding
+from nnjax import checkpoint, data, finetune, losses, metrics, models, paths, sharding
 from nnjax.core import *
 from nnjax.errors import *
 from nnjax.fit import *

@@ -248,3 +248,11 @@ def test_learned_positional_embedding_adds_rows_and_checks_length():
         match=r"expected x.shape\[-2\] <= max_length == 10, got x.shape == \(2, 11, 4\)",
     ):
         layer.apply(params, state, jnp.zeros((2, 11, 4)))
+
+
+def test_concrete_out_of_range_ids_closed_over_by_a_trace_are_caught():
+    layer = nj.Embedding(5, 3)
+    params, state = layer.init(jax.random.key(0), jnp.zeros((2,), jnp.int32))
+    ids = jnp.array([1, 7])
+    with pytest.raises(nj.LayerError, match=r"expected ids in \[0, 5\).*max\(x\) == 7"):
+        jax.jit(lambda p: layer.apply(p, state, ids)[0])(params)

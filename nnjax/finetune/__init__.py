@@ -5,9 +5,9 @@ builds or reads a mask (True = trainable) or a params tree; the trainer takes
 the mask as a plain bool pytree (``nj.trainer(..., trainable=mask)``).
 """
 
-from nnjax.finetune.adapters import *  # noqa: F403
-from nnjax.finetune.cost import *  # noqa: F403
-from nnjax.finetune.groups import *  # noqa: F403
-from nnjax.finetune.masks import *  # noqa: F403
-from nnjax.finetune.presets import *  # noqa: F403
-from nnjax.finetune.surgery import *  # noqa: F403
+from nnjax.finetune.adapters import *
+from nnjax.finetune.cost import *
+from nnjax.finetune.groups import *
+from nnjax.finetune.masks import *
+from nnjax.finetune.presets import *
+from nnjax.finetune.surgery import *

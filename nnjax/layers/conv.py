@@ -215,6 +215,11 @@ def Conv(
         y = jax.lax.conv_general_dilated(
             x, kernel, strides_, pad_, in_dil, k_dil, dims, feature_group_count=groups
         )
+        if 0 in y.shape[1:-1]:
+            raise LayerError(
+                f"expected spatial size >= the dilated kernel {tuple(eff)} with padding "
+                f"{padding!r}, got x.shape == {shape_str(np.shape(x))} (empty output)"
+            )
         if use_bias:
             y = y + get_param(params, "bias", (features,)).astype(dtype_)
         return jnp.reshape(y, (*batch, *y.shape[1:])), state

@@ -44,8 +44,9 @@ def _check_ids(ids: Any, num_embeddings: int) -> None:
         )
     if isinstance(ids, (jax.core.Tracer, jax.ShapeDtypeStruct)) or np.size(ids) == 0:
         return
-    ids = jnp.asarray(ids)
-    lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+    # NumPy, not jnp: concrete ids may meet a trace (a closure), where jnp.min would trace.
+    ids = np.asarray(ids)
+    lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= num_embeddings:
         raise LayerError(
             f"expected ids in [0, {num_embeddings}) (num_embeddings == {num_embeddings}), "

@@ -19,7 +19,7 @@ each process passes its own part of the global batch to :func:`shard_batch`
 (see ``examples/distributed_train.py``).
 """
 
-from nnjax.sharding.mesh import *  # noqa: F403
-from nnjax.sharding.presets import *  # noqa: F403
-from nnjax.sharding.rules import *  # noqa: F403
-from nnjax.sharding.saving import *  # noqa: F403
+from nnjax.sharding.mesh import *
+from nnjax.sharding.presets import *
+from nnjax.sharding.rules import *
+from nnjax.sharding.saving import *
