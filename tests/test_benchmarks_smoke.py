@@ -1,0 +1,110 @@
+"""Smoke tests of the benchmark suite: ``python -m benchmarks --quick`` in a subprocess.
+
+They check that the suite runs and writes complete outputs, not timings: every
+expected (workload, framework) row is there, every framework's model has the
+same parameter count, losses are finite, and the markdown, JSON and PNG exist.
+Frameworks that are not installed are left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.suite import FRAMEWORKS, available
+from benchmarks.workloads import WORKLOADS, config, expected_params
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(out: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+
+
+def _check_outputs(out: pathlib.Path, workloads: list[str], frameworks: list[str]) -> None:
+    payload = json.loads((out / "quick-suite.json").read_text())
+    assert payload["quick"] is True
+    assert payload["machine"]["cpu"] and payload["machine"]["versions"]["jax"]
+    rows = {(r["workload"], r["framework"]): r for r in payload["rows"]}
+    expected = {(w, f) for w in workloads for f in frameworks if w in FRAMEWORKS[f].workloads}
+    assert set(rows) == expected
+    text = (out / "quick-suite.md").read_text()
+    for (workload, framework), row in rows.items():
+        assert row["status"] == "ok", row
+        assert row["params"] == expected_params(workload, config(workload, quick=True))
+        assert row["step_ms"] > 0 and row["compile_s"] >= 0
+        assert math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
+        if "jax" in frameworks:
+            assert row["ratio_jax"] == pytest.approx(
+                row["step_ms"] / rows[workload, "jax"]["step_ms"]
+            )
+        assert f"| {framework} | {row['params']:,} |" in text
+    for workload in workloads:
+        assert f"## {workload}" in text
+    assert (out / "quick-suite.png").stat().st_size > 1000
+
+
+def test_help_lists_every_option():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--quick", "--workloads", "--frameworks", "--rounds", "--out", "--study"):
+        assert option in proc.stdout
+
+
+def test_unknown_framework_is_rejected(tmp_path):
+    proc = _run(tmp_path, "--quick", "--frameworks", "jax,tensorflow")
+    assert proc.returncode == 2
+    assert "unknown ['tensorflow']" in proc.stderr
+
+
+def test_quick_tiny_mlp_runs_and_writes_every_row(tmp_path):
+    frameworks = [f for f in ("jax", "nnjax", "nnjax-fused", "torch") if available(f)]
+    proc = _run(
+        tmp_path,
+        "--quick",
+        "--workloads",
+        "tiny-mlp",
+        "--frameworks",
+        ",".join(frameworks),
+        "--rounds",
+        "1",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check_outputs(tmp_path, ["tiny-mlp"], frameworks)
+    rows = json.loads((tmp_path / "quick-suite.json").read_text())["rows"]
+    fused = [r for r in rows if r["framework"].endswith("-fused")]
+    assert all(r["steps_per_call"] > 1 and "loop_ms" not in r for r in fused)
+    assert all("loop_ms" in r for r in rows if r["steps_per_call"] == 1)
+    # --render rewrites the markdown from the JSON alone, the same text
+    text = (tmp_path / "quick-suite.md").read_text()
+    (tmp_path / "quick-suite.md").unlink()
+    proc = _run(tmp_path, "--render", str(tmp_path / "quick-suite.json"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "quick-suite.md").read_text() == text
+
+
+@pytest.mark.slow
+def test_quick_suite_every_installed_framework(tmp_path):
+    frameworks = [f for f in FRAMEWORKS if available(f) and f != "torch-compile"]
+    proc = _run(tmp_path, "--quick")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check_outputs(tmp_path, list(WORKLOADS), frameworks)
