@@ -444,5 +444,7 @@ def test_conv_constructor_errors():
 def test_valid_conv_on_input_smaller_than_kernel_is_an_error():
     conv = nj.Conv(4, (5, 5), padding="VALID")
     params, state = conv.init(jax.random.key(0), jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32))
-    with pytest.raises(nj.LayerError, match=r"expected spatial size >= the dilated kernel \(5, 5\)"):
+    with pytest.raises(
+        nj.LayerError, match=r"expected spatial size >= the dilated kernel \(5, 5\)"
+    ):
         conv.apply(params, state, jnp.zeros((1, 3, 3, 1)))
