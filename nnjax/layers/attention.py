@@ -372,13 +372,14 @@ def TransformerBlock(
         activation: the MLP's nonlinearity (``jax.nn.gelu``: tanh approximation).
         epsilon: LayerNorm epsilon.
         decode: KV cache in the attention (see :func:`MultiHeadAttention`).
-        use_bias, kernel_init, bias_init: for every Dense (GPT-2: ``normal(0.02)``).
+        use_bias: biases in every Dense and LayerNorm (``False``: none, as nanoGPT's ``bias=False``).
+        kernel_init, bias_init: for every Dense (GPT-2: ``normal(0.02)``).
         implementation: the attention's (see :func:`MultiHeadAttention`).
         dtype, param_dtype: computation and param dtypes.
         name: default name in a combinator.
 
     Params:
-        ln_1, ln_2: LayerNorm ``scale (d,)``, ``bias (d,)``.
+        ln_1, ln_2: LayerNorm ``scale (d,)``, ``bias (d,)`` (if ``use_bias``).
         attn: ``query``, ``key``, ``value``, ``out`` Dense ``(d, d)``.
         mlp: ``fc`` Dense ``(d, mlp)``, ``proj`` Dense ``(mlp, d)``.
 
@@ -390,7 +391,7 @@ def TransformerBlock(
         >>> jax.tree.map(jnp.shape, params["mlp"])
         {'fc': {'bias': (128,), 'kernel': (32, 128)}, 'proj': {'bias': (32,), 'kernel': (128, 32)}}
     """
-    norm_kw = dict(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype)
+    norm_kw = dict(epsilon=epsilon, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
     dense_kw = dict(
         use_bias=use_bias,
         kernel_init=kernel_init,

@@ -5,3 +5,4 @@ from nnjax.models.lenet import *
 from nnjax.models.mlp import *
 from nnjax.models.resnet import *
 from nnjax.models.text import *
+from nnjax.models import hf
