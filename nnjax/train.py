@@ -337,6 +337,7 @@ def trainer(
     compute_dtype: Any = None,
     donate: bool = True,
     check_finite: bool = False,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> Trainer:
     """Build the train step, evaluation and prediction functions for ``model``.
 
@@ -364,6 +365,10 @@ def trainer(
             passed in is invalid afterwards; use the returned one.
         check_finite: add a bool metric ``"finite"`` (loss and gradients finite);
             a non-finite step leaves the train state unchanged (``step`` included).
+        compiler_options: XLA options for the train step's compilation only (not for
+            ``evaluate``/``predict``), as ``jax.jit(..., compiler_options=...)`` takes
+            them (``{"xla_cpu_use_onednn": True}``); a global ``XLA_FLAGS`` would reach
+            every compile.
 
     Returns:
         A :class:`Trainer` ``(init, step, evaluate, predict)``.
@@ -484,7 +489,11 @@ def trainer(
 
     return Trainer(
         init=init,
-        step=jax.jit(step, donate_argnums=0 if donate else ()),
+        step=jax.jit(
+            step,
+            donate_argnums=0 if donate else (),
+            compiler_options=dict(compiler_options) if compiler_options else None,
+        ),
         evaluate=jax.jit(evaluate),
         predict=jax.jit(predict),
         steps_per_call=steps_per_call,

@@ -398,3 +398,20 @@ def test_evaluate_predict_and_evaluate_dataset():
     np.testing.assert_allclose(got["accuracy"], hits.mean(), rtol=1e-6)
     with pytest.raises(ValueError, match="no batches"):
         train.evaluate_dataset(tr, ts, [])
+
+
+def test_compiler_options_reach_only_the_train_step():
+    model = nj.serial(nj.Dense(4), jax.nn.relu, nj.Dense(3))
+    params, state = model.init(jax.random.key(0), jnp.zeros((2, 5)))
+    bad = nj.trainer(
+        model,
+        losses.softmax_cross_entropy,
+        optax.sgd(0.1),
+        compiler_options={"xla_cpu_experimental_onednn_fusion_type": "NOT_A_FUSION"},
+    )
+    batch = (jnp.ones((2, 5)), jnp.array([0, 1]))
+    ts = bad.init(params, state)
+    # evaluate compiles without the options; the step is compiled with them (and XLA rejects them)
+    assert set(bad.evaluate(ts, batch)) == {"loss"}
+    with pytest.raises(Exception, match="NOT_A_FUSION"):
+        bad.step(ts, batch, jax.random.key(0))
