@@ -1,8 +1,8 @@
 """The model zoo: each model a function of a config dataclass returning a Layer."""
 
+from nnjax.models import hf
 from nnjax.models.gpt import *
 from nnjax.models.lenet import *
 from nnjax.models.mlp import *
 from nnjax.models.resnet import *
 from nnjax.models.text import *
-from nnjax.models import hf
