@@ -238,6 +238,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ("steps-per-call", int),
     ]:
         p.add_argument(f"--{name}", type=kind, help="overrides the recipe")
+    p.add_argument(
+        "--scan-unroll",
+        type=int,
+        help="blocks per iteration of the scan over blocks (default 1; --n-layer unrolls "
+        "fully: compile time grows with depth, step time measured within noise on CPU)",
+    )
     p.add_argument("--activation", default="gelu", help="gelu (nanoGPT), gelu_new (GPT-2), ...")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--sample-tokens", type=int, default=300)
@@ -326,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_embd=args.n_embd,
         dropout=args.dropout,
         activation=args.activation,
+        scan_unroll=args.scan_unroll or 1,
     )
     print(
         f"data: {source}: {len(text.train):,} train / {len(text.val):,} val characters, "

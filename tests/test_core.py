@@ -84,10 +84,11 @@ def test_residual_shape_change_without_shortcut_is_an_error():
         model.init(jax.random.key(0), jnp.zeros((4, 5)))
 
 
-def test_repeat_equals_blocks_applied_in_turn():
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_repeat_equals_blocks_applied_in_turn(unroll):
     block = nj.serial(nj.Dense(5), jnp.tanh, nj.LayerNorm())
     n = 4
-    model = nj.repeat(block, n)
+    model = nj.repeat(block, n, unroll=unroll)
     x = jax.random.normal(jax.random.key(1), (3, 5))
     params, state = model.init(jax.random.key(0), x)
     assert _shapes(params)["stacked"]["dense_0"]["kernel"] == (n, 5, 5)

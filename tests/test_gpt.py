@@ -114,6 +114,9 @@ def test_logits_match_numpy_reference():
     logits, state = GPT(CFG).apply(params, {}, ids)
     assert logits.shape == (2, 11, 13) and logits.dtype == jnp.float32 and state == {}
     np.testing.assert_allclose(logits, _numpy_gpt(params, ids, CFG), rtol=1e-5, atol=1e-5)
+    unrolled = dataclasses.replace(CFG, scan_unroll=CFG.n_layer)
+    logits_unrolled, _ = GPT(unrolled).apply(params, {}, ids)
+    np.testing.assert_allclose(logits_unrolled, _numpy_gpt(params, ids, CFG), rtol=1e-5, atol=1e-5)
     # leading batch axes: any
     logits3, _ = GPT(CFG).apply(params, {}, ids.reshape(2, 1, 11))
     np.testing.assert_allclose(logits3.reshape(2, 11, 13), logits, rtol=1e-6, atol=1e-6)

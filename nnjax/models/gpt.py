@@ -68,6 +68,9 @@ class GPTConfig:
         bias: biases in every Dense and LayerNorm (``False``: none, as nanoGPT's ``bias=False``).
         dtype: computation dtype (``jnp.bfloat16``); ``None``: the params' dtype.
         remat: recompute each block's activations in the backward pass.
+        scan_unroll: blocks per iteration of the scan over blocks (``repeat``'s ``unroll``);
+            ``n_layer`` unrolls fully (compile time then grows with depth). The params
+            layout is the same for every value.
         activation: a name in :data:`ACTIVATIONS` (``"gelu_new"``: GPT-2) or a callable.
         epsilon: LayerNorm epsilon (GPT-2: 1e-5).
     """
@@ -82,6 +85,7 @@ class GPTConfig:
     bias: bool = True
     dtype: Any = None
     remat: bool = False
+    scan_unroll: int = 1
     activation: str | Callable[[jax.Array], jax.Array] = "gelu_new"
     epsilon: float = 1e-5
 
@@ -177,7 +181,7 @@ def GPT(config: GPTConfig = GPTConfig(), *, decode: bool = False, name: str = "g
         kernel_init=normal,
         dtype=c.dtype,
     )
-    blocks = repeat(remat(block) if c.remat else block, c.n_layer)
+    blocks = repeat(remat(block) if c.remat else block, c.n_layer, unroll=c.scan_unroll)
     ln_f = LayerNorm(epsilon=c.epsilon, use_bias=c.bias, dtype=c.dtype, name="ln_f")
     drop = Dropout(c.dropout)
 
