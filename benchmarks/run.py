@@ -28,6 +28,7 @@ STUDIES = {
     "compile-depth": "benchmarks.study_compile_depth",
     "finetune": "benchmarks.study_finetune",
     "gpt-scale": "benchmarks.study_gpt_scale",
+    "cpu-conv": "benchmarks.study_cpu_conv",
 }
 _QUICK_SKIP = ("torch-compile",)  # its first compile takes ~40 s per model on a small CPU
 # --quick checks that everything runs, not how fast: compile with XLA's cheapest
@@ -96,7 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="run a further study instead of the main suite (repeatable): "
         "compile-depth (GPT compile time vs depth, repeat vs unrolled), "
-        "finetune (full vs frozen backbone vs LoRA), gpt-scale (tokens/s of a bigger GPT)",
+        "finetune (full vs frozen backbone vs LoRA), gpt-scale (tokens/s of a bigger GPT), "
+        "cpu-conv (XLA convolution vs im2col by input channels)",
     )
     p.add_argument(
         "--render",

@@ -108,3 +108,15 @@ def test_quick_suite_every_installed_framework(tmp_path):
     proc = _run(tmp_path, "--quick")
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_outputs(tmp_path, list(WORKLOADS), frameworks)
+
+
+def test_quick_cpu_conv_study_writes_both_forms(tmp_path):
+    proc = _run(tmp_path, "--quick", "--study", "cpu-conv")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "quick-cpu-conv.json").read_text())["rows"]
+    assert [r["case"] for r in rows] == ["lenet conv1 (C=1)", "3x3 (C=8)"]
+    for r in rows:
+        for key in ("xla-conv fwd ms", "im2col fwd ms", "xla-conv fwd+bwd ms", "im2col fwd+bwd ms"):
+            assert r[key] > 0
+        assert r["fwd ratio"] == pytest.approx(r["im2col fwd ms"] / r["xla-conv fwd ms"])
+    assert "| lenet conv1 (C=1) | 1 |" in (tmp_path / "quick-cpu-conv.md").read_text()

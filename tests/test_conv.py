@@ -97,6 +97,9 @@ CONV_CASES = {
     "2d_valid_dilated": ((1, 9, 10, 2), 3, (3, 3), dict(padding="VALID", kernel_dilation=(1, 2))),
     "2d_int_padding": ((2, 6, 6, 3), 4, (3, 3), dict(padding=1, strides=2)),
     "2d_explicit_padding": ((2, 6, 7, 3), 4, (3, 3), dict(padding=((2, 0), (1, 3)))),
+    # more than im2col.MAX_IN_CHANNELS inputs: lax's convolution on CPU too
+    "2d_many_channels": ((2, 6, 7, 9), 4, (3, 3), dict(strides=(1, 2))),
+    "1d_many_channels_valid": ((2, 11, 8), 3, 4, dict(padding="VALID", kernel_dilation=2)),
     "2d_grouped": ((2, 6, 6, 4), 6, (3, 3), dict(feature_group_count=2, strides=2)),
     "2d_depthwise": ((2, 6, 6, 4), 8, (3, 3), dict(feature_group_count=4)),
     "3d_same": ((1, 5, 6, 4, 2), 3, (3, 3, 2), {}),
@@ -236,6 +239,8 @@ def test_conv_dtype_rules():
     [
         dict(strides=2, feature_group_count=2),
         dict(padding="VALID", kernel_dilation=2, input_dilation=2),
+        dict(strides=(2, 1), padding=((1, 0), (0, 2))),  # im2col on CPU
+        dict(padding="VALID", kernel_dilation=(2, 1)),  # im2col on CPU
     ],
 )
 def test_conv_grads_by_finite_differences(kw):
@@ -448,3 +453,17 @@ def test_valid_conv_on_input_smaller_than_kernel_is_an_error():
         nj.LayerError, match=r"expected spatial size >= the dilated kernel \(5, 5\)"
     ):
         conv.apply(params, state, jnp.zeros((1, 3, 3, 1)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the im2col choice is CPU-only")
+@pytest.mark.parametrize("channels, expect_conv_op", [(1, False), (6, False), (7, True)])
+def test_cpu_picks_im2col_for_few_input_channels(channels, expect_conv_op):
+    layer = nj.Conv(5, (3, 3))
+    x = jnp.ones((2, 8, 8, channels))
+    params, state = _init(layer, x)
+
+    def loss(p, x):
+        return jnp.sum(layer.apply(p, state, x)[0] ** 2)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+    assert ("convolution(" in hlo) is expect_conv_op

@@ -17,6 +17,7 @@ import numpy as np
 
 from nnjax.core import Layer
 from nnjax.errors import LayerError
+from nnjax.layers import im2col
 from nnjax.layers.base import check_keys, check_rank, compute_dtype, get_param, shape_str
 
 __all__ = ["Conv", "ConvTranspose"]
@@ -84,6 +85,13 @@ def _dimension_numbers(nd: int) -> jax.lax.ConvDimensionNumbers:
     """Channels-last input/output (``NHWC``) and a ``HWIO`` kernel, for ``nd`` spatial axes."""
     io = (0, nd + 1, *range(1, nd + 1))
     return jax.lax.ConvDimensionNumbers(io, (nd + 1, nd, *range(nd)), io)
+
+
+def _empty_output(window: Sequence[int], padding: Any, x: Any) -> str:
+    return (
+        f"expected spatial size >= the dilated kernel {tuple(window)} with padding "
+        f"{padding!r}, got x.shape == {shape_str(np.shape(x))} (empty output)"
+    )
 
 
 def _check_input(x: Any, nd: int, kernel: Any, kernel_shape: tuple, groups: int) -> None:
@@ -212,14 +220,22 @@ def Conv(
             # lax takes no string padding with input dilation: pad as for the zero-stuffed input.
             stuffed = [(n - 1) * d + 1 for n, d in zip(x.shape[1:-1], in_dil, strict=True)]
             pad_ = jax.lax.padtype_to_pads(stuffed, eff, strides_, pad)
-        y = jax.lax.conv_general_dilated(
-            x, kernel, strides_, pad_, in_dil, k_dil, dims, feature_group_count=groups
-        )
-        if 0 in y.shape[1:-1]:
-            raise LayerError(
-                f"expected spatial size >= the dilated kernel {tuple(eff)} with padding "
-                f"{padding!r}, got x.shape == {shape_str(np.shape(x))} (empty output)"
+        if groups == 1 and in_dil == (1,) * nd:
+            if isinstance(pad_, str):
+                pad_ = jax.lax.padtype_to_pads(x.shape[1:-1], eff, strides_, pad_)
+            out = [
+                (n + lo + hi - e) // s + 1
+                for n, (lo, hi), e, s in zip(x.shape[1:-1], pad_, eff, strides_, strict=True)
+            ]
+            if min(out) < 1:
+                raise LayerError(_empty_output(eff, padding, x))
+            y = im2col.conv(x, kernel, strides_, pad_, k_dil, dims)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x, kernel, strides_, pad_, in_dil, k_dil, dims, feature_group_count=groups
             )
+        if 0 in y.shape[1:-1]:
+            raise LayerError(_empty_output(eff, padding, x))
         if use_bias:
             y = y + get_param(params, "bias", (features,)).astype(dtype_)
         return jnp.reshape(y, (*batch, *y.shape[1:])), state
