@@ -2,7 +2,7 @@
 
 XLA:CPU lowers a convolution's forward and input gradient to Eigen's spatial
 convolution, which is slow when the input has very few channels (an image stem,
-LeNet's first layers): measured 2-3.5x slower per training step than the same
+LeNet's first layers): measured 1.5-2.4x slower (forward+backward) than the same
 convolution written as strided slices, one ``concatenate`` and one matmul (see
 ``benchmarks/study_cpu_conv.py``). With more input channels the patches tensor grows
 and Eigen wins, so :func:`conv` picks the im2col form only on CPU and only for
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 __all__ = ["MAX_IN_CHANNELS", "conv", "conv_im2col"]
 
-# Per-step time of conv forward+backward on a 2-core Zen 4, im2col / Eigen:
+# Time of conv forward+backward on a 2-core Intel Xeon VM, im2col / Eigen:
 # 1 channel 0.46-0.53x, 3 channels 0.54-0.61x, 4: 0.58x, 6: 0.61-0.64x,
 # 8: 0.76-1.96x across runs, 12: 0.68-0.92x, 16: 0.44-2.25x, 64: 1.0-1.43x; forward alone
 # is slower from 6 channels up (1.19x at 6, 1.6-2x at 8-12).
