@@ -288,13 +288,31 @@ def _describe(tree: Any) -> str:
     return str(jax.tree.map(lambda a: f"{tuple(a.shape)} {a.dtype}", tree))
 
 
-def repeat(layer: Layer, n: int, *, unroll: int = 1) -> Layer:
+_CPU_SAVED_RESIDUALS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
+def repeat(layer: Layer, n: int, *, unroll: int = 1, cpu_remat: bool = True) -> Layer:
     """``n`` copies of ``layer`` applied in turn, params stacked on a leading axis.
 
     Runs with ``jax.lax.scan``, so compile time does not grow with ``n``. The
     copies' params and state live under the key ``"stacked"`` with a leading axis
     of size ``n``; their logical paths are ``0/...``, ``1/...`` (see
     :mod:`nnjax.paths`). The layer must keep its input's shape and dtype.
+
+    On CPU (chosen when lowering, with ``jax.lax.platform_dependent``; other
+    backends run the plain scan) the scanned body is wrapped in ``jax.checkpoint``
+    saving only matmul outputs without batch dimensions
+    (``dots_with_no_batch_dims_saveable``): XLA:CPU is slow at stacking and
+    re-reading the other per-iteration residuals, and recomputing them is cheaper.
+    Measured on a 4-block GPT train step, 2-core CPU: 1.6x faster at batch 12 x
+    context 64, 1.2x at 32 x 128, 1.05x at 8 x 256. Values and gradients are the
+    same either way; ``cpu_remat=False`` turns it off.
+
+    Args:
+        layer: the block; it must keep its input's shape and dtype.
+        n: number of copies.
+        unroll: copies per scan iteration (``jax.lax.scan``'s ``unroll``).
+        cpu_remat: recompute the body's non-matmul residuals in the backward pass on CPU.
 
     Params:
         stacked: the child's params, each leaf with shape ``(n, *leaf.shape)``.
@@ -328,7 +346,17 @@ def repeat(layer: Layer, n: int, *, unroll: int = 1) -> Layer:
             y, s = layer.apply(p, s, carry, rng=r, train=train)
             return y, s
 
-        y, new_state = jax.lax.scan(body, x, (stacked_p, stacked_s, rngs), length=n, unroll=unroll)
+        def scan(body, x, xs):
+            return jax.lax.scan(body, x, xs, length=n, unroll=unroll)
+
+        xs = (stacked_p, stacked_s, rngs)
+        if cpu_remat:
+            saved = jax.checkpoint(body, policy=_CPU_SAVED_RESIDUALS, prevent_cse=False)
+            y, new_state = jax.lax.platform_dependent(
+                x, xs, cpu=lambda x, xs: scan(saved, x, xs), default=lambda x, xs: scan(body, x, xs)
+            )
+        else:
+            y, new_state = scan(body, x, xs)
         return y, ({STACKED: new_state} if new_state else {})
 
     return Layer(init, apply, layer.name)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 import nnjax as nj
 
@@ -123,19 +124,50 @@ def test_repeat_rejects_shape_changing_layer():
         nj.repeat(nj.Dense(7), 2).init(jax.random.key(0), jnp.zeros((2, 5)))
 
 
-def test_repeat_compiles_body_once():
+@pytest.mark.parametrize("cpu_remat, per_call", [(False, 1), (True, 2)])
+def test_repeat_traces_body_a_fixed_number_of_times(cpu_remat, per_call):
+    # once for the scan; with cpu_remat once more for the CPU branch (jax.lax.platform_dependent
+    # traces every branch). Never once per copy.
     traces = []
 
     def counting(x):
         traces.append(1)
         return jnp.tanh(x)
 
-    model = nj.repeat(nj.serial(nj.Dense(4), counting), 16)
     x = jnp.ones((2, 4))
-    params, state = model.init(jax.random.key(0), x)
-    traces.clear()
-    jax.jit(lambda p: model.apply(p, state, x)[0])(params)
-    assert len(traces) == 1
+    for n in (2, 16):
+        model = nj.repeat(nj.serial(nj.Dense(4), counting), n, cpu_remat=cpu_remat)
+        params, state = model.init(jax.random.key(0), x)
+        traces.clear()
+        jax.jit(lambda p, model=model, state=state: model.apply(p, state, x)[0])(params)
+        assert len(traces) == per_call
+
+
+def test_repeat_cpu_remat_changes_no_value_or_gradient():
+    block = nj.serial(nj.Dense(6), jax.nn.gelu, nj.Dropout(0.2), nj.LayerNorm())
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    plain, saved = nj.repeat(block, 3, cpu_remat=False), nj.repeat(block, 3)
+    params, state = plain.init(jax.random.key(0), x)
+
+    def loss(model, p, x):
+        y, _ = model.apply(p, state, x, rng=jax.random.key(2), train=True)
+        return jnp.sum(jnp.sin(y))
+
+    for model in (plain, saved):
+        check_grads(
+            lambda p, x, model=model: loss(model, p, x),
+            (params, x),
+            order=1,
+            modes=("rev",),
+            eps=1e-2,
+            atol=2e-2,
+            rtol=2e-2,
+        )
+    g_plain = jax.jit(jax.grad(lambda p, x: loss(plain, p, x), argnums=(0, 1)))(params, x)
+    g_saved = jax.jit(jax.grad(lambda p, x: loss(saved, p, x), argnums=(0, 1)))(params, x)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_plain, g_saved
+    )
 
 
 def test_remat_matches_plain_values_and_grads():
