@@ -60,3 +60,22 @@ def test_dense_rejects_scalar_input():
         nj.LayerError, match=r"expected x with at least 1 axes \(\.\.\., in\), got x.shape == \(\)"
     ):
         nj.Dense(3).apply(params, state, jnp.float32(1.0))
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 5), (2, 3, 5), (2, 1, 3, 5)])
+def test_matmul_last_equals_numpy_on_any_leading_axes(shape):
+    from nnjax.layers.base import matmul_last
+
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=shape), rng.normal(size=(5, 3))
+    y = matmul_last(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    assert y.shape == (*shape[:-1], 3)
+    np.testing.assert_allclose(y, np.einsum("...i,ij->...j", x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_grads_on_three_axes_by_finite_differences():
+    layer = nj.Dense(4, use_bias=False)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 5))
+    params, state = layer.init(jax.random.key(0), x)
+    f = jax.jit(lambda p, x: jnp.sin(layer.apply(p, state, x)[0]))
+    check_grads(f, (params, x), order=1, modes=("rev",), eps=1e-2, atol=1e-2, rtol=1e-2)

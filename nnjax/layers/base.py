@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nnjax.errors import LayerError
 
 __all__ = [
+    "matmul_last",
     "compute_dtype",
     "check_rank",
     "check_float",
@@ -82,3 +84,16 @@ def get_param(params: Mapping[str, Any], name: str, shape: tuple[int, ...] | Non
             f"expected param {name!r} with shape {shape_str(shape)}, got {shape_str(np.shape(value))}"
         )
     return value
+
+
+def matmul_last(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` for ``x (..., in)``, ``w (in, out)``, computed on ``x`` flattened to 2D.
+
+    XLA:CPU runs the weight gradient of a matmul over several leading axes (two
+    contracting axes) 2.4x slower than over one (fwd+bwd of a 128-512-128 MLP on
+    ``(12, 64, 128)``: 8.1 ms vs 3.3 ms); merging the leading axes is a bitcast on
+    every backend, so it is done everywhere.
+    """
+    if x.ndim <= 2:
+        return x @ w
+    return jnp.reshape(jnp.reshape(x, (-1, x.shape[-1])) @ w, (*x.shape[:-1], w.shape[-1]))

@@ -29,6 +29,8 @@ ADAPTER_KEYS = ("lora_a", "lora_b", "ia3_scale", "dora_magnitude")
 
 def adapted_matmul(params: dict[str, Any], x: jax.Array, dtype: Any) -> jax.Array:
     """``x @ kernel`` (``kernel (in, out)``), plus whatever adapters sit beside the kernel."""
+    lead = x.shape[:-1]
+    x = jnp.reshape(x, (-1, x.shape[-1])) if x.ndim > 2 else x  # see nnjax.layers.base.matmul_last
     kernel = params["kernel"].astype(dtype)
     has_lora = "lora_a" in params
     if "dora_magnitude" in params:
@@ -44,7 +46,7 @@ def adapted_matmul(params: dict[str, Any], x: jax.Array, dtype: Any) -> jax.Arra
             y = y + (x @ params["lora_a"].astype(dtype)) @ params["lora_b"].astype(dtype)
     if "ia3_scale" in params:
         y = y * params["ia3_scale"].astype(dtype)
-    return y
+    return jnp.reshape(y, (*lead, y.shape[-1]))
 
 
 def Dense(

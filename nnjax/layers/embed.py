@@ -17,6 +17,7 @@ from nnjax.layers.base import (
     check_rank,
     compute_dtype,
     get_param,
+    matmul_last,
     shape_str,
 )
 
@@ -136,7 +137,7 @@ def attend(embedding_params: dict[str, Any], x: Any, *, dtype: Any = None) -> ja
             f"(embedding {shape_str(np.shape(table))}), got x.shape == {shape_str(np.shape(x))}"
         )
     dtype_ = compute_dtype(x, dtype)
-    return jnp.asarray(x, dtype_) @ table.astype(dtype_).T
+    return matmul_last(jnp.asarray(x, dtype_), table.astype(dtype_).T)
 
 
 def _within(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
