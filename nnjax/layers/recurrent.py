@@ -38,7 +38,7 @@ import numpy as np
 
 from nnjax.core import Layer
 from nnjax.errors import LayerError
-from nnjax.layers.base import check_keys, compute_dtype, get_param, shape_str
+from nnjax.layers.base import check_keys, compute_dtype, get_param, matmul_last, shape_str
 
 __all__ = ["SimpleRNN", "LSTM", "GRU", "Bidirectional"]
 
@@ -189,7 +189,7 @@ def _recurrent(
 
         # The input projection of every step in one matmul; only h @ recurrent_kernel
         # stays inside the scan.
-        xp = jnp.asarray(inputs, dtype_) @ kernel.astype(dtype_)  # (..., T, G)
+        xp = matmul_last(jnp.asarray(inputs, dtype_), kernel.astype(dtype_))  # (..., T, G)
         if use_bias:
             xp = xp + get_param(params, "bias", (G,)).astype(dtype_)
         xs = jnp.moveaxis(xp, -2, 0)  # (T, ..., G)
