@@ -2,7 +2,7 @@
 
 XLA:CPU lowers a convolution's forward and input gradient to Eigen's spatial
 convolution, which is slow when the input has very few channels (an image stem,
-LeNet's first layers): measured 1.5-2.4x slower (forward+backward) than the same
+LeNet's first layers): measured 1.8-4.2x slower (forward+backward) than the same
 convolution written as strided slices, one ``concatenate`` and one matmul (see
 ``benchmarks/study_cpu_conv.py``). With more input channels the patches tensor grows
 and Eigen wins, so :func:`conv` picks the im2col form only on CPU and only for
@@ -19,12 +19,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from nnjax.layers.base import matmul_last
+
 __all__ = ["MAX_IN_CHANNELS", "conv", "conv_im2col"]
 
-# Time of conv forward+backward on a 2-core Intel Xeon VM, im2col / Eigen:
-# 1 channel 0.46-0.53x, 3 channels 0.54-0.61x, 4: 0.58x, 6: 0.61-0.64x,
-# 8: 0.76-1.96x across runs, 12: 0.68-0.92x, 16: 0.44-2.25x, 64: 1.0-1.43x; forward alone
-# is slower from 6 channels up (1.19x at 6, 1.6-2x at 8-12).
+# Time of conv forward+backward on a 2-core Intel Xeon VM, im2col / XLA (results/cpu-conv.md):
+# 1 channel 0.40x, 3 channels 0.24-0.50x, 4: 0.39x, 6: 0.55x, 8: 0.61x, 12: 0.83x,
+# 16: 0.36-1.96x, 64: 0.92-1.15x; the forward alone is slower from 6 channels up
+# (1.3x at 6, 1.9-2.1x at 8-12, 9.5x for a 3x3 on 16 channels), so 6 is the limit.
 MAX_IN_CHANNELS = 6
 
 
@@ -61,7 +63,7 @@ def conv_im2col(
             jax.lax.slice(x, [0, *start, 0], [x.shape[0], *limit, x.shape[-1]], [1, *strides, 1])
         )
     patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-    return patches @ kernel.reshape(-1, kernel.shape[-1])
+    return matmul_last(patches, kernel.reshape(-1, kernel.shape[-1]))
 
 
 def conv(
