@@ -329,7 +329,7 @@ def test_clipped_adamw_cosine_matches_handwritten():
     model, (x, y) = _mlp(), _data()
     params, state = model.init(jax.random.key(0), x)
     opt = optax.chain(
-        optax.clip_by_global_norm(1.0),
+        optax.clip_by_global_norm(0.25),  # below the initial gradient norm (0.72)
         optax.adamw(optax.cosine_decay_schedule(1e-2, decay_steps=5), weight_decay=0.01),
     )
     tr = train.trainer(model, losses.softmax_cross_entropy, opt)
@@ -338,6 +338,15 @@ def test_clipped_adamw_cosine_matches_handwritten():
         ts, _ = tr.step(ts, (x, y))
     ref, _ = _reference(model, params, state, [(x, y)] * 5, opt)
     _allclose(ts.params, ref)
+    # the comparison is not vacuous: clipping is active at the start and params moved
+    grads = jax.grad(lambda p: _ce(model.apply(p, state, x)[0], y))(params)
+    assert float(optax.global_norm(grads)) > 0.25
+    moved = [
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(ts.params), jax.tree.leaves(params), strict=True)
+    ]
+    assert min(moved) > 1e-4
+    assert int(ts.step) == 5
 
 
 # --- mixed precision, finiteness ------------------------------------------------------
