@@ -99,12 +99,19 @@ def model(workload: str, cfg: Config, *, stack: str = "repeat") -> Any:
     return gpt(cfg, stack=stack)
 
 
-def build(workload: str, cfg: Config, *, fused: int = 0, stack: str = "repeat") -> Bench:
+def build(
+    workload: str, cfg: Config, *, fused: int = 0, stack: str = "repeat", onednn: bool = False
+) -> Bench:
+    """``onednn``: the train step compiled with ``nj.ONEDNN_DOTS`` (matmuls through oneDNN)."""
     net = model(workload, cfg, stack=stack)
     x, y = make_batch(workload, cfg)
     params, state = jax.jit(net.init)(jax.random.key(0), jnp.asarray(x))
     tr = trainer(
-        net, softmax_cross_entropy, optax.adam(LEARNING_RATE), steps_per_call=max(fused, 1)
+        net,
+        softmax_cross_entropy,
+        optax.adam(LEARNING_RATE),
+        steps_per_call=max(fused, 1),
+        compiler_options=nj.ONEDNN_DOTS if onednn else None,
     )
     if fused:
         x, y = make_batches(workload, cfg, fused)

@@ -53,6 +53,9 @@ class Framework(NamedTuple):
 FRAMEWORKS: dict[str, Framework] = {
     "nnjax": Framework("benchmarks.fw_nnjax", "nnjax", {}),
     "nnjax-fused": Framework("benchmarks.fw_nnjax", "nnjax", {"fused": True}),
+    "nnjax-onednn": Framework(
+        "benchmarks.fw_nnjax", "nnjax", {"onednn": True}, workloads=("gpt-char",)
+    ),
     "nnjax-unrolled": Framework(
         "benchmarks.fw_nnjax", "nnjax", {"stack": "unrolled"}, workloads=("gpt-char",)
     ),

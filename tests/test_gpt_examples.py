@@ -37,7 +37,8 @@ def _float(pattern, text):
 
 @pytest.mark.slow
 def test_gpt_shakespeare_then_lora_from_its_checkpoint(tmp_path):
-    out = _run("gpt_shakespeare.py", "--smoke", "--out", str(tmp_path / "run"))
+    # --onednn-dots: the opt-in XLA:CPU options must compile and train the scanned GPT
+    out = _run("gpt_shakespeare.py", "--smoke", "--onednn-dots", "--out", str(tmp_path / "run"))
     assert re.search(r"step 0: train loss \d\.\d{4}, val loss \d\.\d{4}", out)
     val = _float(r"final val loss (\d+\.\d+); wall time [\d.]+ s", out)
     assert 0 < val < 5  # a smoke run barely moves from log(vocab)

@@ -424,3 +424,38 @@ def test_compiler_options_reach_only_the_train_step():
     assert set(bad.evaluate(ts, batch)) == {"loss"}
     with pytest.raises(Exception, match="NOT_A_FUSION"):
         bad.step(ts, batch, jax.random.key(0))
+
+
+def test_onednn_dots_compile_a_sum_of_dots_and_match_numpy():
+    # the sum of two dots is what made XLA abort with oneDNN's fusing variant
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(24, 16)).astype(np.float32) for _ in range(2))
+    w1, w2 = (rng.normal(size=(16, 8)).astype(np.float32) for _ in range(2))
+    f = jax.jit(lambda a, b, w1, w2: a @ w1 + b @ w2, compiler_options=dict(nj.ONEDNN_DOTS))
+    compiled = f.lower(a, b, w1, w2).compile()
+    assert "__onednn_fusion" in compiled.as_text()
+    want = a.astype(np.float64) @ w1 + b.astype(np.float64) @ w2
+    np.testing.assert_allclose(compiled(a, b, w1, w2), want, rtol=1e-5, atol=1e-5)
+
+
+def test_onednn_dots_train_a_transformer_like_the_default():
+    model = nj.serial(nj.Embedding(11, 16), nj.TransformerBlock(2), nj.LayerNorm(), nj.Dense(11))
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 11, (4, 8)), jnp.int32)
+    y = jnp.roll(x, -1, axis=1)
+    params, state = model.init(jax.random.key(0), x)
+    runs = []
+    for options in (None, nj.ONEDNN_DOTS):
+        # SGD, not Adam: Adam would blow up rounding noise in the key bias's zero gradient
+        tr = nj.trainer(
+            model, losses.softmax_cross_entropy, optax.sgd(0.5), compiler_options=options
+        )
+        ts = tr.init(params, state)
+        losses_ = []
+        for _ in range(3):
+            ts, m = tr.step(ts, (x, y))
+            losses_.append(float(m["loss"]))
+        runs.append((ts.params, losses_))
+    (p_default, l_default), (p_onednn, l_onednn) = runs
+    assert l_default[-1] < l_default[0]
+    np.testing.assert_allclose(l_onednn, l_default, rtol=1e-5)
+    _allclose(p_onednn, p_default, rtol=1e-4, atol=1e-5)
