@@ -296,9 +296,13 @@ def train(
     args: argparse.Namespace,
     *,
     trainable: Any = None,
+    compiler_options: Any = None,
     log=print,
 ) -> tuple[Any, dict[str, float]]:
-    """Train for ``args.iters`` steps (``args.steps_per_call`` fused per call); periodic and final eval."""
+    """Train for ``args.iters`` steps (``args.steps_per_call`` fused per call); periodic and final eval.
+
+    ``compiler_options`` go to the train step (``nj.ONEDNN_DOTS`` with ``--onednn-dots``).
+    """
     model = GPT(config)
     k = args.steps_per_call
     tr = nj.trainer(
@@ -307,7 +311,7 @@ def train(
         optimizer,
         trainable=trainable,
         steps_per_call=k,
-        compiler_options=nj.ONEDNN_DOTS if getattr(args, "onednn_dots", False) else None,
+        compiler_options=compiler_options,
     )
     estimate = make_loss_estimator(model, config.block_size, args.batch_size)
     ts = tr.init(params)
@@ -361,7 +365,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     optimizer = nanogpt_adamw(
         params, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, decay_iters=args.iters
     )
-    params, final = train(config, params, optimizer, text.train, text.val, args)
+    options = nj.ONEDNN_DOTS if args.onednn_dots else None
+    params, final = train(
+        config, params, optimizer, text.train, text.val, args, compiler_options=options
+    )
     wall = time.perf_counter() - start
     print(f"final val loss {final['val_loss']:.4f}; wall time {wall:.1f} s (compilation included)")
     if args.out:

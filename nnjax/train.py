@@ -57,7 +57,8 @@ compiler_options=ONEDNN_DOTS)``. Opt-in: XLA calls the oneDNN path experimental.
 
 Measured on a 2-core Xeon (jaxlib 0.10.2): the 4-layer, width-128 GPT's train step
 at batch 32 x 128 tokens 0.78x the default time (the attention's batched dots use
-both cores); at 12 x 64 no gain (1.05x). Ignored by other backends. The fusing
+both cores); at 12 x 64 no gain (1.05x). The options are XLA:CPU's (not measured on
+other backends). The fusing
 variant (``LIBRARY_FUSION_TYPE_DOT``) is not offered: XLA aborts the process
 ("partition compile failed") on a sum of two dots, ``a @ w1 + b @ w2``, which the
 backward pass of separate q/k/v projections contains.
