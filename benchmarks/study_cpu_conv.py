@@ -74,11 +74,14 @@ def main(args: argparse.Namespace, machine: dict) -> int:
         shape, window, features, strides, padding = CASES[name]
         x = jax.random.normal(jax.random.key(0), shape)
         k = 0.1 * jax.random.normal(jax.random.key(1), (*window, shape[-1], features))
-        timed = {}
+        timed, compile_s = {}, {}
         for form, fn in _forms(shape, window, features, strides, padding).items():
             fwd = jax.jit(fn)
             grad = jax.jit(jax.grad(lambda x, k, fn=fn: jnp.sum(fn(x, k) ** 2), argnums=(0, 1)))
-            jax.block_until_ready((fwd(x, k), grad(x, k)))  # compile
+            t0 = time.perf_counter()
+            grad = grad.lower(x, k).compile()
+            compile_s[form] = time.perf_counter() - t0
+            jax.block_until_ready((fwd(x, k), grad(x, k)))
             timed[form] = (fwd, grad)
         np.testing.assert_allclose(
             timed["im2col"][0](x, k), timed["xla-conv"][0](x, k), rtol=1e-3, atol=1e-3
@@ -95,6 +98,8 @@ def main(args: argparse.Namespace, machine: dict) -> int:
             row[f"{form} {part} ms"] = statistics.median(vals)
         for part in ("fwd", "fwd+bwd"):
             row[f"{part} ratio"] = row[f"im2col {part} ms"] / row[f"xla-conv {part} ms"]
+        for form, seconds in compile_s.items():
+            row[f"{form} fwd+bwd compile s"] = seconds
         rows.append(row)
         print(f"  cpu-conv {name}: {row}", file=sys.stderr)
     name = "quick-cpu-conv" if args.quick else "cpu-conv"
@@ -112,17 +117,20 @@ def _markdown(rows, machine) -> str:
         f"Measured {machine_line(machine)}",
         "",
         "Median ms per call (jitted), im2col / XLA ratio; fwd+bwd is the gradient with "
-        "respect to input and kernel of `sum(conv(x, k)**2)`. `nj.Conv` uses im2col on CPU "
-        "when the input has at most `nnjax.layers.im2col.MAX_IN_CHANNELS` channels.",
+        "respect to input and kernel of `sum(conv(x, k)**2)`; compile s: tracing, lowering "
+        "and compiling that gradient, once. `nj.Conv` uses im2col on CPU when the input has "
+        "at most `nnjax.layers.im2col.MAX_IN_CHANNELS` channels.",
         "",
-        "| case | in channels | fwd XLA | fwd im2col | ratio | fwd+bwd XLA | fwd+bwd im2col | ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | in channels | fwd XLA | fwd im2col | ratio | fwd+bwd XLA | fwd+bwd im2col "
+        "| ratio | compile s XLA | compile s im2col |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
             f"| {r['case']} | {r['in_channels']} | {fmt(r['xla-conv fwd ms'])} | "
             f"{fmt(r['im2col fwd ms'])} | {r['fwd ratio']:.2f}x | "
             f"{fmt(r['xla-conv fwd+bwd ms'])} | {fmt(r['im2col fwd+bwd ms'])} | "
-            f"{r['fwd+bwd ratio']:.2f}x |"
+            f"{r['fwd+bwd ratio']:.2f}x | {fmt(r['xla-conv fwd+bwd compile s'])} | "
+            f"{fmt(r['im2col fwd+bwd compile s'])} |"
         )
     return "\n".join(out) + "\n"

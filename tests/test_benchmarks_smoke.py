@@ -116,7 +116,23 @@ def test_quick_cpu_conv_study_writes_both_forms(tmp_path):
     rows = json.loads((tmp_path / "quick-cpu-conv.json").read_text())["rows"]
     assert [r["case"] for r in rows] == ["lenet conv1 (C=1)", "3x3 (C=8)"]
     for r in rows:
-        for key in ("xla-conv fwd ms", "im2col fwd ms", "xla-conv fwd+bwd ms", "im2col fwd+bwd ms"):
-            assert r[key] > 0
+        for form in ("xla-conv", "im2col"):
+            for part in ("fwd ms", "fwd+bwd ms", "fwd+bwd compile s"):
+                assert r[f"{form} {part}"] > 0
         assert r["fwd ratio"] == pytest.approx(r["im2col fwd ms"] / r["xla-conv fwd ms"])
     assert "| lenet conv1 (C=1) | 1 |" in (tmp_path / "quick-cpu-conv.md").read_text()
+
+
+def test_quick_cpu_matmul_study_times_every_form(tmp_path):
+    proc = _run(tmp_path, "--quick", "--study", "cpu-matmul")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = json.loads((tmp_path / "quick-cpu-matmul.json").read_text())["rows"]
+    assert row["shape"] == [768, 128, 512]
+    forms = ["jax f32", "jax bf16"] + [
+        k[:-3] for k in row if k.startswith("torch") and k.endswith(" ms")
+    ]
+    for form in forms:
+        assert row[f"{form} GFLOP/s"] == pytest.approx(
+            2 * 768 * 128 * 512 / row[f"{form} ms"] / 1e6
+        )
+    assert "| nanoGPT mlp up | 768x128x512 |" in (tmp_path / "quick-cpu-matmul.md").read_text()

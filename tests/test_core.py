@@ -124,10 +124,11 @@ def test_repeat_rejects_shape_changing_layer():
         nj.repeat(nj.Dense(7), 2).init(jax.random.key(0), jnp.zeros((2, 5)))
 
 
-@pytest.mark.parametrize("cpu_remat, per_call", [(False, 1), (True, 2)])
-def test_repeat_traces_body_a_fixed_number_of_times(cpu_remat, per_call):
-    # once for the scan; with cpu_remat once more for the CPU branch (jax.lax.platform_dependent
-    # traces every branch). Never once per copy.
+@pytest.mark.parametrize("cpu_remat", [False, True])
+def test_repeat_traces_body_a_fixed_number_of_times(cpu_remat):
+    # Once for the scan, never once per copy; with cpu_remat on a host whose default
+    # backend is not CPU, once more (jax.lax.platform_dependent traces every branch).
+    per_call = 2 if cpu_remat and jax.default_backend() != "cpu" else 1
     traces = []
 
     def counting(x):
@@ -141,6 +142,38 @@ def test_repeat_traces_body_a_fixed_number_of_times(cpu_remat, per_call):
         traces.clear()
         jax.jit(lambda p, model=model, state=state: model.apply(p, state, x)[0])(params)
         assert len(traces) == per_call
+
+
+def _branches():
+    traced = []
+
+    def branch(name, scale):
+        def f(x):
+            traced.append(name)
+            return x * scale
+
+        return f
+
+    return traced, branch("cpu", 2.0), branch("default", 3.0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU host's shortcut")
+def test_by_platform_on_a_cpu_host_traces_only_the_cpu_branch():
+    traced, cpu, default = _branches()
+    y = jax.jit(lambda x: nj.by_platform(cpu, default, x))(jnp.ones(3))
+    assert traced == ["cpu"]
+    np.testing.assert_array_equal(y, 2.0 * np.ones(3))
+
+
+def test_by_platform_elsewhere_leaves_the_choice_to_lowering(monkeypatch):
+    # A GPU host's default backend: platform_dependent traces both branches and
+    # lowering for the device the jit runs on (CPU here) picks the CPU one.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    traced, cpu, default = _branches()
+    y = jax.jit(lambda x: nj.by_platform(cpu, default, x))(jnp.ones(3))
+    assert sorted(traced) == ["cpu", "default"]
+    expected = 2.0 if jax.devices()[0].platform == "cpu" else 3.0
+    np.testing.assert_array_equal(y, expected * np.ones(3))
 
 
 def test_repeat_cpu_remat_changes_no_value_or_gradient():

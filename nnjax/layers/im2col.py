@@ -7,7 +7,7 @@ convolution written as strided slices, one ``concatenate`` and one matmul (see
 ``benchmarks/study_cpu_conv.py``). With more input channels the patches tensor grows
 and Eigen wins, so :func:`conv` picks the im2col form only on CPU and only for
 inputs with at most :data:`MAX_IN_CHANNELS` channels; elsewhere, and on every other
-backend (chosen when lowering, with ``jax.lax.platform_dependent``), it is
+backend (chosen by :func:`nnjax.core.by_platform`), it is
 ``jax.lax.conv_general_dilated``.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from nnjax.core import by_platform
 from nnjax.layers.base import matmul_last
 
 __all__ = ["MAX_IN_CHANNELS", "conv", "conv_im2col"]
@@ -96,4 +97,4 @@ def conv(
     def im2col(x, kernel):
         return conv_im2col(x, kernel, strides, padding, kernel_dilation)
 
-    return jax.lax.platform_dependent(x, kernel, cpu=im2col, default=general)
+    return by_platform(im2col, general, x, kernel)
