@@ -28,6 +28,7 @@ from benchmarks.workloads import (
 
 try:  # nnjax is written alongside this suite: a missing piece is a skip, not a crash
     import nnjax as nj
+    import nnjax.sharding  # makes nj.sharding available
     from nnjax.losses import softmax_cross_entropy
     from nnjax.train import trainer
 
@@ -100,9 +101,23 @@ def model(workload: str, cfg: Config, *, stack: str = "repeat") -> Any:
 
 
 def build(
-    workload: str, cfg: Config, *, fused: int = 0, stack: str = "repeat", onednn: bool = False
+    workload: str,
+    cfg: Config,
+    *,
+    fused: int = 0,
+    stack: str = "repeat",
+    onednn: bool = False,
+    data_parallel: bool = False,
 ) -> Bench:
-    """``onednn``: the train step compiled with ``nj.ONEDNN_DOTS`` (matmuls through oneDNN)."""
+    """``onednn``: the train step compiled with ``nj.ONEDNN_DOTS`` (matmuls through oneDNN).
+
+    ``data_parallel``: the batch split over every device of the default backend
+    (``nj.sharding`` data-parallel rules; params replicated, gradients averaged by
+    XLA), e.g. the CPU devices of ``jax_num_cpu_devices``.
+    """
+    devices = jax.devices()
+    if data_parallel and len(devices) < 2:
+        raise UnavailableError("one device; on CPU run with --cpu-devices 2 or more")
     net = model(workload, cfg, stack=stack)
     x, y = make_batch(workload, cfg)
     params, state = jax.jit(net.init)(jax.random.key(0), jnp.asarray(x))
@@ -116,6 +131,13 @@ def build(
     if fused:
         x, y = make_batches(workload, cfg, fused)
     batch = (jnp.asarray(x), jnp.asarray(y))
+    ts = tr.init(params, state)
+    note = ""
+    if data_parallel:
+        mesh = nj.sharding.mesh({"data": -1})
+        ts = nj.sharding.shard_train_state(ts, mesh, nj.sharding.data_parallel_rules())
+        batch = nj.sharding.shard_batch(batch, mesh, dim=1 if fused else 0)
+        note = f"batch split over {len(devices)} {devices[0].platform} devices (data parallel)"
     step = tr.step
 
     def call(ts):
@@ -123,4 +145,4 @@ def build(
         return ts, metrics["loss"]
 
     n_params = int(sum(a.size for a in jax.tree.leaves(params)))
-    return carry_bench(call, tr.init(params, state), n_params, max(fused, 1))
+    return carry_bench(call, ts, n_params, max(fused, 1), note)

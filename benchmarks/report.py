@@ -42,9 +42,11 @@ def machine_line(machine: dict) -> str:
     load = machine.get("load_average")
     load_s = f"; load average at start {load[0]:.2f}" if load else ""
     flags = f"; XLA_FLAGS={machine['xla_flags']!r}" if machine.get("xla_flags") else ""
+    devices = machine.get("jax_devices") or []
+    devices_s = f"; {len(devices)} JAX devices ({devices[0]}, ...)" if len(devices) > 1 else ""
     return (
         f"{machine['date']} on {machine['cpu']}, {machine['usable_cores']} usable cores "
-        f"({machine['platform']}, Python {machine['python']}); {libs}{load_s}{flags}."
+        f"({machine['platform']}, Python {machine['python']}); {libs}{load_s}{flags}{devices_s}."
     )
 
 

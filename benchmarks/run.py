@@ -103,6 +103,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "cpu-matmul (one matmul, XLA:CPU vs PyTorch on 1 and all threads)",
     )
     p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=2,
+        metavar="N",
+        help="XLA CPU devices in this process (jax_num_cpu_devices, default 2): "
+        "single-device rows run on the first, nnjax-dp splits the batch over all",
+    )
+    p.add_argument(
         "--render",
         type=pathlib.Path,
         metavar="JSON",
@@ -138,6 +146,16 @@ def _write(out: pathlib.Path, name: str, payload: dict) -> str:
     return text
 
 
+def _set_cpu_devices(n: int) -> None:
+    """``jax_num_cpu_devices``; it only takes before JAX starts its backends."""
+    import jax
+
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as err:  # backends already started (an in-process caller)
+        print(f"--cpu-devices {n} not applied: {err}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render is not None:
@@ -148,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = os.environ.get("XLA_FLAGS", "").split()
         extra = [f for f in _QUICK_XLA_FLAGS if f.split("=")[0] not in " ".join(flags)]
         os.environ["XLA_FLAGS"] = " ".join([*flags, *extra])
+    _set_cpu_devices(args.cpu_devices)
     machine = describe()
     if args.study:
         rc = 0

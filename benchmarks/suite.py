@@ -59,6 +59,12 @@ FRAMEWORKS: dict[str, Framework] = {
     "nnjax-unrolled": Framework(
         "benchmarks.fw_nnjax", "nnjax", {"stack": "unrolled"}, workloads=("gpt-char",)
     ),
+    "nnjax-dp": Framework(
+        "benchmarks.fw_nnjax",
+        "nnjax",
+        {"data_parallel": True},
+        workloads=("lenet-cnn", "gpt-char"),
+    ),
     "jax": Framework("benchmarks.fw_jax", "jax", {}),
     "jax-fused": Framework("benchmarks.fw_jax", "jax", {"fused": True}),
     "flax-linen": Framework("benchmarks.fw_linen", "flax", {}),

@@ -58,6 +58,11 @@ def _check_outputs(out: pathlib.Path, workloads: list[str], frameworks: list[str
         assert f"| {framework} | {row['params']:,} |" in text
     for workload in workloads:
         assert f"## {workload}" in text
+        if (workload, "nnjax-dp") in rows:  # the same steps, the batch split over devices
+            for key in ("loss_first", "loss_last"):
+                assert rows[workload, "nnjax-dp"][key] == pytest.approx(
+                    rows[workload, "nnjax"][key], rel=1e-5
+                )
     assert (out / "quick-suite.png").stat().st_size > 1000
 
 
