@@ -188,7 +188,7 @@ def test_repeat_cpu_remat_changes_no_value_or_gradient():
 
     for model in (plain, saved):
         check_grads(
-            lambda p, x, model=model: loss(model, p, x),
+            jax.jit(lambda p, x, model=model: loss(model, p, x)),
             (params, x),
             order=1,
             modes=("rev",),
