@@ -13,11 +13,13 @@ same ``nnjax.train.trainer`` step on one device without any mesh.
 
 What CPU simulation shows, and what it does not: the ``n`` simulated devices are
 ``n`` XLA devices on the *same* cores and memory. Sharding adds no compute, so
-tokens/s cannot grow with ``n``; the numbers measure the overhead of the
-SPMD-partitioned step (collectives done as memory copies, smaller per-device
-matmuls, more synchronisation) and show that every mode compiles and runs. Speedups
-need real devices: run the same script with ``--platform gpu`` (or on a TPU host
-with ``--platform tpu``).
+tokens/s can grow only as far as one device leaves cores idle (on 2 cores, data
+parallel over 2 devices makes gpt-char's step 0.80x: the suite's ``nnjax-dp`` row);
+beyond that the numbers measure the overhead of the SPMD-partitioned step
+(collectives done as memory copies, smaller per-device matmuls, more
+synchronisation) and show that every mode compiles and runs. Speedups need real
+devices: run the same script with ``--platform gpu`` (or on a TPU host with
+``--platform tpu``).
 """
 
 from __future__ import annotations
