@@ -11,10 +11,12 @@ this small (it does not: its time equals PyTorch's on one thread)?
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +37,15 @@ SHAPES = {
 _QUICK = ("nanoGPT mlp up",)
 
 
-def _jax_forms(a: np.ndarray, b: np.ndarray) -> dict[str, Callable[[], object]]:
+class Form(NamedTuple):
+    """One way to compute the matmul: ``call()`` waits for its result; ``setting``
+    (a context manager factory) is entered around each timed block."""
+
+    call: Callable[[], object]
+    setting: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def _jax_forms(a: np.ndarray, b: np.ndarray) -> dict[str, Form]:
     x, w = jnp.asarray(a), jnp.asarray(b)
     f32 = jax.jit(jnp.matmul)
     bf16 = jax.jit(
@@ -44,12 +54,12 @@ def _jax_forms(a: np.ndarray, b: np.ndarray) -> dict[str, Callable[[], object]]:
         )
     )
     return {
-        "jax f32": lambda: f32(x, w).block_until_ready(),
-        "jax bf16": lambda: bf16(x, w).block_until_ready(),
+        "jax f32": Form(lambda: f32(x, w).block_until_ready()),
+        "jax bf16": Form(lambda: bf16(x, w).block_until_ready()),
     }
 
 
-def _torch_forms(a: np.ndarray, b: np.ndarray) -> dict[str, Callable[[], object]]:
+def _torch_forms(a: np.ndarray, b: np.ndarray) -> dict[str, Form]:
     try:
         import torch
     except ImportError:
@@ -58,29 +68,28 @@ def _torch_forms(a: np.ndarray, b: np.ndarray) -> dict[str, Callable[[], object]
     xb, wb = x.bfloat16(), w.bfloat16()
     threads = torch.get_num_threads()
 
-    def on(n: int, fn: Callable[[], object]) -> Callable[[], object]:
-        def run():
-            torch.set_num_threads(n)
-            try:
-                return fn()
-            finally:
-                torch.set_num_threads(threads)
-
-        return run
+    @contextlib.contextmanager
+    def one_thread():
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     return {
-        f"torch f32 ({threads} threads)": lambda: torch.matmul(x, w),
-        "torch f32 (1 thread)": on(1, lambda: torch.matmul(x, w)),
-        f"torch bf16 ({threads} threads)": lambda: torch.matmul(xb, wb),
+        f"torch f32 ({threads} threads)": Form(lambda: torch.matmul(x, w)),
+        "torch f32 (1 thread)": Form(lambda: torch.matmul(x, w), one_thread),
+        f"torch bf16 ({threads} threads)": Form(lambda: torch.matmul(xb, wb)),
     }
 
 
-def _median_ms(fn: Callable[[], object], steps: int) -> float:
+def _median_ms(form: Form, steps: int) -> float:
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+    with form.setting():
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            form.call()
+            times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
 
@@ -98,9 +107,8 @@ def main(args: argparse.Namespace, machine: dict) -> int:
         np.testing.assert_allclose(
             np.asarray(jax.jit(jnp.matmul)(a, b)), a @ b, rtol=1e-4, atol=1e-3
         )
-        for fn in forms.values():  # compile, warm up
-            for _ in range(3):
-                fn()
+        for form in forms.values():  # compile, warm up
+            _median_ms(form, 3)
         samples: dict[str, list[float]] = {form: [] for form in forms}
         for r in range(rounds):
             order = list(forms)[r % len(forms) :] + list(forms)[: r % len(forms)]
