@@ -10,6 +10,7 @@ range of shapes it times ``jax.lax.conv_general_dilated`` and ``conv_im2col``
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.report import fmt, machine_line, write_json
+from benchmarks.workloads import median_ms
 
 __all__ = ["CASES", "main"]
 
@@ -56,13 +58,8 @@ def _forms(shape, window, features, strides, padding):
     return {"xla-conv": lax_conv, "im2col": im2col}
 
 
-def _median_ms(fn, args, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def _wait(fn, *args):
+    return jax.block_until_ready(fn(*args))
 
 
 def main(args: argparse.Namespace, machine: dict) -> int:
@@ -91,8 +88,9 @@ def main(args: argparse.Namespace, machine: dict) -> int:
             order = list(timed)[r % 2 :] + list(timed)[: r % 2]
             for form in order:
                 fwd, grad = timed[form]
-                samples[(form, "fwd")].append(_median_ms(fwd, (x, k), steps))
-                samples[(form, "fwd+bwd")].append(_median_ms(grad, (x, k), steps))
+                for part, fn in (("fwd", fwd), ("fwd+bwd", grad)):
+                    call = functools.partial(_wait, fn, x, k)
+                    samples[(form, part)].append(median_ms(call, steps))
         row = {"case": name, "in_channels": shape[-1]}
         for (form, part), vals in samples.items():
             row[f"{form} {part} ms"] = statistics.median(vals)

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.report import fmt, machine_line, write_json
+from benchmarks.workloads import median_ms
 
 __all__ = ["SHAPES", "main"]
 
@@ -84,13 +84,8 @@ def _torch_forms(a: np.ndarray, b: np.ndarray) -> dict[str, Form]:
 
 
 def _median_ms(form: Form, steps: int) -> float:
-    times = []
     with form.setting():
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            form.call()
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        return median_ms(form.call, steps)
 
 
 def main(args: argparse.Namespace, machine: dict) -> int:

@@ -8,6 +8,8 @@ Every framework module builds each workload from a :class:`Config` and returns a
 from __future__ import annotations
 
 import itertools
+import statistics
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -20,6 +22,7 @@ __all__ = [
     "Bench",
     "UnavailableError",
     "carry_bench",
+    "median_ms",
     "lenet_flat_features",
     "config",
     "timing",
@@ -198,3 +201,13 @@ def carry_bench(
         return loss.block_until_ready()
 
     return Bench(run, n_params, steps_per_call, note)
+
+
+def median_ms(call: Callable[[], object], steps: int) -> float:
+    """Median wall time in ms of ``steps`` calls of ``call`` (which must wait for its result)."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
