@@ -14,7 +14,8 @@ projections, ``scaled_dot_product_attention``), optimizer (AdamW, betas 0.9/0.99
 weight decay 0.1 on >= 2-d params, clip 1.0), schedule (100 warmup, cosine to
 1e-4 at 2000) and evaluation (``estimate_loss`` every 250 iterations over 20
 batches). Then, like the nnjax example, a final estimate over 200 batches, and
-the wall time. Run both on one machine::
+the wall time from before the model is built to the end of that estimate (the
+nnjax example's span: init and compilation included). Run both on one machine::
 
     python benchmarks/nanogpt_torch.py
     python examples/gpt_shakespeare.py --recipe nanogpt-cpu
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + block_size]) for i in ix])
         return x, y
 
+    start = time.perf_counter()  # as examples/gpt_shakespeare.py: model creation included
     model = GPT(len(chars), block_size, n_layer, n_head, n_embd)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -146,7 +148,6 @@ def main(argv: list[str] | None = None) -> dict:
         model.train()
         return out
 
-    start = time.perf_counter()
     for it in range(max_iters):
         if it % eval_interval == 0:
             losses = estimate_loss(eval_iters)

@@ -30,6 +30,7 @@ STUDIES = {
     "gpt-scale": "benchmarks.study_gpt_scale",
     "cpu-conv": "benchmarks.study_cpu_conv",
     "cpu-matmul": "benchmarks.study_cpu_matmul",
+    "cpu-cores": "benchmarks.study_cpu_cores",
 }
 _QUICK_SKIP = ("torch-compile",)  # its first compile takes ~40 s per model on a small CPU
 # --quick checks that everything runs, not how fast: compile with XLA's cheapest
@@ -100,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "compile-depth (GPT compile time vs depth, repeat vs unrolled), "
         "finetune (full vs frozen backbone vs LoRA), gpt-scale (tokens/s of a bigger GPT), "
         "cpu-conv (XLA convolution vs im2col by input channels), "
-        "cpu-matmul (one matmul, XLA:CPU vs PyTorch on 1 and all threads)",
+        "cpu-matmul (one matmul, XLA:CPU vs PyTorch on 1 and all threads), "
+        "cpu-cores (nanoGPT's step on one core and on all, per framework)",
     )
     p.add_argument(
         "--cpu-devices",

@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"vocabulary {len(text.vocab)}"
     )
     start = time.perf_counter()
-    params, _ = GPT(config).init(
+    # Jitted: one compilation instead of one per eagerly run random op (2.4 s vs 3.6 s).
+    params, _ = jax.jit(GPT(config).init)(
         jax.random.key(args.seed), jnp.zeros((1, config.block_size), jnp.int32)
     )
     print(

@@ -141,3 +141,15 @@ def test_quick_cpu_matmul_study_times_every_form(tmp_path):
             2 * 768 * 128 * 512 / row[f"{form} ms"] / 1e6
         )
     assert "| nanoGPT mlp up | 768x128x512 |" in (tmp_path / "quick-cpu-matmul.md").read_text()
+
+
+def test_quick_cpu_cores_study_times_one_core_and_all(tmp_path):
+    proc = _run(tmp_path, "--quick", "--study", "cpu-cores", "--frameworks", "nnjax")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    payload = json.loads((tmp_path / "quick-cpu-cores.json").read_text())
+    (row,) = payload["rows"]
+    one, many = payload["settings"]
+    assert (row["framework"], one) == ("nnjax", "1 core")
+    assert 0 < row[f"{one} cores busy"] <= 1.2  # held to one core (a little slack for sampling)
+    assert row["speedup"] == pytest.approx(row[f"{one} step ms"] / row[f"{many} step ms"])
+    assert "| nnjax |" in (tmp_path / "quick-cpu-cores.md").read_text()

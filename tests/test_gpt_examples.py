@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -93,3 +94,19 @@ def test_made_text_stands_in_for_a_missing_file(monkeypatch, capsys):
     assert text.decode(text.encode("KING:\n")) == "KING:\n"
     with pytest.raises(SystemExit, match="no such file"):
         gpt_shakespeare.load_data("/nonexistent/other.txt")
+
+
+def test_nanogpt_torch_reference_runs_and_starts_near_uniform():
+    """The PyTorch side of the README's nanoGPT pair, run without training steps.
+
+    GPT-2's init (weights N(0, 0.02)) predicts close to uniform over the 65
+    characters, so its loss is close to ln(65).
+    """
+    pytest.importorskip("torch")
+    from benchmarks import nanogpt_torch
+
+    if not nanogpt_torch.DATA.exists():
+        pytest.skip(f"{nanogpt_torch.DATA} is absent (a clone without ../shared/data)")
+    out = nanogpt_torch.main(["--iters", "0"])
+    assert abs(out["val_loss"] - np.log(65)) < 0.02
+    assert out["wall_s"] > 0
