@@ -87,7 +87,9 @@ def main(args: argparse.Namespace, machine: dict) -> int:
     all_cores = sorted(os.sched_getaffinity(0))
     settings = {"1 core": all_cores[:1], f"{len(all_cores)} cores": all_cores}
     names = [n for n in (args.frameworks or _DEFAULT) if available(n)]
-    names = [n for n in names if not FRAMEWORKS[n].kwargs]  # plain per-step builders
+    for n in [n for n in names if FRAMEWORKS[n].kwargs]:
+        print(f"  cpu-cores: {n} skipped (only plain per-step builders)", file=sys.stderr)
+    names = [n for n in names if not FRAMEWORKS[n].kwargs]
     rounds = args.rounds or (1 if args.quick else 3)
     samples: dict[tuple[str, str], list[dict]] = {(n, s): [] for n in names for s in settings}
     for r in range(rounds):
