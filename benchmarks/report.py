@@ -55,6 +55,20 @@ def write_json(path: pathlib.Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
+def write_study(
+    out: pathlib.Path, study: str, quick: bool, payload: dict, text: str
+) -> pathlib.Path:
+    """``<out>/[quick-]<study>.{json,md}`` of a study run; prints the markdown.
+
+    Returns the path without suffix (for further files, such as a chart).
+    """
+    stem = out / (f"quick-{study}" if quick else study)
+    write_json(stem.with_suffix(".json"), payload)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    return stem
+
+
 def _noise_warning(rows: list[dict]) -> list[str]:
     """A warning paragraph when other processes used the machine while it was timed."""
     loads = [r["other_cores"] for r in rows if r.get("other_cores") is not None]

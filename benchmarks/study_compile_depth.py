@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import fw_jax
-from benchmarks.report import fmt, machine_line, write_json
+from benchmarks.report import fmt, machine_line, write_study
 from benchmarks.workloads import LEARNING_RATE, config
 
 __all__ = ["main", "compile_times"]
@@ -104,15 +104,10 @@ def main(args: argparse.Namespace, machine: dict) -> int:
     base = {r["variant"]: r["total_s"] for r in rows if r["layers"] == depths[0]}
     for r in rows:
         r[f"total_vs_{depths[0]}_layers"] = r["total_s"] / base[r["variant"]]
-    name = "quick-compile-depth" if args.quick else "compile-depth"
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(
-        args.out / f"{name}.json", {"machine": machine, "config": cfg._asdict(), "rows": rows}
-    )
+    payload = {"machine": machine, "config": cfg._asdict(), "rows": rows}
     text = _markdown(rows, depths, variants, cfg, machine)
-    (args.out / f"{name}.md").write_text(text)
-    _chart(args.out / f"{name}.png", rows, variants, machine)
-    print(text)
+    stem = write_study(args.out, "compile-depth", args.quick, payload, text)
+    _chart(stem.with_suffix(".png"), rows, variants, machine)
     return 0
 
 

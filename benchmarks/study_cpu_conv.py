@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import fmt, machine_line, write_json
+from benchmarks.report import fmt, machine_line, write_study
 from benchmarks.workloads import median_ms
 
 __all__ = ["CASES", "main"]
@@ -100,11 +100,8 @@ def main(args: argparse.Namespace, machine: dict) -> int:
             row[f"{form} fwd+bwd compile s"] = seconds
         rows.append(row)
         print(f"  cpu-conv {name}: {row}", file=sys.stderr)
-    name = "quick-cpu-conv" if args.quick else "cpu-conv"
-    write_json(args.out / f"{name}.json", {"machine": machine, "rows": rows})
-    text = _markdown(rows, machine)
-    (args.out / f"{name}.md").write_text(text)
-    print(text)
+    payload = {"machine": machine, "rows": rows}
+    write_study(args.out, "cpu-conv", args.quick, payload, _markdown(rows, machine))
     return 0
 
 

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks.report import fmt, machine_line, write_json
+from benchmarks.report import fmt, machine_line, write_study
 from benchmarks.suite import FRAMEWORKS, available
 from benchmarks.workloads import Config, config, median_ms
 
@@ -105,14 +105,10 @@ def main(args: argparse.Namespace, machine: dict) -> int:
         one, many = (row[f"{s} step ms"] for s in settings)
         row["speedup"] = one / many
         rows.append(row)
-    name = "quick-cpu-cores" if args.quick else "cpu-cores"
-    write_json(
-        args.out / f"{name}.json", {"machine": machine, "settings": list(settings), "rows": rows}
-    )
+    payload = {"machine": machine, "settings": list(settings), "rows": rows}
     cfg = config("gpt-char", True) if args.quick else NANOGPT
     text = _markdown(rows, list(settings), machine, rounds, cfg)
-    (args.out / f"{name}.md").write_text(text)
-    print(text)
+    write_study(args.out, "cpu-cores", args.quick, payload, text)
     return 0
 
 

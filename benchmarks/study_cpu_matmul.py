@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import fmt, machine_line, write_json
+from benchmarks.report import fmt, machine_line, write_study
 from benchmarks.workloads import median_ms
 
 __all__ = ["SHAPES", "main"]
@@ -116,11 +116,8 @@ def main(args: argparse.Namespace, machine: dict) -> int:
             row[f"{form} GFLOP/s"] = 2 * m * k * n / ms / 1e6
         rows.append(row)
         print(f"  cpu-matmul {name}: {row}", file=sys.stderr)
-    name = "quick-cpu-matmul" if args.quick else "cpu-matmul"
-    write_json(args.out / f"{name}.json", {"machine": machine, "rows": rows})
-    text = _markdown(rows, machine)
-    (args.out / f"{name}.md").write_text(text)
-    print(text)
+    payload = {"machine": machine, "rows": rows}
+    write_study(args.out, "cpu-matmul", args.quick, payload, _markdown(rows, machine))
     return 0
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from benchmarks import fw_nnjax
-from benchmarks.report import fmt, machine_line, write_json
+from benchmarks.report import fmt, machine_line, write_study
 from benchmarks.suite import time_rounds
 from benchmarks.workloads import LEARNING_RATE, carry_bench, config, make_batch, timing
 
@@ -106,14 +106,8 @@ def main(args: argparse.Namespace, machine: dict) -> int:
     full = rows[0]
     for row in rows:
         row["step_vs_full"] = row["step_ms"] / full["step_ms"]
-    name = "quick-finetune" if args.quick else "finetune"
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(
-        args.out / f"{name}.json", {"machine": machine, "config": cfg._asdict(), "rows": rows}
-    )
-    text = _markdown(rows, cfg, machine, rounds)
-    (args.out / f"{name}.md").write_text(text)
-    print(text)
+    payload = {"machine": machine, "config": cfg._asdict(), "rows": rows}
+    write_study(args.out, "finetune", args.quick, payload, _markdown(rows, cfg, machine, rounds))
     return 0
 
 

@@ -14,7 +14,7 @@ import importlib
 import sys
 import time
 
-from benchmarks.report import fmt, machine_line, write_json
+from benchmarks.report import fmt, machine_line, write_study
 from benchmarks.suite import FRAMEWORKS, UnavailableError, available, time_rounds
 from benchmarks.workloads import Config, Timing, config, expected_params
 
@@ -63,14 +63,8 @@ def main(args: argparse.Namespace, machine: dict) -> int:
         row.update(stats[row["framework"]])
         row["tokens_per_s"] = tokens / (row["step_ms"] * 1e-3)
         row["model_gflops_per_s"] = row["tokens_per_s"] * flops_per_token(cfg) / 1e9
-    name = "quick-gpt-scale" if args.quick else "gpt-scale"
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(
-        args.out / f"{name}.json", {"machine": machine, "config": cfg._asdict(), "rows": rows}
-    )
-    text = _markdown(rows, cfg, machine, rounds)
-    (args.out / f"{name}.md").write_text(text)
-    print(text)
+    payload = {"machine": machine, "config": cfg._asdict(), "rows": rows}
+    write_study(args.out, "gpt-scale", args.quick, payload, _markdown(rows, cfg, machine, rounds))
     return 0
 
 

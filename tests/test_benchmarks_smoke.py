@@ -153,3 +153,28 @@ def test_quick_cpu_cores_study_times_one_core_and_all(tmp_path):
     assert 0 < row[f"{one} cores busy"] <= 1.2  # held to one core (a little slack for sampling)
     assert row["speedup"] == pytest.approx(row[f"{one} step ms"] / row[f"{many} step ms"])
     assert "| nnjax |" in (tmp_path / "quick-cpu-cores.md").read_text()
+
+
+@pytest.mark.parametrize("study", ["compile-depth", "finetune", "gpt-scale"])
+def test_quick_study_writes_its_report(tmp_path, study):
+    proc = _run(tmp_path, "--quick", "--study", study)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / f"quick-{study}.json").read_text())["rows"]
+    assert (tmp_path / f"quick-{study}.md").read_text().startswith("#")
+    cfg = config("gpt-char", True)
+    if study == "compile-depth":
+        assert [(r["layers"], r["variant"]) for r in rows] == [
+            (n, v) for n in (2, 4) for v in ("nnjax-repeat", "nnjax-unrolled", "jax-unrolled")
+        ]
+        assert (tmp_path / "quick-compile-depth.png").stat().st_size > 0
+    elif study == "finetune":
+        by = {r["variant"]: r for r in rows}
+        assert by["full"]["trainable"] == by["full"]["params"] == expected_params("gpt-char", cfg)
+        # rank-8 LoRA on each layer's query and value kernels: 2 x (d x 8 + 8 x d)
+        assert by["lora-qv-r8"]["trainable"] == cfg.layers * 2 * (2 * cfg.width * 8)
+    else:
+        assert {r["framework"]: r["params"] for r in rows if r["status"] == "ok"} == {
+            name: expected_params("gpt-char", cfg)
+            for name in ("nnjax", "jax", "torch")
+            if available(name)
+        }
