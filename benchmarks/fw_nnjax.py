@@ -1,4 +1,4 @@
-"""nnjax: models composed from ``nj`` layers, trained by ``nnjax.train.trainer``.
+"""nnjax: models composed from ``nj`` layers, trained by ``nnjax.training.trainer.trainer``.
 
 The per-step variant calls ``trainer(...).step`` once per optimizer step; the
 fused variant builds the trainer with ``steps_per_call=k`` and feeds batches
@@ -29,8 +29,8 @@ from benchmarks.workloads import (
 try:  # nnjax is written alongside this suite: a missing piece is a skip, not a crash
     import nnjax as nj
     import nnjax.sharding  # makes nj.sharding available
-    from nnjax.losses import softmax_cross_entropy
-    from nnjax.train import trainer
+    from nnjax.training.losses import softmax_cross_entropy
+    from nnjax.training.trainer import trainer
 
     _MISSING = None
 except ImportError as err:  # pragma: no cover - depends on the checkout

@@ -9,7 +9,7 @@ Each device count runs in its own process (on CPU, ``XLA_FLAGS=
 global batch is fixed (strong scaling). Per count and mode it reports the compile
 time (first call) and tokens/s over back-to-back steps (the best of a few rounds,
 the one least disturbed by other load), beside the baseline: the
-same ``nnjax.train.trainer`` step on one device without any mesh.
+same ``nnjax.training.trainer.trainer`` step on one device without any mesh.
 
 What CPU simulation shows, and what it does not: the ``n`` simulated devices are
 ``n`` XLA devices on the *same* cores and memory. Sharding adds no compute, so
@@ -75,8 +75,8 @@ def child(n: int, cfg: dict[str, int], platform_name: str) -> list[dict[str, Any
     import optax
 
     import nnjax.sharding as sh
-    from nnjax.losses import softmax_cross_entropy
-    from nnjax.train import trainer
+    from nnjax.training.losses import softmax_cross_entropy
+    from nnjax.training.trainer import trainer
 
     devices = jax.devices()
     if len(devices) < n:

@@ -52,8 +52,8 @@ def compile_times(variant: str, cfg, layers: int) -> tuple[float, float]:
         step = jax.jit(fw_jax.train_step(apply, tx), donate_argnums=0)
         return _lower_compile(step, carry, *batch)
     from benchmarks import fw_nnjax
-    from nnjax.losses import softmax_cross_entropy
-    from nnjax.train import trainer
+    from nnjax.training.losses import softmax_cross_entropy
+    from nnjax.training.trainer import trainer
 
     stack = variant.removeprefix("nnjax-")
     net = fw_nnjax.gpt(cfg, stack=stack, layers=layers)
@@ -69,7 +69,7 @@ def main(args: argparse.Namespace, machine: dict) -> int:
     rounds = args.rounds or 1
     variants = list(_VARIANTS)
     try:
-        import nnjax.train  # noqa: F401
+        import nnjax.training.trainer  # noqa: F401
     except ImportError as err:
         print(
             f"compile-depth: nnjax missing ({err}); timing hand-written JAX only", file=sys.stderr

@@ -52,10 +52,12 @@ def _count(tree) -> int:
 def main(args: argparse.Namespace, machine: dict) -> int:
     try:
         import nnjax.finetune as ft
-        from nnjax.losses import softmax_cross_entropy
-        from nnjax.train import trainer
+        from nnjax.training.losses import softmax_cross_entropy
+        from nnjax.training.trainer import trainer
     except ImportError as err:
-        print(f"finetune: nnjax.finetune or nnjax.train missing ({err})", file=sys.stderr)
+        print(
+            f"finetune: nnjax.finetune or nnjax.training.trainer missing ({err})", file=sys.stderr
+        )
         return 1
     cfg, tim = config("gpt-char", args.quick), timing("gpt-char", args.quick)
     rounds = args.rounds or (2 if args.quick else 7)

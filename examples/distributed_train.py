@@ -46,8 +46,8 @@ def build(features: int = 32, hidden: int = 64, classes: int = 8):
     import optax
 
     import nnjax as nj
-    from nnjax.losses import softmax_cross_entropy
-    from nnjax.train import trainer
+    from nnjax.training.losses import softmax_cross_entropy
+    from nnjax.training.trainer import trainer
 
     model = nj.serial(
         nj.Dense(hidden), jax.nn.relu, nj.Dense(hidden), jax.nn.relu, head=nj.Dense(classes)

@@ -2,6 +2,6 @@
 
 import sys
 
-from nnjax.cli import main
+from nnjax.app.cli import main
 
 sys.exit(main())

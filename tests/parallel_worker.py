@@ -23,9 +23,9 @@ import optax
 import nnjax as nj
 import nnjax.sharding as sh
 from nnjax import finetune
-from nnjax.losses import softmax_cross_entropy
-from nnjax.paths import flatten
-from nnjax.train import trainer
+from nnjax.core.paths import flatten
+from nnjax.training.losses import softmax_cross_entropy
+from nnjax.training.trainer import trainer
 
 STEPS = 5
 # Adam's eps is raised from 1e-8: a gradient that is zero in exact arithmetic (an

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 import nnjax as nj
 import nnjax.checkpoint as ckpt
-from nnjax.errors import CheckpointError
-from nnjax.train import TrainState
+import nnjax.checkpoint.state as ckpt_state
+from nnjax.core.errors import CheckpointError
+from nnjax.training.trainer import TrainState
 
 
 def _train_state(seed=0, step=7):
@@ -137,8 +138,8 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             f.write('{"format": "nnjax.checkp')  # half written
         raise OSError("disk pulled out")
 
-    monkeypatch.setattr(ckpt, "_write_metadata", dies)
-    monkeypatch.setattr(ckpt, "_remove_tree", lambda path: None)  # as after a hard kill
+    monkeypatch.setattr(ckpt_state, "_write_metadata", dies)
+    monkeypatch.setattr(ckpt_state, "_remove_tree", lambda path: None)  # as after a hard kill
     with pytest.raises(OSError, match="disk pulled out"):
         ckpt.save(tmp_path, _train_state(seed=1, step=2))
     leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".tmp-step_000002")]
@@ -158,7 +159,7 @@ def test_failed_save_cleans_its_temp_folder(tmp_path, monkeypatch):
     def dies(folder, data):
         raise OSError("no space left")
 
-    monkeypatch.setattr(ckpt, "_write_arrays", dies)
+    monkeypatch.setattr(ckpt_state, "_write_arrays", dies)
     with pytest.raises(OSError, match="no space"):
         ckpt.save(tmp_path, _train_state(step=2))
     assert sorted(os.listdir(tmp_path)) == ["step_000001"]

@@ -10,7 +10,7 @@ pytest.importorskip("sklearn", reason="the demo's default data is scikit-learn's
 
 
 def test_demo_quick_table_and_outputs(tmp_path):
-    from nnjax import demo
+    from nnjax.app import demo
 
     cfg = demo.DemoConfig(out=str(tmp_path / "out"), progress=False).quick()
     lines = []

@@ -6,9 +6,9 @@ import pytest
 
 import nnjax as nj
 from nnjax import finetune as ft
-from nnjax.checkpoint import load_params
-from nnjax.losses import mse
-from nnjax.train import trainer
+from nnjax.checkpoint.state import load_params
+from nnjax.training.losses import mse
+from nnjax.training.trainer import trainer
 
 X = np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float32)
 

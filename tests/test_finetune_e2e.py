@@ -8,9 +8,9 @@ import pytest
 
 import nnjax as nj
 from nnjax import finetune as ft
-from nnjax.losses import softmax_cross_entropy
-from nnjax.metrics import accuracy
-from nnjax.train import trainer
+from nnjax.training.losses import softmax_cross_entropy
+from nnjax.training.metrics import accuracy
+from nnjax.training.trainer import trainer
 
 
 def _cnn(classes):

@@ -6,8 +6,8 @@ import pytest
 
 import nnjax as nj
 from nnjax import finetune as ft
-from nnjax.losses import mse
-from nnjax.train import trainer
+from nnjax.training.losses import mse
+from nnjax.training.trainer import trainer
 
 
 def _shapes_params():

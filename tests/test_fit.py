@@ -12,10 +12,10 @@ import pytest
 import nnjax as nj
 import nnjax.checkpoint as ckpt
 import nnjax.data as nd
-from nnjax.fit import TrainingDiverged, early_stopping, fit
-from nnjax.losses import softmax_cross_entropy
-from nnjax.metrics import accuracy
-from nnjax.train import trainer
+from nnjax.training.fit import TrainingDiverged, early_stopping, fit
+from nnjax.training.losses import softmax_cross_entropy
+from nnjax.training.metrics import accuracy
+from nnjax.training.trainer import trainer
 
 N, D, C = 48, 5, 3
 

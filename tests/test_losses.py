@@ -1,4 +1,4 @@
-"""nnjax.losses against torch.nn.functional with the same inputs."""
+"""nnjax.training.losses against torch.nn.functional with the same inputs."""
 
 import functools
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import nnjax as nj
-from nnjax import losses
+from nnjax.training import losses
 
 pytestmark = pytest.mark.torch
 

@@ -1,4 +1,4 @@
-"""nnjax.metrics against hand counts in NumPy."""
+"""nnjax.training.metrics against hand counts in NumPy."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import nnjax as nj
-from nnjax import metrics
+from nnjax.training import metrics
 
 
 def _logits(shape, seed=0):

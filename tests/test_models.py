@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import nnjax as nj
+from nnjax.core.paths import flatten
 from nnjax.models import (
     MLP,
     LeNet5,
@@ -17,7 +18,6 @@ from nnjax.models import (
     TextClassifier,
     TextClassifierConfig,
 )
-from nnjax.paths import flatten
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 KEY = jax.random.key(0)

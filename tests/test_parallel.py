@@ -27,8 +27,8 @@ from jax.sharding import PartitionSpec as P
 
 import nnjax.sharding as sh
 from nnjax import finetune
-from nnjax.errors import GlobError
-from nnjax.paths import flatten
+from nnjax.core.errors import GlobError
+from nnjax.core.paths import flatten
 from nnjax.sharding import ShardingError
 from tests import parallel_worker as worker
 
@@ -233,7 +233,7 @@ def test_opt_state_leaves_that_mirror_params_take_their_sharding(mlp_params):
 
 
 def test_train_state_shardings_replicate_step_and_layer_state(mlp_params):
-    from nnjax.train import TrainState
+    from nnjax.training.trainer import TrainState
 
     ts = TrainState(
         jax.ShapeDtypeStruct((), jnp.int32),

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import nnjax as nj
-from nnjax import paths
+from nnjax.core import paths
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nnjax as nj
-from nnjax.errors import DataError, GlobError, LayerError, NNJaxError
+from nnjax.core.errors import DataError, GlobError, LayerError, NNJaxError
 
 
 def _ce(logits, labels):

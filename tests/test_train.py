@@ -1,4 +1,4 @@
-"""nnjax.train: the jitted step against hand-written JAX + optax steps, masks, scans, precision."""
+"""nnjax.training.trainer: the jitted step against hand-written JAX + optax steps, masks, scans, precision."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,9 @@ import optax
 import pytest
 
 import nnjax as nj
-from nnjax import losses, metrics, train
-from nnjax.paths import flatten, param_bytes
+from nnjax.core.paths import flatten, param_bytes
+from nnjax.training import losses, metrics
+from nnjax.training import trainer as train
 
 
 def _mlp():

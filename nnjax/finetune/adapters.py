@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.checkpoint import load_params, save_params
-from nnjax.errors import CheckpointError
+from nnjax.checkpoint.state import load_params, save_params
+from nnjax.core.errors import CheckpointError
+from nnjax.core.paths import STACKED, flatten, match, unflatten
 from nnjax.finetune.masks import map_copies
 from nnjax.layers.dense import ADAPTER_KEYS
-from nnjax.paths import STACKED, flatten, match, unflatten
 
 __all__ = [
     "add_lora",

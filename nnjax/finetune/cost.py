@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from nnjax.core.paths import param_bytes
 from nnjax.finetune.masks import _human, trainable_bytes
-from nnjax.paths import param_bytes
 
 __all__ = ["StepCost", "step_cost", "count_primitives"]
 

@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nnjax.errors import GlobError
+from nnjax.core.errors import GlobError
+from nnjax.core.paths import glob_match, leaf_paths, match
 from nnjax.finetune.masks import keypath_str, logical_copies, map_copies
 from nnjax.finetune.presets import block_names
-from nnjax.paths import glob_match, leaf_paths, match
 
 __all__ = ["labels", "multi_optimizer", "scale_by_tree", "layerwise_scales", "layerwise_lr_decay"]
 

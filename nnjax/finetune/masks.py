@@ -2,7 +2,7 @@
 
 A mask is a pytree with the structure of ``params`` whose leaves are Python
 bools, True = trainable (``DESIGN.md`` §4). It is built from ``/``-path globs
-over *logical* paths (:func:`nnjax.paths.leaf_paths`), so a glob can pick single
+over *logical* paths (:func:`nnjax.core.paths.leaf_paths`), so a glob can pick single
 copies of a ``repeat``-stacked layer: ``blocks/10/**`` selects copy 10 of the leaves
 under ``blocks/stacked/...``. Where a glob selects only some copies of a stacked
 leaf, that leaf's mask is a NumPy bool array over the stacked axes (``(n,)`` for
@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from nnjax.paths import keypath_str, logical_copies, match
+from nnjax.core.paths import keypath_str, logical_copies, match
 
 __all__ = [
     "mask",

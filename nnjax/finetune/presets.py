@@ -9,9 +9,9 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from nnjax.errors import GlobError
+from nnjax.core.errors import GlobError
+from nnjax.core.paths import glob_match, leaf_paths, match, near_paths
 from nnjax.finetune.masks import mask, union
-from nnjax.paths import glob_match, leaf_paths, match, near_paths
 
 __all__ = [
     "NORM_GLOBS",

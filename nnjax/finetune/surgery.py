@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core import Layer, as_layer
-from nnjax.errors import CheckpointError
+from nnjax.core.combinators import Layer, as_layer
+from nnjax.core.errors import CheckpointError
+from nnjax.core.paths import STACKED, flatten, unflatten
 from nnjax.finetune.masks import logical_copies
-from nnjax.paths import STACKED, flatten, unflatten
 
 __all__ = ["LoadReport", "load_pretrained", "replace_head"]
 

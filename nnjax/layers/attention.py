@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core import Layer
-from nnjax.errors import LayerError
+from nnjax.core.combinators import Layer
+from nnjax.core.errors import LayerError
+from nnjax.core.layer import call_child
 from nnjax.layers.base import check_float, check_keys, check_rank, compute_dtype, shape_str
 from nnjax.layers.dense import Dense
 from nnjax.layers.dropout import Dropout
@@ -36,14 +37,6 @@ IMPLEMENTATIONS = (None, "einsum", "xla", "cudnn")
 are passed to ``jax.nn.dot_product_attention``; ``einsum`` is an explicit float32 softmax."""
 
 _PROJECTIONS = ("query", "key", "value", "out")
-
-
-def _child(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a child's init/apply; a LayerError from it gains the child's name in its path."""
-    try:
-        return fn(*args, **kwargs)
-    except LayerError as err:
-        raise err.within(name) from None
 
 
 def _split_input(x: Any) -> tuple[Any, Any, Any]:
@@ -273,7 +266,7 @@ def MultiHeadAttention(
 
         def project(name_, x_in, features):
             dense = Dense(features, **dense_kw)
-            y, _ = _child(name_, dense.apply, params[name_], {}, jnp.asarray(x_in, dtype_))
+            y, _ = call_child(name_, dense.apply, params[name_], {}, jnp.asarray(x_in, dtype_))
             return y
 
         def heads_of(y):  # (..., T, H * hd) -> (N, T, H, hd)
@@ -429,7 +422,7 @@ def TransformerBlock(
         x_in, _, d, hidden = split(x)
         k_ln1, k_attn, k_ln2, k_fc, k_proj = jax.random.split(key, 5)
         dtype_ = compute_dtype(x_in, dtype, param_dtype)
-        p_attn, s_attn = _child("attn", attn.init, k_attn, x_in)
+        p_attn, s_attn = call_child("attn", attn.init, k_attn, x_in)
         params = {
             "ln_1": ln_1.init(k_ln1, x_in)[0],
             "attn": p_attn,
@@ -448,16 +441,16 @@ def TransformerBlock(
         mlp = params["mlp"]
         r_attn, r_1, r_2 = (None,) * 3 if rng is None else tuple(jax.random.split(rng, 3))
 
-        h, _ = _child("ln_1", ln_1.apply, params["ln_1"], {}, x_in)
+        h, _ = call_child("ln_1", ln_1.apply, params["ln_1"], {}, x_in)
         a_in = h if mask is None else {"query": h, "mask": mask}
-        a, s_attn = _child(
+        a, s_attn = call_child(
             "attn", attn.apply, params["attn"], state.get("attn", {}), a_in, rng=r_attn, train=train
         )
         y = x_in + drop.apply({}, {}, a, rng=r_1, train=train)[0]
-        h, _ = _child("ln_2", ln_2.apply, params["ln_2"], {}, y)
-        h, _ = _child("mlp/fc", Dense(hidden, **dense_kw).apply, mlp.get("fc", {}), {}, h)
+        h, _ = call_child("ln_2", ln_2.apply, params["ln_2"], {}, y)
+        h, _ = call_child("mlp/fc", Dense(hidden, **dense_kw).apply, mlp.get("fc", {}), {}, h)
         h = activation(h)
-        h, _ = _child("mlp/proj", Dense(d, **dense_kw).apply, mlp.get("proj", {}), {}, h)
+        h, _ = call_child("mlp/proj", Dense(d, **dense_kw).apply, mlp.get("proj", {}), {}, h)
         y = y + drop.apply({}, {}, h, rng=r_2, train=train)[0]
         new_state = {"attn": s_attn} if s_attn else {}
         if not isinstance(x, Mapping):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.errors import LayerError
+from nnjax.core.errors import LayerError
 
 __all__ = [
     "matmul_last",

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core import Layer
-from nnjax.errors import LayerError
+from nnjax.core.combinators import Layer
+from nnjax.core.errors import LayerError
 from nnjax.layers.base import check_keys, check_rank, compute_dtype, get_param, shape_str
 
 __all__ = ["Dense", "ADAPTER_KEYS", "adapted_matmul"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nnjax.core import Layer
-from nnjax.errors import LayerError
+from nnjax.core.combinators import Layer
+from nnjax.core.errors import LayerError
 
 __all__ = ["Dropout"]
 

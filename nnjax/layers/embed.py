@@ -9,8 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core import Layer, as_layer, output_shape
-from nnjax.errors import LayerError
+from nnjax.core.combinators import Layer, as_layer, output_shape
+from nnjax.core.errors import LayerError
+from nnjax.core.layer import call_child
 from nnjax.layers.base import (
     check_float,
     check_keys,
@@ -140,13 +141,6 @@ def attend(embedding_params: dict[str, Any], x: Any, *, dtype: Any = None) -> ja
     return matmul_last(jnp.asarray(x, dtype_), table.astype(dtype_).T)
 
 
-def _within(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except LayerError as err:
-        raise err.within(name) from None
-
-
 def tied_embedding(embedding_layer: Layer, body: Layer | Callable, *, name: str = "tied") -> Layer:
     """A model whose output projection is its token table: ``attend(embed, body(embed(ids)))``.
 
@@ -174,9 +168,9 @@ def tied_embedding(embedding_layer: Layer, body: Layer | Callable, *, name: str 
 
     def init(key, x):
         k_embed, k_body = jax.random.split(key)
-        p_embed, s_embed = _within("embed", embed.init, k_embed, x)
-        h = _within("embed", output_shape, embed, p_embed, s_embed, x)
-        p_body, s_body = _within("body", body.init, k_body, h)
+        p_embed, s_embed = call_child("embed", embed.init, k_embed, x)
+        h = call_child("embed", output_shape, embed, p_embed, s_embed, x)
+        p_body, s_body = call_child("body", body.init, k_body, h)
         params = {"embed": p_embed, **({"body": p_body} if p_body else {})}
         state = {
             **({"embed": s_embed} if s_embed else {}),
@@ -189,10 +183,10 @@ def tied_embedding(embedding_layer: Layer, body: Layer | Callable, *, name: str 
         check_keys(state, [], ["embed", "body"], kind="state")
         r_embed, r_body = (None, None) if rng is None else tuple(jax.random.split(rng))
         p_embed = params["embed"]
-        h, s_embed = _within(
+        h, s_embed = call_child(
             "embed", embed.apply, p_embed, state.get("embed", {}), x, rng=r_embed, train=train
         )
-        h, s_body = _within(
+        h, s_body = call_child(
             "body",
             body.apply,
             params.get("body", {}),
@@ -201,7 +195,7 @@ def tied_embedding(embedding_layer: Layer, body: Layer | Callable, *, name: str 
             rng=r_body,
             train=train,
         )
-        logits = _within("embed", attend, p_embed, h)
+        logits = call_child("embed", attend, p_embed, h)
         new_state = {
             **({"embed": s_embed} if s_embed else {}),
             **({"body": s_body} if s_body else {}),

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from nnjax.core import by_platform
+from nnjax.core.combinators import by_platform
 from nnjax.layers.base import matmul_last
 
 __all__ = ["MAX_IN_CHANNELS", "conv", "conv_im2col"]

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core import Layer
-from nnjax.errors import LayerError
+from nnjax.core.combinators import Layer
+from nnjax.core.errors import LayerError
 from nnjax.layers.base import (
     check_float,
     check_keys,

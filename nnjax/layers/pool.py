@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core import Layer
+from nnjax.core.combinators import Layer
 from nnjax.layers.base import check_rank, compute_dtype
 from nnjax.layers.conv import Padding, layout, spatial_tuple, window_padding, window_tuple
 

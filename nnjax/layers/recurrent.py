@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core import Layer
-from nnjax.errors import LayerError
+from nnjax.core.combinators import Layer
+from nnjax.core.errors import LayerError
+from nnjax.core.layer import call_child
 from nnjax.layers.base import check_keys, compute_dtype, get_param, matmul_last, shape_str
 
 __all__ = ["SimpleRNN", "LSTM", "GRU", "Bidirectional"]
@@ -442,13 +443,6 @@ def _reverse_in_length(y: jax.Array, lengths: jax.Array | None) -> jax.Array:
     return jnp.take_along_axis(y, idx[..., None], axis=-2)
 
 
-def _child(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except LayerError as err:
-        raise err.within(name) from None
-
-
 def Bidirectional(
     forward_layer: Layer,
     backward_layer: Layer | None = None,
@@ -495,7 +489,7 @@ def Bidirectional(
         keys = dict(zip(children, jax.random.split(key), strict=True))
         params, state = {}, {}
         for k, child in children.items():
-            p, s = _child(k, child.init, keys[k], x)
+            p, s = call_child(k, child.init, keys[k], x)
             params[k] = p
             if s:
                 state[k] = s
@@ -528,7 +522,9 @@ def Bidirectional(
                     xk["lengths"] = lengths
                 if carry0 is not None and k in carry0:
                     xk["initial_carry"] = carry0[k]
-            y, s = _child(k, child.apply, params[k], state.get(k, {}), xk, rng=rngs[k], train=train)
+            y, s = call_child(
+                k, child.apply, params[k], state.get(k, {}), xk, rng=rngs[k], train=train
+            )
             if s:
                 new_state[k] = s
             if isinstance(y, tuple):

@@ -7,8 +7,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core import Layer
-from nnjax.errors import LayerError
+from nnjax.core.combinators import Layer
+from nnjax.core.errors import LayerError
 from nnjax.layers.base import check_rank, shape_str
 
 __all__ = ["Flatten", "Reshape"]

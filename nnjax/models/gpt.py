@@ -21,14 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core import Layer, remat, repeat
-from nnjax.errors import LayerError
+from nnjax.core.combinators import Layer, remat, repeat
+from nnjax.core.errors import LayerError
+from nnjax.core.layer import call_child
+from nnjax.core.paths import STACKED, flatten, unflatten
 from nnjax.layers.attention import TransformerBlock
 from nnjax.layers.base import check_keys, check_rank, compute_dtype, shape_str
 from nnjax.layers.dropout import Dropout
 from nnjax.layers.embed import Embedding, attend
 from nnjax.layers.norm import LayerNorm
-from nnjax.paths import STACKED, flatten, unflatten
 
 __all__ = [
     "GPTConfig",
@@ -98,13 +99,6 @@ def _activation(activation: str | Callable) -> Callable:
             f"GPTConfig: activation must be one of {sorted(ACTIVATIONS)} or a callable"
         )
     return ACTIVATIONS[activation]
-
-
-def _within(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except LayerError as err:
-        raise err.within(name) from None
 
 
 def _check_ids(x: Any, block_size: int) -> int:
@@ -191,11 +185,11 @@ def GPT(config: GPTConfig = GPTConfig(), *, decode: bool = False, name: str = "g
     def init(key, x):
         _check_ids(x, c.block_size)
         k_tok, k_pos, k_blocks, k_ln = jax.random.split(key, 4)
-        p_tok = _within("tok_embed", embed(c.vocab_size, c.dtype).init, k_tok, x)[0]
-        p_pos = _within("pos_embed", embed(c.block_size, c.dtype).init, k_pos, x)[0]
+        p_tok = call_child("tok_embed", embed(c.vocab_size, c.dtype).init, k_tok, x)[0]
+        p_pos = call_child("pos_embed", embed(c.block_size, c.dtype).init, k_pos, x)[0]
         dtype_ = compute_dtype(x, c.dtype)
         h = jax.ShapeDtypeStruct((*np.shape(x), c.n_embd), dtype_)
-        p_blocks, s_blocks = _within("blocks", blocks.init, k_blocks, h)
+        p_blocks, s_blocks = call_child("blocks", blocks.init, k_blocks, h)
         scale = 1.0 / math.sqrt(2 * c.n_layer)
         stacked = p_blocks[STACKED]
         for a, b, leaf in _RESIDUAL_KERNELS:
@@ -206,7 +200,7 @@ def GPT(config: GPTConfig = GPTConfig(), *, decode: bool = False, name: str = "g
             "tok_embed": p_tok,
             "pos_embed": p_pos,
             "blocks": p_blocks,
-            "ln_f": _within("ln_f", ln_f.init, k_ln, h)[0],
+            "ln_f": call_child("ln_f", ln_f.init, k_ln, h)[0],
         }
         if not decode:
             return params, {}
@@ -229,11 +223,11 @@ def GPT(config: GPTConfig = GPTConfig(), *, decode: bool = False, name: str = "g
         # jnp.asarray: under jit a NumPy constant becomes a tracer, so Embedding skips
         # its eager range check (which cannot run on a traced value).
         ids = jnp.asarray(x)
-        h, _ = _within("tok_embed", tok.apply, params["tok_embed"], {}, ids)  # (..., T, d)
+        h, _ = call_child("tok_embed", tok.apply, params["tok_embed"], {}, ids)  # (..., T, d)
         positions = offset + jnp.arange(t, dtype=jnp.int32)  # (T,)
-        p, _ = _within("pos_embed", pos.apply, params["pos_embed"], {}, positions)  # (T, d)
+        p, _ = call_child("pos_embed", pos.apply, params["pos_embed"], {}, positions)  # (T, d)
         h = drop.apply({}, {}, h + p, rng=r_drop, train=train)[0]
-        h, s_blocks = _within(
+        h, s_blocks = call_child(
             "blocks",
             blocks.apply,
             params["blocks"],
@@ -242,8 +236,8 @@ def GPT(config: GPTConfig = GPTConfig(), *, decode: bool = False, name: str = "g
             rng=r_blocks,
             train=train,
         )
-        h, _ = _within("ln_f", ln_f.apply, params["ln_f"], {}, h)
-        logits = _within("tok_embed", attend, params["tok_embed"], h)  # (..., T, V)
+        h, _ = call_child("ln_f", ln_f.apply, params["ln_f"], {}, h)
+        logits = call_child("tok_embed", attend, params["tok_embed"], h)  # (..., T, V)
         if not decode:
             return logits, {}
         return logits, {"blocks": s_blocks, "position": (offset + t).astype(jnp.int32)}

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from nnjax.core import Layer, serial
-from nnjax.errors import LayerError
+from nnjax.core.combinators import Layer, serial
+from nnjax.core.errors import LayerError
 from nnjax.layers import AvgPool, Conv, Dense, Flatten
 from nnjax.layers.base import check_rank, shape_str
 

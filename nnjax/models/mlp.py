@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import jax
 
-from nnjax.core import Layer, serial
+from nnjax.core.combinators import Layer, serial
 from nnjax.layers import Dense, Dropout, Flatten
 
 __all__ = ["MLPConfig", "MLP"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import jax
 
-from nnjax.core import Layer, residual, serial
+from nnjax.core.combinators import Layer, residual, serial
 from nnjax.layers import BatchNorm, Conv, Dense, GlobalAvgPool
 
 __all__ = ["ResNetConfig", "ResNet", "BasicBlock"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core import Layer, output_shape
-from nnjax.errors import LayerError
+from nnjax.core.combinators import Layer, output_shape
+from nnjax.core.errors import LayerError
+from nnjax.core.layer import call_child
 from nnjax.layers import GRU, LSTM, Bidirectional, Dense, Dropout, Embedding
 from nnjax.layers.base import check_keys, shape_str
 
@@ -68,14 +69,6 @@ def _split_input(x: Any) -> tuple[Any, Any]:
     return ids, lengths
 
 
-def _child(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a child's init/apply; a LayerError from it gains the child's name in its path."""
-    try:
-        return fn(*args, **kwargs)
-    except LayerError as err:
-        raise err.within(name) from None
-
-
 def TextClassifier(config: TextClassifierConfig) -> Layer:
     """Classify token sequences: embed, run an LSTM/GRU over the padded batch, pool, a Dense head.
 
@@ -119,9 +112,9 @@ def TextClassifier(config: TextClassifierConfig) -> Layer:
 
     def features(params, ids, lengths):
         """Pooled features ``(B, D)``."""
-        e, _ = _child("embed", embed.apply, params["embed"], {}, ids)  # (B, T, E)
+        e, _ = call_child("embed", embed.apply, params["embed"], {}, ids)  # (B, T, E)
         enc_in = e if lengths is None else {"inputs": e, "lengths": lengths}
-        h, _ = _child("encoder", encoder.apply, params["encoder"], {}, enc_in)
+        h, _ = call_child("encoder", encoder.apply, params["encoder"], {}, enc_in)
         if c.pooling == "last":
             return h  # (B, D)
         # h: (B, T, D), zero after each sequence's end
@@ -133,20 +126,20 @@ def TextClassifier(config: TextClassifierConfig) -> Layer:
     def init(key, x):
         ids, lengths = _split_input(x)
         k_embed, k_encoder, k_head = jax.random.split(key, 3)
-        p_embed, _ = _child("embed", embed.init, k_embed, ids)
+        p_embed, _ = call_child("embed", embed.init, k_embed, ids)
         e = output_shape(embed, p_embed, {}, ids)  # (B, T, E)
-        p_encoder, _ = _child("encoder", encoder.init, k_encoder, e)
+        p_encoder, _ = call_child("encoder", encoder.init, k_encoder, e)
         params = {"embed": p_embed, "encoder": p_encoder}
         pooled = jax.eval_shape(features, params, ids, lengths)  # (B, D)
-        p_head, _ = _child("head", head.init, k_head, pooled)
+        p_head, _ = call_child("head", head.init, k_head, pooled)
         return {**params, "head": p_head}, {}
 
     def apply(params, state, x, *, rng=None, train=False):
         ids, lengths = _split_input(x)
         check_keys(params, ["embed", "encoder", "head"])
         h = features(params, ids, lengths)
-        h, _ = _child("dropout", dropout.apply, {}, {}, h, rng=rng, train=train)
-        y, _ = _child("head", head.apply, params["head"], {}, h)
+        h, _ = call_child("dropout", dropout.apply, {}, {}, h, rng=rng, train=train)
+        y, _ = call_child("head", head.apply, params["head"], {}, h)
         return y, state
 
     return Layer(init, apply, "text_classifier")

@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
-from nnjax.errors import ShardingError
+from nnjax.core.errors import ShardingError
 
 __all__ = [
     "ShardingError",

@@ -2,7 +2,7 @@
 
 Rules are an ordered mapping ``{glob: spec}``; a leaf takes the spec of the first
 glob that matches its logical path (``blocks/3/attn/query/kernel``, see
-:mod:`nnjax.paths`)::
+:mod:`nnjax.core.paths`)::
 
     rules = {"**/attn/*/kernel": P(None, "model"), "**": P()}
 
@@ -28,8 +28,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nnjax.errors import GlobError
-from nnjax.paths import (
+from nnjax.core.errors import GlobError
+from nnjax.core.paths import (
     STACKED,
     glob_match,
     keypath_str,

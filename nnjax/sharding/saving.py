@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from nnjax import checkpoint
+from nnjax.checkpoint import state as checkpoint
 from nnjax.sharding.mesh import put
 
 __all__ = ["save_sharded", "restore_sharded"]

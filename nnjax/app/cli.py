@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
-    from nnjax import demo as demo_lib
+    from nnjax.app import demo as demo_lib
 
     cfg = demo_lib.DemoConfig(out=args.out, seed=args.seed, progress=not args.no_progress)
     if args.quick:

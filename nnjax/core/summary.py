@@ -7,8 +7,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from nnjax.core import Layer, record_outputs
-from nnjax.paths import count_params, flatten, leaf_paths, param_bytes
+from nnjax.core.combinators import Layer, record_outputs
+from nnjax.core.paths import count_params, flatten, leaf_paths, param_bytes
 
 __all__ = ["summary", "count_params", "param_bytes", "leaf_paths", "param_shapes"]
 

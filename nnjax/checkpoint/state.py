@@ -33,8 +33,8 @@ import ml_dtypes
 import numpy as np
 import safetensors
 
-from nnjax.errors import CheckpointError
-from nnjax.paths import unflatten
+from nnjax.core.errors import CheckpointError
+from nnjax.core.paths import unflatten
 
 __all__ = ["save", "latest", "all_steps", "restore", "save_params", "load_params"]
 

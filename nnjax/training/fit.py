@@ -1,6 +1,6 @@
 """The fit loop: steps, logging, evaluation, callbacks, checkpoints and exact resumption.
 
-``fit`` drives a :class:`~nnjax.train.Trainer` over a stream of batches::
+``fit`` drives a :class:`~nnjax.training.trainer.Trainer` over a stream of batches::
 
     ts, history = nj.fit(tr, ts, nj.data.batches((x, y), 128, epochs=5),
                          eval_data=nj.data.batches((xv, yv), 512, shuffle=False),
@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from nnjax import checkpoint
-from nnjax.data import Batches, stack_batches
-from nnjax.errors import CheckpointError, TrainingDiverged
-from nnjax.train import evaluate_dataset
+from nnjax.checkpoint import state as checkpoint
+from nnjax.core.errors import CheckpointError, TrainingDiverged
+from nnjax.data.batches import Batches, stack_batches
+from nnjax.training.trainer import evaluate_dataset
 
 __all__ = ["fit", "TrainingDiverged", "early_stopping"]
 
@@ -228,8 +228,8 @@ def fit(
     goes on counting). Step ``s`` (from 0) gets ``jax.random.fold_in(rng, s)``.
 
     Args:
-        trainer: a :class:`~nnjax.train.Trainer` (``step``, ``evaluate``).
-        ts: the initial :class:`~nnjax.train.TrainState`; it is donated to the first
+        trainer: a :class:`~nnjax.training.trainer.Trainer` (``step``, ``evaluate``).
+        ts: the initial :class:`~nnjax.training.trainer.TrainState`; it is donated to the first
             step (with a checkpoint to resume from, it only gives the structure).
         train_data: batches ``(inputs, targets)``: a :func:`nnjax.data.batches` or
             :func:`nnjax.data.lm_batches` iterator (resumed at its exact batch), a

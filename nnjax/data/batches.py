@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.errors import DataError
+from nnjax.core.errors import DataError
 
 __all__ = [
     "DataError",

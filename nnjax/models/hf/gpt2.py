@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.errors import CheckpointError
+from nnjax.core.errors import CheckpointError
+from nnjax.core.paths import STACKED, flatten, unflatten
 from nnjax.models.gpt import GPT, GPTConfig
-from nnjax.paths import STACKED, flatten, unflatten
 
 __all__ = [
     "gpt2_config",

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.errors import LayerError
+from nnjax.core.errors import LayerError
 from nnjax.layers.base import shape_str
 
 __all__ = [

@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nnjax import metrics as metrics_lib
-from nnjax.core import Layer
-from nnjax.errors import DataError, LayerError
+from nnjax.core.combinators import Layer
+from nnjax.core.errors import DataError, LayerError
+from nnjax.core.paths import STACKED, flatten
 from nnjax.layers.base import shape_str
-from nnjax.paths import STACKED, flatten
+from nnjax.training import metrics as metrics_lib
 
 __all__ = ["TrainState", "Trainer", "trainer", "evaluate_dataset", "ONEDNN_DOTS"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from nnjax.errors import GlobError
+from nnjax.core.errors import GlobError
 
 __all__ = [
     "STACKED",

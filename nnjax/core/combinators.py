@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from nnjax.errors import LayerError
-from nnjax.paths import STACKED
+from nnjax.core.errors import LayerError
+from nnjax.core.layer import Layer, Params, State, as_layer, call_child, output_shape
+from nnjax.core.paths import STACKED
 
 __all__ = [
-    "Layer",
-    "as_layer",
     "serial",
     "parallel",
     "residual",
@@ -35,57 +34,6 @@ __all__ = [
     "output_shape",
     "record_outputs",
 ]
-
-Params = dict[str, Any]
-State = dict[str, Any]
-
-
-class Layer(NamedTuple):
-    """A layer: ``init(key, x) -> (params, state)`` and ``apply(params, state, x, *, rng, train) -> (y, state)``.
-
-    ``name`` is the default name a combinator gives this child (``dense`` gives
-    ``dense_0``, ``dense_1``, ...).
-    """
-
-    init: Callable[..., tuple[Params, State]]
-    apply: Callable[..., tuple[Any, State]]
-    name: str
-
-
-def as_layer(obj: Layer | Callable[[Any], Any]) -> Layer:
-    """A :class:`Layer` as is; a plain callable (``jax.nn.relu``) as a parameter-free layer."""
-    if isinstance(obj, Layer):
-        return obj
-    if not callable(obj):
-        raise TypeError(f"expected a Layer or a callable, got {type(obj).__name__}: {obj!r}")
-    fn = obj
-
-    def init(key, x):
-        del key, x
-        return {}, {}
-
-    def apply(params, state, x, *, rng=None, train=False):
-        del params, rng, train
-        return fn(x), state
-
-    return Layer(init, apply, getattr(fn, "__name__", type(fn).__name__).strip("<>"))
-
-
-def output_shape(layer: Layer, params: Params, state: State, x: Any) -> Any:
-    """Shape and dtype (``ShapeDtypeStruct`` pytree) of ``layer.apply``'s output, without FLOPs."""
-
-    def forward(p, s, x):
-        return layer.apply(p, s, x, rng=None, train=False)[0]
-
-    return jax.eval_shape(forward, params, state, x)
-
-
-def _call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call a child's init/apply; a LayerError from it gains the child's name in its path."""
-    try:
-        return fn(*args, **kwargs)
-    except LayerError as err:
-        raise err.within(name) from None
 
 
 def _name_children(layers: Sequence[Any], named: Mapping[str, Any]) -> list[tuple[str, Layer]]:
@@ -123,13 +71,13 @@ def _init_children(children, key, x, *, chain: bool):
     state: State = {}
     keys = jax.random.split(key, max(len(children), 1))
     for (name, child), k in zip(children, keys, strict=False):
-        p, s = _call(name, child.init, k, x)
+        p, s = call_child(name, child.init, k, x)
         if p:
             params[name] = p
         if s:
             state[name] = s
         if chain:
-            x = _call(name, output_shape, child, p, s, x)
+            x = call_child(name, output_shape, child, p, s, x)
     return params, state, x
 
 
@@ -142,12 +90,12 @@ def _apply_child(name, child, params, state, x, rng, train):
     args = (params.get(name, {}), state.get(name, {}), x)
     log = _OUTPUT_LOG.get()
     if log is None:
-        return _call(name, child.apply, *args, rng=rng, train=train)
+        return call_child(name, child.apply, *args, rng=rng, train=train)
     prefix, rows = log
     path = (*prefix, name)
     token = _OUTPUT_LOG.set((path, rows))
     try:
-        y, s = _call(name, child.apply, *args, rng=rng, train=train)
+        y, s = call_child(name, child.apply, *args, rng=rng, train=train)
     finally:
         _OUTPUT_LOG.reset(token)
     rows.append(("/".join(path), jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), y)))
@@ -251,7 +199,7 @@ def residual(
         k_body, k_short = jax.random.split(key)
         params, state = body.init(k_body, x)
         if short is not None:
-            p, s = _call("shortcut", short.init, k_short, x)
+            p, s = call_child("shortcut", short.init, k_short, x)
             if p:
                 params = {**params, "shortcut": p}
             if s:
@@ -313,7 +261,7 @@ def repeat(layer: Layer, n: int, *, unroll: int = 1, cpu_remat: bool = True) -> 
     Runs with ``jax.lax.scan``, so compile time does not grow with ``n``. The
     copies' params and state live under the key ``"stacked"`` with a leading axis
     of size ``n``; their logical paths are ``0/...``, ``1/...`` (see
-    :mod:`nnjax.paths`). The layer must keep its input's shape and dtype.
+    :mod:`nnjax.core.paths`). The layer must keep its input's shape and dtype.
 
     On CPU (chosen by :func:`by_platform`; other backends run the plain scan) the
     scanned body is wrapped in ``jax.checkpoint`` saving only matmul outputs without

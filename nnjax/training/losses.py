@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nnjax.errors import LayerError
+from nnjax.core.errors import LayerError
 from nnjax.layers.base import shape_str
 
 __all__ = [

@@ -1,0 +1,1 @@
+"""Floor 5, applications: the ``nnjax`` command line and its demo."""
