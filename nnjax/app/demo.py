@@ -121,7 +121,7 @@ def run(cfg: DemoConfig = DemoConfig(), print_fn: Callable[[str], Any] = print) 
     ts, pre_history = _train(
         tr, tr.init(params, state), pre_train, cfg.pretrain_steps, cfg, "pretrain"
     )
-    pre_acc = nj.train.evaluate_dataset(tr, ts, [pre_test])["accuracy"]
+    pre_acc = nj.evaluate_dataset(tr, ts, [pre_test])["accuracy"]
     pretrained = ts.params
     nj.checkpoint.save_params(os.path.join(cfg.out, "pretrained.safetensors"), pretrained)
     print_fn(f"      pretrained test accuracy on 0-4: {pre_acc:.3f}")
@@ -160,7 +160,7 @@ def run(cfg: DemoConfig = DemoConfig(), print_fn: Callable[[str], Any] = print) 
         ts = tr.init(p, {})
         opt_bytes = _tree_bytes(ts.opt_state)
         ts, history = _train(tr, ts, ft_train, cfg.finetune_steps, cfg, name)
-        acc = nj.train.evaluate_dataset(tr, ts, [ft_test])["accuracy"]
+        acc = nj.evaluate_dataset(tr, ts, [ft_test])["accuracy"]
         histories[name] = history["loss"]
         file = os.path.join(cfg.out, f"finetune_{len(rows)}.safetensors")
         if mask is None:

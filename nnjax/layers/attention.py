@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.checks import check_float, check_keys, check_rank, shape_str
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
 from nnjax.core.layer import call_child
-from nnjax.layers.base import check_float, check_keys, check_rank, compute_dtype, shape_str
+from nnjax.layers.base import compute_dtype
 from nnjax.layers.dense import Dense
 from nnjax.layers.dropout import Dropout
 from nnjax.layers.norm import LayerNorm

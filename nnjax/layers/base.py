@@ -1,33 +1,13 @@
-"""Helpers every layer family uses: dtype rules and the checks with one message format.
-
-Messages read ``expected x.shape[-1] == 64 (kernel (64, 10)), got x.shape == (8, 32)``;
-combinators prepend the layer's path (``dense_1: expected ...``).
-"""
+"""Helpers every layer family uses: the dtype a layer computes in, the 2D matmul."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from nnjax.core.errors import LayerError
-
-__all__ = [
-    "matmul_last",
-    "compute_dtype",
-    "check_rank",
-    "check_float",
-    "check_keys",
-    "get_param",
-    "shape_str",
-]
-
-
-def shape_str(shape: Iterable[int]) -> str:
-    return str(tuple(int(d) for d in shape))
+__all__ = ["matmul_last", "compute_dtype"]
 
 
 def compute_dtype(x: Any, dtype: Any, param_dtype: Any = jnp.float32) -> Any:
@@ -40,50 +20,6 @@ def compute_dtype(x: Any, dtype: Any, param_dtype: Any = jnp.float32) -> Any:
         return jnp.dtype(dtype)
     x_dtype = jnp.result_type(x)
     return x_dtype if jnp.issubdtype(x_dtype, jnp.floating) else jnp.dtype(param_dtype)
-
-
-def check_rank(x: Any, min_rank: int, what: str) -> None:
-    """``x`` must have at least ``min_rank`` axes (``what`` says which, e.g. ``(..., features)``)."""
-    if np.ndim(x) < min_rank:
-        raise LayerError(
-            f"expected x with at least {min_rank} axes {what}, got x.shape == {shape_str(np.shape(x))}"
-        )
-
-
-def check_float(x: Any) -> None:
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise LayerError(
-            f"expected a floating-point x, got x.dtype == {dtype} (x.shape == {shape_str(np.shape(x))})"
-        )
-
-
-def check_keys(
-    tree: Mapping[str, Any],
-    required: Iterable[str],
-    optional: Iterable[str] = (),
-    kind: str = "param",
-) -> None:
-    """``tree`` holds every ``required`` key and nothing beyond ``required + optional``."""
-    required = list(required)
-    missing = [k for k in required if k not in tree]
-    if missing:
-        raise LayerError(f"missing {kind}(s) {missing}; got keys {sorted(tree)}")
-    extra = sorted(set(tree) - set(required) - set(optional))
-    if extra:
-        raise LayerError(f"unexpected {kind}(s) {extra}; expected {sorted(required)}")
-
-
-def get_param(params: Mapping[str, Any], name: str, shape: tuple[int, ...] | None = None) -> Any:
-    """``params[name]``, with a LayerError naming the key (and the shape, if given) when it is off."""
-    if name not in params:
-        raise LayerError(f"missing param {name!r}; got keys {sorted(params)}")
-    value = params[name]
-    if shape is not None and tuple(np.shape(value)) != tuple(shape):
-        raise LayerError(
-            f"expected param {name!r} with shape {shape_str(shape)}, got {shape_str(np.shape(value))}"
-        )
-    return value
 
 
 def matmul_last(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.checks import check_keys, check_rank, get_param, shape_str
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
 from nnjax.layers import im2col
-from nnjax.layers.base import check_keys, check_rank, compute_dtype, get_param, shape_str
+from nnjax.layers.base import compute_dtype
 
 __all__ = ["Conv", "ConvTranspose"]
 

@@ -9,18 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.checks import check_float, check_keys, check_rank, get_param, shape_str
 from nnjax.core.combinators import Layer, as_layer, output_shape
 from nnjax.core.errors import LayerError
 from nnjax.core.layer import call_child
-from nnjax.layers.base import (
-    check_float,
-    check_keys,
-    check_rank,
-    compute_dtype,
-    get_param,
-    matmul_last,
-    shape_str,
-)
+from nnjax.layers.base import compute_dtype, matmul_last
 
 __all__ = [
     "Embedding",

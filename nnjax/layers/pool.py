@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.checks import check_rank
 from nnjax.core.combinators import Layer
-from nnjax.layers.base import check_rank, compute_dtype
+from nnjax.layers.base import compute_dtype
 from nnjax.layers.conv import Padding, layout, spatial_tuple, window_padding, window_tuple
 
 __all__ = ["MaxPool", "AvgPool", "GlobalAvgPool", "GlobalMaxPool"]

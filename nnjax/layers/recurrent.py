@@ -36,10 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.checks import check_keys, get_param, shape_str
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
 from nnjax.core.layer import call_child
-from nnjax.layers.base import check_keys, compute_dtype, get_param, matmul_last, shape_str
+from nnjax.layers.base import compute_dtype, matmul_last
 
 __all__ = ["SimpleRNN", "LSTM", "GRU", "Bidirectional"]
 

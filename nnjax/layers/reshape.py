@@ -7,9 +7,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.checks import check_rank, shape_str
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
-from nnjax.layers.base import check_rank, shape_str
 
 __all__ = ["Flatten", "Reshape"]
 

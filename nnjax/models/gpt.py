@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.checks import check_keys, check_rank, shape_str
 from nnjax.core.combinators import Layer, remat, repeat
 from nnjax.core.errors import LayerError
 from nnjax.core.layer import call_child
 from nnjax.core.paths import STACKED, flatten, unflatten
 from nnjax.layers.attention import TransformerBlock
-from nnjax.layers.base import check_keys, check_rank, compute_dtype, shape_str
+from nnjax.layers.base import compute_dtype
 from nnjax.layers.dropout import Dropout
 from nnjax.layers.embed import Embedding, attend
 from nnjax.layers.norm import LayerNorm

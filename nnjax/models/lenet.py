@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from nnjax.core.checks import check_rank, shape_str
 from nnjax.core.combinators import Layer, serial
 from nnjax.core.errors import LayerError
 from nnjax.layers import AvgPool, Conv, Dense, Flatten
-from nnjax.layers.base import check_rank, shape_str
 
 __all__ = ["LeNet5Config", "LeNet5"]
 

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.checks import check_keys, shape_str
 from nnjax.core.combinators import Layer, output_shape
 from nnjax.core.errors import LayerError
 from nnjax.core.layer import call_child
 from nnjax.layers import GRU, LSTM, Bidirectional, Dense, Dropout, Embedding
-from nnjax.layers.base import check_keys, shape_str
 
 __all__ = ["TextClassifierConfig", "TextClassifier"]
 

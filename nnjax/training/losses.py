@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nnjax.core.checks import shape_str
 from nnjax.core.errors import LayerError
-from nnjax.layers.base import shape_str
 
 __all__ = [
     "softmax_cross_entropy",

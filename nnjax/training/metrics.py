@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.checks import shape_str
 from nnjax.core.errors import LayerError
-from nnjax.layers.base import shape_str
 
 __all__ = [
     "accuracy",

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nnjax.core.checks import shape_str
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import DataError, LayerError
 from nnjax.core.paths import STACKED, flatten
-from nnjax.layers.base import shape_str
 from nnjax.training import metrics as metrics_lib
 
 __all__ = ["TrainState", "Trainer", "trainer", "evaluate_dataset", "ONEDNN_DOTS"]
