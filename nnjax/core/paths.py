@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from nnjax.core.errors import GlobError
+from nnjax.core.report import param_bytes  # noqa: F401 (nj.paths.param_bytes, its old home)
 
 __all__ = [
     "STACKED",
@@ -30,7 +31,6 @@ __all__ = [
     "match",
     "map_with_path",
     "count_params",
-    "param_bytes",
     "keypath_str",
     "logical_copies",
 ]
@@ -142,13 +142,6 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: Mapping[str, Any]) -> dic
 def count_params(tree: Mapping[str, Any]) -> int:
     """Number of scalars in a params (or state) tree; works on ShapeDtypeStructs."""
     return int(sum(int(np.prod(np.shape(v))) for v in flatten(tree).values()))
-
-
-def param_bytes(tree: Mapping[str, Any]) -> int:
-    """Bytes a tree's leaves take; works on ShapeDtypeStructs."""
-    return int(
-        sum(int(np.prod(np.shape(v))) * np.dtype(v.dtype).itemsize for v in flatten(tree).values())
-    )
 
 
 def keypath_str(keypath: tuple[Any, ...]) -> str:

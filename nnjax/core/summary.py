@@ -8,7 +8,8 @@ import jax
 import numpy as np
 
 from nnjax.core.combinators import Layer, record_outputs
-from nnjax.core.paths import count_params, flatten, leaf_paths, param_bytes
+from nnjax.core.paths import count_params, flatten, leaf_paths
+from nnjax.core.report import param_bytes, table
 
 __all__ = ["summary", "count_params", "param_bytes", "leaf_paths", "param_shapes"]
 
@@ -23,12 +24,6 @@ def _fmt_shape(s: Any) -> str:
     if isinstance(s, jax.ShapeDtypeStruct):
         return f"{tuple(s.shape)} {s.dtype}"
     return str(jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), s))
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-    return [line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
 
 
 def summary(model: Layer, x: Any, *, key: jax.Array | None = None, print_fn: Any = print) -> str:
@@ -50,9 +45,9 @@ def summary(model: Layer, x: Any, *, key: jax.Array | None = None, print_fn: Any
         rows.append(
             (f"total {title}", "", "", f"{count_params(tree):,} ({param_bytes(tree):,} bytes)")
         )
-        lines += [*_table((title, "shape", "dtype", "count"), rows), ""]
+        lines += [table((title, "shape", "dtype", "count"), rows), ""]
     outputs = record_outputs(model, params, state, x)
-    lines += _table(("layer", "output"), [(path, _fmt_shape(s)) for path, s in outputs])
+    lines.append(table(("layer", "output"), [(path, _fmt_shape(s)) for path, s in outputs]))
     text = "\n".join(lines)
     if print_fn is not None:
         print_fn(text)

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
-from nnjax.core.paths import param_bytes
-from nnjax.finetune.masks import _human, trainable_bytes
+from nnjax.core.report import human_bytes, param_bytes, table
+from nnjax.finetune.masks import trainable_bytes
 
 __all__ = ["StepCost", "step_cost", "count_primitives"]
 
@@ -78,24 +77,18 @@ class StepCost(NamedTuple):
 
     def __str__(self) -> str:
         rows = [
-            ("temporaries", _human(self.temp_bytes)),
-            ("arguments", _human(self.argument_bytes)),
-            ("outputs", _human(self.output_bytes)),
-            ("aliased (donated)", _human(self.alias_bytes)),
-            ("peak (XLA estimate)", _human(self.peak_bytes)),
-            ("params", _human(self.param_bytes)),
-            ("gradients (trainable)", _human(self.gradient_bytes)),
-            ("optimizer state", _human(self.opt_state_bytes)),
+            ("temporaries", human_bytes(self.temp_bytes)),
+            ("arguments", human_bytes(self.argument_bytes)),
+            ("outputs", human_bytes(self.output_bytes)),
+            ("aliased (donated)", human_bytes(self.alias_bytes)),
+            ("peak (XLA estimate)", human_bytes(self.peak_bytes)),
+            ("params", human_bytes(self.param_bytes)),
+            ("gradients (trainable)", human_bytes(self.gradient_bytes)),
+            ("optimizer state", human_bytes(self.opt_state_bytes)),
             ("FLOPs", f"{self.flops:,.0f}"),
             ("matmul/conv ops (jaxpr)", f"{self.dot_generals}"),
         ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
-
-
-def _array_bytes(tree: Any) -> int:
-    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "dtype") and hasattr(x, "shape")]
-    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves))
+        return table(None, rows)
 
 
 def _flops(compiled: Any) -> float:
@@ -142,5 +135,5 @@ def step_cost(
         dot_generals=count_primitives(jaxpr, ("dot_general", "conv_general_dilated")),
         param_bytes=param_bytes(params) if ts is not None else 0,
         gradient_bytes=grads if ts is not None else 0,
-        opt_state_bytes=_array_bytes(getattr(ts, "opt_state", None)),
+        opt_state_bytes=param_bytes(getattr(ts, "opt_state", None)),
     )

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from nnjax.core.paths import keypath_str, logical_copies, match
+from nnjax.core.report import human_bytes, leaf_bytes, table
 
 __all__ = [
     "mask",
@@ -143,14 +144,11 @@ def _counts(params: Any, m: Any) -> list[tuple[str, int, int, int]]:
 
     def leaf(keypath, x, mk):
         size = int(np.prod(np.shape(x)))
-        rows.append((keypath_str(keypath), round(size * _fraction(mk, x)), size, _itemsize(x)))
+        itemsize = leaf_bytes(x) // size if size else 0
+        rows.append((keypath_str(keypath), round(size * _fraction(mk, x)), size, itemsize))
 
     jax.tree_util.tree_map_with_path(leaf, params, m)
     return rows
-
-
-def _itemsize(x: Any) -> int:
-    return int(np.dtype(x.dtype).itemsize) if hasattr(x, "dtype") else np.asarray(x).itemsize
 
 
 def trainable_count(params: Any, m: Any) -> int:
@@ -173,14 +171,6 @@ class GroupCount(NamedTuple):
     frozen_bytes: int
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 class MaskReport(NamedTuple):
     """What a mask trains, by top-level group; ``str(report)`` is a table."""
 
@@ -194,20 +184,13 @@ class MaskReport(NamedTuple):
                 g.group,
                 f"{g.trainable:,}",
                 f"{g.frozen:,}",
-                _human(g.trainable_bytes),
-                _human(g.frozen_bytes),
+                human_bytes(g.trainable_bytes),
+                human_bytes(g.frozen_bytes),
                 f"{100 * g.trainable / max(g.trainable + g.frozen, 1):.2f}",
             )
             for g in (*self.groups, self.total)
         ]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        fmt = lambda r: "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        lines = [fmt(header), fmt(tuple("-" * w for w in widths))]
-        lines += [fmt(r) for r in rows[:-1]] + [fmt(tuple("-" * w for w in widths)), fmt(rows[-1])]
-        return "\n".join(lines)
+        return table(header, rows[:-1], align="lrrrrr", footer=rows[-1:])
 
 
 def report(params: Any, m: Any) -> MaskReport:

@@ -22,6 +22,7 @@ import numpy as np
 from nnjax.core.combinators import Layer, as_layer
 from nnjax.core.errors import CheckpointError
 from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.core.report import shorten
 from nnjax.finetune.masks import logical_copies
 
 __all__ = ["LoadReport", "load_pretrained", "replace_head"]
@@ -48,20 +49,18 @@ class LoadReport(NamedTuple):
         return not (self.missing or self.unexpected or self.mismatched)
 
     def __str__(self) -> str:
-        def some(items: list[str]) -> str:
-            more = f", ... ({len(items) - 10} more)" if len(items) > 10 else ""
-            return ", ".join(items[:10]) + more
-
         lines = [f"loaded {len(self.loaded)} path(s)"]
         if self.missing:
             lines.append(
-                f"missing ({len(self.missing)}, kept as initialised): {some(self.missing)}"
+                f"missing ({len(self.missing)}, kept as initialised): {shorten(self.missing)}"
             )
         if self.unexpected:
-            lines.append(f"unexpected ({len(self.unexpected)}, ignored): {some(self.unexpected)}")
+            lines.append(
+                f"unexpected ({len(self.unexpected)}, ignored): {shorten(self.unexpected)}"
+            )
         if self.mismatched:
             mism = [f"{p} new {n} vs pretrained {o}" for p, n, o in self.mismatched]
-            lines.append(f"mismatched shape ({len(mism)}, kept as initialised): {some(mism)}")
+            lines.append(f"mismatched shape ({len(mism)}, kept as initialised): {shorten(mism)}")
         return "\n".join(lines)
 
 
