@@ -4,3 +4,5 @@
 """
 
 from nnjax.data.batches import *
+from nnjax.data.instruct import *
+from nnjax.data.tokens import *

@@ -1,0 +1,176 @@
+"""Token files larger than memory (nanoGPT's ``.bin``), and a byte-level tokenizer.
+
+nanoGPT's ``prepare.py`` writes a corpus's token ids as one flat ``uint16`` array
+(``np.array(ids, np.uint16).tofile("train.bin")``; ``uint32`` when the vocabulary
+has more than 65,536 entries) and ``train.py`` reads it through ``np.memmap``, so
+only the windows a batch touches are read from disk. :func:`write_tokens`,
+:func:`open_tokens` and :func:`token_batches` do the same, with the resumable
+windows of :func:`nnjax.data.lm_batches`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from nnjax.core.errors import DataError
+from nnjax.data.batches import LMBatches
+
+__all__ = ["write_tokens", "open_tokens", "token_batches", "ByteTokenizer"]
+
+_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32))
+
+
+def _token_dtype(dtype: Any) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in _DTYPES:
+        raise DataError(f"expected dtype uint16 or uint32 (nanoGPT's .bin), got {dtype}")
+    return dtype
+
+
+def write_tokens(path: str | os.PathLike, ids: Any, dtype: Any = None) -> np.dtype:
+    """Write token ids as a raw little-endian ``.bin`` file, as nanoGPT's ``prepare.py``.
+
+    Args:
+        path: the file to write.
+        ids: integer ids ``(N,)``, all in ``[0, 2**32)``.
+        dtype: ``uint16`` or ``uint32``; ``None``: ``uint16`` when every id fits.
+
+    Returns:
+        The dtype written (the file has no header: pass it to :func:`open_tokens`).
+
+    Raises:
+        DataError: ids that are not 1-d integers, negative, or too large for ``dtype``.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "train.bin")
+        >>> nj.data.write_tokens(path, [1, 2, 70000])
+        dtype('uint32')
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(f"{os.fspath(path)}: expected 1-d integer ids, got {ids.dtype} {ids.shape}")
+    low, high = (int(ids.min()), int(ids.max())) if len(ids) else (0, 0)
+    if dtype is None:
+        dtype = np.uint16 if high < 2**16 else np.uint32
+    dtype = _token_dtype(dtype)
+    if low < 0 or high > np.iinfo(dtype).max:
+        raise DataError(
+            f"{os.fspath(path)}: expected ids in [0, {np.iinfo(dtype).max}] for {dtype}, "
+            f"got ids in [{low}, {high}]"
+        )
+    ids.astype(dtype.newbyteorder("<")).tofile(path)
+    return dtype
+
+
+def open_tokens(path: str | os.PathLike, dtype: Any = np.uint16) -> np.ndarray:
+    """A token ``.bin`` file as a read-only ``np.memmap`` (nothing is read until indexed).
+
+    Args:
+        path: a file written by :func:`write_tokens` or nanoGPT's ``prepare.py``.
+        dtype: ``uint16`` (nanoGPT's default) or ``uint32``.
+
+    Returns:
+        A ``(N,)`` memory map of ``dtype``.
+
+    Raises:
+        DataError: an empty file, or a size that is not a multiple of the dtype's.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "train.bin")
+        >>> _ = nj.data.write_tokens(path, np.arange(10))
+        >>> nj.data.open_tokens(path)[3:6]
+        memmap([3, 4, 5], dtype=uint16)
+    """
+    dtype = _token_dtype(dtype)
+    size = os.path.getsize(path)
+    if size == 0 or size % dtype.itemsize:
+        raise DataError(
+            f"{os.fspath(path)}: expected a non-empty multiple of {dtype.itemsize} bytes "
+            f"({dtype} tokens), got {size} bytes (wrong dtype, or a truncated file?)"
+        )
+    return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r")
+
+
+def token_batches(
+    path: str | os.PathLike,
+    block_size: int,
+    batch_size: int,
+    seed: int = 0,
+    *,
+    dtype: Any = np.uint16,
+    start: int = 0,
+    steps: int | None = None,
+) -> LMBatches:
+    """Random ``(x, y)`` windows of a token file, ``y`` shifted by one; resumable exactly.
+
+    The windows are those of :func:`nnjax.data.lm_batches` over the memory map:
+    batch ``i`` depends only on ``(seed, i)``, so ``.at(position)`` (and
+    ``nj.fit``'s checkpoints) resume at the same batch, and each batch reads only
+    ``batch_size * (block_size + 1)`` tokens from disk.
+
+    Args:
+        path: a token ``.bin`` file.
+        block_size: window length ``T``.
+        batch_size: windows per batch ``B``.
+        seed: seed of the window offsets.
+        dtype: the file's ``uint16`` or ``uint32``.
+        start: batches to skip (resume).
+        steps: total batches (``start`` included); ``None``: endless.
+
+    Returns:
+        An :class:`~nnjax.data.batches.LMBatches` of ``(x, y)``, both ``(B, T)`` of
+        the file's dtype (JAX's embedding lookups take them as they are).
+
+    Raises:
+        DataError: a bad file (see :func:`open_tokens`), or one of ``block_size``
+            tokens or fewer.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "train.bin")
+        >>> _ = nj.data.write_tokens(path, np.arange(1000) % 50)
+        >>> x, y = next(nj.data.token_batches(path, 8, 4))
+        >>> x.shape, bool((x[:, 1:] == y[:, :-1]).all())
+        ((4, 8), True)
+    """
+    tokens = open_tokens(path, dtype)
+    if len(tokens) <= block_size:
+        raise DataError(
+            f"{os.fspath(path)}: expected more than block_size == {block_size} tokens, "
+            f"got {len(tokens)}"
+        )
+    return LMBatches(tokens, block_size, batch_size, seed=seed, start=start, steps=steps)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids ``0..255``: a tokenizer that needs no files.
+
+    The vocabulary is the 256 byte values; NUL (id 0), which text does not
+    contain, serves as end-of-sequence and padding. It has the
+    ``encode`` / ``decode`` / ``eos_token_id`` surface the data readers and
+    ``generate`` use.
+
+    Example:
+        >>> tok = nj.data.ByteTokenizer()
+        >>> tok.encode("hé"), tok.decode([104, 195, 169])
+        ([104, 195, 169], 'hé')
+    """
+
+    vocab_size = 256
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of ``text``."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text from byte ids (a NUL ends it; invalid UTF-8 becomes U+FFFD)."""
+        data = bytes(int(i) for i in ids)
+        return data.split(b"\0", 1)[0].decode("utf-8", errors="replace")
