@@ -208,9 +208,57 @@ def test_conv_lora_adds_low_rank_kernel(torch):
     )
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(
-        nj.LayerError, match=r"expected param 'lora_a' with shape \(18, 2\), got \(9, 2\)"
+        nj.LayerError,
+        match=r"expected adapter param 'lora_a' \(in, r\) with shape \(18, 2\) beside kernel "
+        r"\(in, out\) == \(18, 6\) and r == 2 \(from lora_a\), got \(9, 2\)",
     ):
         layer.apply({**params, "lora_a": a[:9], "lora_b": b}, state, x)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora", "ia3"])
+def test_finetune_adapters_reach_conv_and_merge_to_a_torch_conv(torch, adapter):
+    """add_* targets a Conv kernel; after training-like changes, the adapted model equals
+    torch's Conv2d with the merged kernel (and nnjax's merged model)."""
+    x = _rand((2, 6, 6, 3))
+    model = nj.serial(conv=nj.Conv(4, (3, 3)))
+    params, state = _init(model, x)
+    if adapter == "ia3":
+        p2, m = nj.finetune.add_ia3(params, "conv/kernel")
+    else:
+        add = nj.finetune.add_lora if adapter == "lora" else nj.finetune.add_dora
+        p2, m = add(params, jax.random.key(1), "conv/kernel", rank=2)
+    assert (
+        nj.finetune.trainable_count(p2, m)
+        == {"lora": 27 * 2 + 2 * 4, "dora": 27 * 2 + 2 * 4 + 4, "ia3": 4}[adapter]
+    )
+    np.testing.assert_allclose(
+        model.apply(p2, state, x)[0], model.apply(params, state, x)[0], rtol=1e-5, atol=1e-5
+    )
+    flat = nj.paths.flatten(p2)
+    for path in flat:
+        if path.rpartition("/")[2] in ("lora_a", "lora_b", "ia3_scale", "dora_magnitude"):
+            flat[path] = flat[path] + 0.3 * _rand(flat[path].shape, len(path))
+    p2 = nj.paths.unflatten(flat)
+    y = np.asarray(model.apply(p2, state, x)[0])
+    merged = nj.finetune.merge_adapters(p2)
+    assert jax.tree.structure(merged) == jax.tree.structure(params)
+    expected = _torch_conv(
+        torch, merged["conv"], x, strides=1, dilation=1, groups=1, pads=[], torch_padding="same"
+    )
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    # the merged kernel is the closed form of the adapter on the (27, 4) matrix view
+    c = {k: np.asarray(v, np.float64) for k, v in p2["conv"].items()}
+    w = c["kernel"].reshape(27, 4)
+    if adapter != "ia3":
+        w = w + c["lora_a"] @ c["lora_b"]
+    if adapter == "dora":
+        w = w * c["dora_magnitude"] / np.linalg.norm(w, axis=0)
+    if adapter == "ia3":
+        w = w * c["ia3_scale"]
+    np.testing.assert_allclose(
+        merged["conv"]["kernel"], w.reshape(3, 3, 3, 4), rtol=1e-5, atol=1e-6
+    )
+    assert not np.allclose(y, model.apply(params, state, x)[0], atol=1e-3)
 
 
 def test_conv_without_bias_and_init_shapes():

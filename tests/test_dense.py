@@ -79,3 +79,11 @@ def test_dense_grads_on_three_axes_by_finite_differences():
     params, state = layer.init(jax.random.key(0), x)
     f = jax.jit(lambda p, x: jnp.sin(layer.apply(p, state, x)[0]))
     check_grads(f, (params, x), order=1, modes=("rev",), eps=1e-2, atol=1e-2, rtol=1e-2)
+
+
+def test_adapter_internals_stay_in_their_module():
+    from nnjax.layers import adapters
+
+    for name in ("adapted_matmul", "ADAPTER_KEYS", "ADAPTERS", "AdapterKind"):
+        assert not hasattr(nj, name), name
+        assert hasattr(adapters, name), name

@@ -203,12 +203,46 @@ def test_adapter_target_errors(gpt):
     ):
         ft.add_lora(params, jax.random.key(0), "**/qeury/kernel")
     with pytest.raises(
-        ValueError, match=r"targets must select Dense-style kernels .* 'head/bias' has shape \(3,\)"
+        ValueError, match=r"targets must select layer kernels .* 'head/bias' has shape \(3,\)"
     ):
         ft.add_ia3(params, "head/bias")
-    p2, _ = ft.add_lora(params, jax.random.key(0), "head/kernel")
+    p2, _ = ft.add_lora(params, jax.random.key(0), "head/kernel", rank=2)
     with pytest.raises(ValueError, match=r"add_dora: head already has \['lora_a', 'lora_b'\]"):
-        ft.add_dora(p2, jax.random.key(0), "head/kernel")
+        ft.add_dora(p2, jax.random.key(0), "head/kernel", rank=2)
+    with pytest.raises(
+        ValueError,
+        match=r"add_lora: rank 4 is larger than the kernel 'head/kernel' allows: "
+        r"its matrix \(in, out\) is \(8, 3\), so rank <= 3",
+    ):
+        ft.add_lora(params, jax.random.key(0), "head/kernel", rank=4)
+    with pytest.raises(ValueError, match=r"add_lora: rank must be an int >= 1, got 2.5"):
+        ft.add_lora(params, jax.random.key(0), "head/kernel", rank=2.5)
+
+
+def test_broken_adapters_name_the_path_in_the_layer_and_in_merge(gpt):
+    model, params, state = gpt
+    p2, _ = ft.add_lora(params, jax.random.key(0), ["**/attn/query/kernel", "head/kernel"], rank=2)
+    missing = nj.paths.unflatten(
+        {k: v for k, v in nj.paths.flatten(p2).items() if k != "head/lora_b"}
+    )
+    msg = r"head: adapter param\(s\) \['lora_a'\] without \['lora_b'\]: the adapter needs lora_a \(in, r\), lora_b \(r, out\)"
+    with pytest.raises(nj.LayerError, match=msg):
+        model.apply(missing, state, X)
+    with pytest.raises(nj.LayerError, match=msg):
+        ft.merge_lora(missing)
+    flat = nj.paths.flatten(p2)
+    flat["blocks/stacked/attn/query/lora_b"] = jnp.zeros((3, 2, 5))
+    wrong = nj.paths.unflatten(flat)
+    msg = (
+        r"blocks/stacked/attn/query: expected adapter param 'lora_b' \(r, out\) with shape \(2, 8\) "
+        r"beside kernel \(in, out\) == \(8, 8\) and r == 2 \(from lora_a\), got \(2, 5\)"
+    )
+    with pytest.raises(
+        nj.LayerError, match=msg.replace("blocks/stacked/attn/query", "blocks/attn/query")
+    ):
+        model.apply(wrong, state, X)
+    with pytest.raises(nj.LayerError, match=msg):
+        ft.merge_adapters(wrong)
 
 
 def test_lora_recovers_a_low_rank_change():
@@ -267,3 +301,31 @@ def test_lora_on_a_subset_of_stacked_blocks_leaves_the_others_bit_identical(gpt)
             np.asarray(params["blocks"]["stacked"]["attn"][name]["kernel"])[[0, 2]],
         )
         assert not np.allclose(merged[1], params["blocks"]["stacked"]["attn"][name]["kernel"][1])
+
+
+def test_lora_on_every_kernel_of_a_cnn_trains_and_merges():
+    """``"**/kernel"`` reaches the Conv and the Dense; training moves only the adapters."""
+    model = nj.serial(nj.Conv(4, (3, 3)), jax.nn.relu, nj.Flatten(), head=nj.Dense(2))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 5, 5, 2)).astype(np.float32)
+    y = rng.normal(size=(4, 2)).astype(np.float32)
+    params, state = model.init(jax.random.key(0), x)
+    p2, m = ft.add_lora(params, jax.random.key(1), "**/kernel", rank=2)
+    assert jax.tree.map(jnp.shape, p2)["conv_0"] == {
+        "bias": (4,),
+        "kernel": (3, 3, 2, 4),
+        "lora_a": (18, 2),
+        "lora_b": (2, 4),
+    }
+    tr = trainer(model, mse, optax.adam(1e-2), trainable=m)
+    ts = tr.init(p2, state)
+    for _ in range(3):
+        ts, _ = tr.step(ts, (x, y))
+    new = nj.paths.flatten(ts.params)
+    for path, old in nj.paths.flatten(p2).items():
+        changed = not np.array_equal(new[path], old)
+        assert changed == (path.rpartition("/")[2] in ("lora_a", "lora_b")), path
+    merged = ft.merge_lora(ts.params)
+    np.testing.assert_allclose(
+        model.apply(merged, state, x)[0], model.apply(ts.params, state, x)[0], rtol=1e-5, atol=1e-6
+    )

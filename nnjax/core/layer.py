@@ -15,10 +15,21 @@ import jax
 
 from nnjax.core.errors import LayerError
 
-__all__ = ["Layer", "as_layer", "call_child", "non_empty", "output_shape", "Params", "State"]
+__all__ = [
+    "Layer",
+    "as_layer",
+    "call_child",
+    "non_empty",
+    "output_shape",
+    "Params",
+    "State",
+    "Initializer",
+]
 
 Params = dict[str, Any]
 State = dict[str, Any]
+Initializer = Callable[..., Any]
+"""A ``jax.nn.initializers`` function: ``init(key, shape, dtype) -> array``."""
 
 
 class Layer(NamedTuple):

@@ -1,8 +1,10 @@
-"""Parameter-efficient adapters beside Dense-style kernels: LoRA, IA3, DoRA; merge, save, load.
+"""Parameter-efficient adapters beside kernels: LoRA, IA3, DoRA; add, merge, save, load.
 
 Adapters are leaves beside the kernel they adapt (``.../query/kernel`` gets
-``.../query/lora_a``); a Dense (or an attention projection) that finds them uses
-them (``nnjax.layers.dense.ADAPTER_KEYS``):
+``.../query/lora_a``); every layer with a ``kernel`` uses them. What each kind adds,
+its shapes and how it is applied and merged is one table,
+:data:`nnjax.layers.adapters.ADAPTERS`; the kernel is seen per copy as a matrix
+``(in, out)`` (a Conv kernel ``(3, 3, 16, 32)`` as ``(144, 32)``):
 
 - LoRA: ``lora_a (in, r)``, ``lora_b (r, out)``, ``y = x @ kernel + (x @ lora_a) @ lora_b``;
   the scale ``alpha / r`` is folded into ``lora_a`` at creation, ``lora_b`` starts at 0.
@@ -11,11 +13,12 @@ them (``nnjax.layers.dense.ADAPTER_KEYS``):
   normalised and scaled by the magnitude; starts at the kernel's column norms.
 
 So at creation the model's outputs are unchanged. Each ``add_*`` returns the new
-params and the mask that trains only the new adapters.
+params and the mask that trains only the new adapters. A quantized kernel
+(:func:`nnjax.finetune.quantize`) takes adapters too; merging one gives a float kernel.
 
-Targets are globs over logical paths that must select kernels ``(in, out)``.
-A kernel inside ``repeat`` is stacked, ``(n, in, out)``; its adapters are stacked the
-same way (``lora_a (n, in, r)``, ``lora_b (n, r, out)``). If the globs select only some
+Targets are globs over logical paths that must select kernels. A kernel inside
+``repeat`` is stacked, ``(n, in, out)``; its adapters are stacked the same way
+(``lora_a (n, in, r)``, ``lora_b (n, r, out)``). If the globs select only some
 copies (``blocks/1[01]/attn/query/kernel``), the adapters still cover the whole
 stack (a stacked leaf has one shape), but the returned mask is a ``(n,)`` bool
 array that trains only the selected copies; the others keep ``lora_b == 0`` (and
@@ -33,10 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.checkpoint.state import load_params, save_params
-from nnjax.core.errors import CheckpointError
+from nnjax.core.errors import CheckpointError, LayerError
+from nnjax.core.layer import Initializer
 from nnjax.core.paths import STACKED, flatten, match, unflatten
 from nnjax.finetune.masks import map_copies
-from nnjax.layers.dense import ADAPTER_KEYS
+from nnjax.layers import quantized
+from nnjax.layers.adapters import ADAPTER_KEYS, ADAPTERS, check_adapters, leaf_shape
 
 __all__ = [
     "add_lora",
@@ -53,9 +58,6 @@ __all__ = [
     "load_adapters",
 ]
 
-Initializer = Any
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 def _sibling(path: str, name: str) -> str:
     parent = path.rpartition("/")[0]
@@ -64,6 +66,20 @@ def _sibling(path: str, name: str) -> str:
 
 def _parent(path: str) -> str:
     return path.rpartition("/")[0]
+
+
+def _depth(path: str) -> int:
+    return path.split("/").count(STACKED)
+
+
+def _kernel_shape(flat: dict[str, Any], path: str) -> tuple[int, ...]:
+    """The float shape of the kernel at ``path`` (stacked axes included)."""
+    return quantized.logical_shape(flat[path], flat.get(_sibling(path, quantized.SCALE)))
+
+
+def _matrix_dims(shape: tuple[int, ...], depth: int) -> tuple[int, int]:
+    """``(in, out)`` of a kernel's per-copy matrix view."""
+    return int(np.prod(shape[depth:-1])), int(shape[-1])
 
 
 def _targets(params: Any, targets: str | Iterable[str], what: str) -> dict[str, Any]:
@@ -75,39 +91,25 @@ def _targets(params: Any, targets: str | Iterable[str], what: str) -> dict[str, 
     for path, m in sel.items():
         if m is False:
             continue
-        shape = np.shape(flat[path])
-        depth = path.split("/").count(STACKED)
-        if path.rpartition("/")[2] != "kernel" or len(shape) - depth != 2:
+        if path.rpartition("/")[2] != "kernel" or len(_kernel_shape(flat, path)) - _depth(path) < 2:
             raise ValueError(
-                f"{what}: targets must select Dense-style kernels (in, out) (stacked: (n, in, out)); "
-                f"{path!r} has shape {tuple(shape)}"
+                f"{what}: targets must select layer kernels (Dense, Conv, ...: at least 2 axes "
+                f"per copy); {path!r} has shape {tuple(np.shape(flat[path]))}"
             )
         out[path] = m
     return out
 
 
-def _check_free(flat: dict[str, Any], path: str, names: Iterable[str], what: str) -> None:
-    taken = [n for n in names if _sibling(path, n) in flat]
-    if taken:
-        raise ValueError(f"{what}: {_parent(path) or 'the root'} already has {taken}")
+def _matrix(kernel: Any, scale: Any, depth: int) -> jax.Array:
+    """A kernel as a float32 matrix ``(*stack, in, out)``, dequantized if ``scale`` is given."""
+    w = kernel if scale is None else quantized.dequantize(kernel, scale)
+    return jnp.reshape(jnp.asarray(w, jnp.float32), (*w.shape[:depth], -1, w.shape[-1]))
 
 
-def _with(params: Any, new: dict[str, tuple[Any, Any]]) -> tuple[Any, Any]:
-    """Params with the leaves ``{path: (value, mask)}`` added, and the mask training only them."""
-    flat = flatten(params)
-    m = dict.fromkeys(flat, False)
-    for path, (value, mk) in new.items():
-        flat[path] = value
-        m[path] = mk
-    return unflatten(flat), unflatten(m)
-
-
-def _lora_leaves(path, kernel, key, rank, alpha, a_init):
-    *stack, n_in, n_out = kernel.shape
-    stack = tuple(stack)
-    a = a_init(key, (*stack, n_in, rank), kernel.dtype) * jnp.asarray(alpha / rank, kernel.dtype)
-    b = jnp.zeros((*stack, rank, n_out), kernel.dtype)
-    return {_sibling(path, "lora_a"): a, _sibling(path, "lora_b"): b}
+def _float_dtype(flat: dict[str, Any], path: str) -> Any:
+    """The dtype adapters beside the kernel at ``path`` take (float32 beside a quantized one)."""
+    kernel = flat[path]
+    return jnp.float32 if quantized.is_quantized(kernel) else kernel.dtype
 
 
 def _default_a_init(depth: int) -> Initializer:
@@ -115,6 +117,44 @@ def _default_a_init(depth: int) -> Initializer:
     return jax.nn.initializers.variance_scaling(
         1 / 3, "fan_in", "uniform", in_axis=-2, out_axis=-1, batch_axis=tuple(range(depth))
     )
+
+
+def _add(params, key, targets, kind, what, rank=0, alpha=1.0, a_init=None):
+    """Params with the adapter ``kind`` created beside each target, and the mask training it."""
+    sel = _targets(params, targets, what)
+    flat = flatten(params)
+    mask = dict.fromkeys(flat, False)
+    for path, k in zip(sorted(sel), jax.random.split(key, len(sel)), strict=True):
+        depth = _depth(path)
+        n_in, n_out = _matrix_dims(_kernel_shape(flat, path), depth)
+        if rank > min(n_in, n_out):  # rank 0: a kind without one (IA3)
+            raise ValueError(
+                f"{what}: rank {rank} is larger than the kernel {path!r} allows: its matrix "
+                f"(in, out) is {(n_in, n_out)}, so rank <= {min(n_in, n_out)}"
+            )
+        init = a_init or _default_a_init(depth)
+        dtype = _float_dtype(flat, path)
+        kernel, scale = flat[path], flat.get(_sibling(path, quantized.SCALE))
+
+        def create(kernel, scale, k=k, depth=depth, init=init, dtype=dtype):
+            w = _matrix(kernel, scale, depth)
+            return {n: v.astype(dtype) for n, v in kind.create(k, w, rank, alpha, init).items()}
+
+        # Shape-only params (jax.eval_shape(model.init, ...)) get shape-only adapters.
+        shape_only = isinstance(kernel, jax.ShapeDtypeStruct)
+        leaves = jax.eval_shape(create, kernel, scale) if shape_only else create(kernel, scale)
+        taken = [n for n in leaves if _sibling(path, n) in flat]
+        if taken:
+            raise ValueError(f"{what}: {_parent(path) or 'the root'} already has {taken}")
+        for name, value in leaves.items():
+            flat[_sibling(path, name)] = value
+            mask[_sibling(path, name)] = sel[path]
+    return unflatten(flat), unflatten(mask)
+
+
+def _check_rank(rank: int, what: str) -> None:
+    if not isinstance(rank, int | np.integer) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"{what}: rank must be an int >= 1, got {rank!r}")
 
 
 def add_lora(
@@ -125,14 +165,14 @@ def add_lora(
     alpha: float = 16.0,
     a_init: Initializer | None = None,
 ) -> tuple[Any, Any]:
-    """Add LoRA adapters beside each targeted kernel.
+    """Add LoRA adapters beside each targeted kernel (Dense, attention, Conv, recurrent).
 
     Args:
         params: the params tree.
         key: PRNG key for ``lora_a``.
         targets: globs over logical paths selecting kernels (attention query/value
-            by default; ``"**/kernel"`` for every Dense).
-        rank: ``r``.
+            by default; ``"**/kernel"`` for every layer with a kernel).
+        rank: ``r``, at most ``min(in, out)`` of each kernel's matrix view.
         alpha: LoRA alpha; ``alpha / r`` is folded into ``lora_a``.
         a_init: initialiser of ``lora_a`` before scaling; default PyTorch/peft's
             ``U(-1/sqrt(in), 1/sqrt(in))``.
@@ -143,24 +183,15 @@ def add_lora(
 
     Raises:
         GlobError: a target glob matches nothing.
-        ValueError: a target is not an ``(in, out)`` kernel or already has a LoRA.
+        ValueError: a target is not a kernel, already has a LoRA, or is smaller than ``rank``.
 
     Example:
         >>> params, m = nj.finetune.add_lora(params, key, ["**/attn/*/kernel"], rank=4)
         >>> jax.tree.map(jnp.shape, params["blocks"]["stacked"]["attn"]["query"])
         {'bias': (6, 32), 'kernel': (6, 32, 32), 'lora_a': (6, 32, 4), 'lora_b': (6, 4, 32)}
     """
-    if rank < 1:
-        raise ValueError(f"add_lora: rank must be >= 1, got {rank}")
-    sel = _targets(params, targets, "add_lora")
-    flat = flatten(params)
-    new = {}
-    for path, k in zip(sorted(sel), jax.random.split(key, len(sel)), strict=True):
-        _check_free(flat, path, ("lora_a", "lora_b"), "add_lora")
-        init = a_init or _default_a_init(path.split("/").count(STACKED))
-        for p, v in _lora_leaves(path, flat[path], k, rank, alpha, init).items():
-            new[p] = (v, sel[path])
-    return _with(params, new)
+    _check_rank(rank, "add_lora")
+    return _add(params, key, targets, ADAPTERS["lora"], "add_lora", rank, alpha, a_init)
 
 
 def add_ia3(
@@ -175,22 +206,7 @@ def add_ia3(
     Returns:
         ``(params, mask)``, the mask training only the new vectors.
     """
-    sel = _targets(params, targets, "add_ia3")
-    flat = flatten(params)
-    new = {}
-    for path, mk in sel.items():
-        _check_free(flat, path, ("ia3_scale",), "add_ia3")
-        kernel = flat[path]
-        new[_sibling(path, "ia3_scale")] = (
-            jnp.ones((*kernel.shape[:-2], kernel.shape[-1]), kernel.dtype),
-            mk,
-        )
-    return _with(params, new)
-
-
-def _col_norm(w: jax.Array) -> jax.Array:
-    """Column norms ``(..., out)`` of ``w (..., in, out)``, in float32 as the layer computes them."""
-    return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=-2))
+    return _add(params, jax.random.key(0), targets, ADAPTERS["ia3"], "add_ia3")
 
 
 def add_dora(
@@ -209,20 +225,8 @@ def add_dora(
     Returns:
         ``(params, mask)``, the mask training the magnitude and the LoRA pair.
     """
-    if rank < 1:
-        raise ValueError(f"add_dora: rank must be >= 1, got {rank}")
-    sel = _targets(params, targets, "add_dora")
-    flat = flatten(params)
-    new = {}
-    for path, k in zip(sorted(sel), jax.random.split(key, len(sel)), strict=True):
-        _check_free(flat, path, ("lora_a", "lora_b", "dora_magnitude"), "add_dora")
-        kernel = flat[path]
-        init = a_init or _default_a_init(path.split("/").count(STACKED))
-        leaves = _lora_leaves(path, kernel, k, rank, alpha, init)
-        leaves[_sibling(path, "dora_magnitude")] = _col_norm(kernel).astype(kernel.dtype)
-        for p, v in leaves.items():
-            new[p] = (v, sel[path])
-    return _with(params, new)
+    _check_rank(rank, "add_dora")
+    return _add(params, key, targets, ADAPTERS["dora"], "add_dora", rank, alpha, a_init)
 
 
 def _groups(flat: dict[str, Any]) -> dict[str, dict[str, str]]:
@@ -233,26 +237,57 @@ def _groups(flat: dict[str, Any]) -> dict[str, dict[str, str]]:
     return {p: names for p, names in out.items() if "kernel" in names}
 
 
-def _fold_lora(flat: dict[str, Any], names: dict[str, str]) -> jax.Array:
-    """``kernel + lora_a @ lora_b`` (in float32, cast to the kernel's dtype)."""
-    kernel = flat[names["kernel"]]
-    a = flat[names["lora_a"]].astype(jnp.float32)
-    b = flat[names["lora_b"]].astype(jnp.float32)
-    return (kernel.astype(jnp.float32) + jnp.matmul(a, b, precision=_HIGHEST)).astype(kernel.dtype)
+def _check_group(flat: dict[str, Any], names: dict[str, str], parent: str) -> None:
+    """The adapters of one kernel are whole and fit it (LayerError naming ``parent``)."""
+    kernel = names["kernel"]
+    depth = _depth(kernel)
+    per_copy = {
+        n: jax.ShapeDtypeStruct(np.shape(flat[p])[depth:], flat[p].dtype)
+        for n, p in names.items()
+        if n in ADAPTER_KEYS
+    }
+    try:
+        check_adapters(per_copy, *_matrix_dims(_kernel_shape(flat, kernel), depth))
+    except LayerError as err:
+        raise LayerError(err.detail, tuple(parent.split("/")) if parent else ()) from None
+
+
+def _merge(params: Any, kinds: Iterable[str]) -> Any:
+    """Fold the adapter ``kinds`` (in the table's order) into their kernels."""
+    kinds = [k for k in ADAPTERS if k in kinds]
+    flat = flatten(params)
+    for parent, names in _groups(flat).items():
+        todo = [k for k in kinds if any(n in names for n in ADAPTERS[k].leaves)]
+        if not todo:
+            continue
+        _check_group(flat, names, parent)
+        kernel_path = names["kernel"]
+        shape, dtype = _kernel_shape(flat, kernel_path), _float_dtype(flat, kernel_path)
+        group = {n: flat[p].astype(jnp.float32) for n, p in names.items() if n in ADAPTER_KEYS}
+        scale = flat.get(_sibling(kernel_path, quantized.SCALE))
+        group["kernel"] = _matrix(flat[kernel_path], scale, _depth(kernel_path))
+        dtypes = {n: flat[names[n]].dtype for n in group if n != "kernel"}
+        for kind in todo:
+            group = ADAPTERS[kind].merge(group)
+        for n, p in names.items():
+            if n in ADAPTER_KEYS or n == quantized.SCALE:
+                del flat[p]
+        flat[kernel_path] = jnp.reshape(group.pop("kernel"), shape).astype(dtype)
+        for n, v in group.items():
+            flat[_sibling(kernel_path, n)] = v.astype(dtypes[n])
+    return unflatten(flat)
 
 
 def merge_lora(params: Any) -> Any:
     """Fold every ``lora_a @ lora_b`` into its kernel and remove the pair (stacked too).
 
     A DoRA magnitude beside it stays and keeps its meaning (DoRA normalises
-    ``kernel + a @ b``, which is now the kernel).
+    ``kernel + a @ b``, which is now the kernel). A quantized kernel becomes float.
+
+    Raises:
+        LayerError: an adapter without its sibling or of the wrong shape (named by path).
     """
-    flat = flatten(params)
-    for names in _groups(flat).values():
-        if "lora_a" in names:
-            flat[names["kernel"]] = _fold_lora(flat, names)
-            del flat[names["lora_a"]], flat[names["lora_b"]]
-    return unflatten(flat)
+    return _merge(params, ["lora"])
 
 
 def merge_ia3(params: Any) -> Any:
@@ -261,42 +296,19 @@ def merge_ia3(params: Any) -> Any:
     ``(x @ W) * s == x @ (W * s)``: the kernel's columns (and a LoRA's ``lora_b``)
     are scaled; with DoRA beside it, the magnitude is scaled instead.
     """
-    flat = flatten(params)
-    for names in _groups(flat).values():
-        if "ia3_scale" not in names:
-            continue
-        s = flat.pop(names["ia3_scale"])
-        into = ["dora_magnitude"] if "dora_magnitude" in names else ["kernel", "lora_b"]
-        for name in into:
-            if name in names:
-                w = flat[names[name]]
-                col = s if name == "dora_magnitude" else s[..., None, :]
-                flat[names[name]] = (w.astype(jnp.float32) * col.astype(jnp.float32)).astype(
-                    w.dtype
-                )
-    return unflatten(flat)
+    return _merge(params, ["ia3"])
 
 
 def merge_dora(params: Any) -> Any:
     """Replace each DoRA-adapted kernel by ``m * W' / ||W'||`` (``W' = kernel + a @ b``) and
     remove ``dora_magnitude``, ``lora_a`` and ``lora_b`` there."""
-    flat = flatten(params)
-    for names in _groups(flat).values():
-        if "dora_magnitude" not in names:
-            continue
-        kernel = flat[names["kernel"]]
-        w = _fold_lora(flat, names) if "lora_a" in names else kernel
-        m = flat.pop(names["dora_magnitude"]).astype(jnp.float32)
-        w32 = w.astype(jnp.float32)
-        flat[names["kernel"]] = (w32 * (m / _col_norm(w32))[..., None, :]).astype(kernel.dtype)
-        for name in ("lora_a", "lora_b"):
-            flat.pop(names.get(name, ""), None)
-    return unflatten(flat)
+    return _merge(params, ["dora"])
 
 
 def merge_adapters(params: Any) -> Any:
-    """Fold every adapter (DoRA, LoRA, IA3) into its kernel: plain params, same outputs."""
-    return merge_ia3(merge_lora(merge_dora(params)))
+    """Fold every adapter (the whole table: LoRA, DoRA, IA3) into its kernel: plain params,
+    same outputs. A quantized kernel with adapters becomes float (one without stays quantized)."""
+    return _merge(params, ADAPTERS)
 
 
 def _is_adapter(path: str) -> bool:
@@ -350,17 +362,14 @@ def _expected_shape(flat: dict[str, Any], path: str, value: Any) -> tuple[int, .
     if path in flat:
         return tuple(np.shape(flat[path]))
     name = path.rpartition("/")[2]
-    kernel = flat.get(_sibling(path, "kernel"))
-    if name not in ADAPTER_KEYS or kernel is None or np.ndim(kernel) < 2:
+    kernel = _sibling(path, "kernel")
+    depth = _depth(path)
+    if name not in ADAPTER_KEYS or kernel not in flat or np.ndim(flat[kernel]) - depth < 2:
         return None
-    *stack, n_in, n_out = np.shape(kernel)
-    r = np.shape(value)[-1] if name == "lora_a" else np.shape(value)[-2] if name == "lora_b" else 0
-    return {
-        "lora_a": (*stack, n_in, r),
-        "lora_b": (*stack, r, n_out),
-        "ia3_scale": (*stack, n_out),
-        "dora_magnitude": (*stack, n_out),
-    }[name]
+    shape = _kernel_shape(flat, kernel)
+    r = {"lora_a": -1, "lora_b": -2}.get(name)
+    r = np.shape(value)[r] if r is not None and np.ndim(value) >= 2 else 0
+    return (*shape[:depth], *leaf_shape(name, *_matrix_dims(shape, depth), int(r)))
 
 
 def load_adapters(path: str | os.PathLike, params: Any) -> Any:
@@ -382,6 +391,6 @@ def load_adapters(path: str | os.PathLike, params: Any) -> Any:
     if bad:
         raise CheckpointError(f"adapter file {os.fspath(path)!r} does not fit the params: {bad}")
     for p, v in saved.items():
-        dtype = flat[p].dtype if p in flat else flat[_sibling(p, "kernel")].dtype
+        dtype = flat[p].dtype if p in flat else _float_dtype(flat, _sibling(p, "kernel"))
         flat[p] = v.astype(dtype)
     return unflatten(flat)

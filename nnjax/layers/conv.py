@@ -16,18 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_keys, check_rank, get_param, shape_str
-from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
+from nnjax.core.layer import Initializer, Layer
 from nnjax.layers import im2col
+from nnjax.layers.adapters import KERNEL_KEYS, adapted_kernel, kernel_shape
 from nnjax.layers.base import compute_dtype
 
 __all__ = ["Conv", "ConvTranspose"]
 
-Initializer = Any
 Padding = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 _AXES = {1: "(N, L, C)", 2: "(N, H, W, C)", 3: "(N, D, H, W, C)"}
-_LORA_KEYS = ("lora_a", "lora_b")
 
 
 def spatial_tuple(value: int | Sequence[int], nd: int, what: str, owner: str) -> tuple[int, ...]:
@@ -95,15 +94,13 @@ def _empty_output(window: Sequence[int], padding: Any, x: Any) -> str:
     )
 
 
-def _check_input(x: Any, nd: int, kernel: Any, kernel_shape: tuple, groups: int) -> None:
-    """Rank, kernel shape (``kernel_shape`` with None for the input-channel axis) and channels."""
+def _check_input(x: Any, nd: int, params: Any, expected: tuple, groups: int) -> None:
+    """Rank, kernel shape (``expected`` with None for the input-channel axis) and channels."""
     check_rank(x, nd + 2, layout(nd))
-    k = tuple(np.shape(kernel))
-    if len(k) != nd + 2 or any(
-        e is not None and e != d for e, d in zip(kernel_shape, k, strict=True)
-    ):
+    k = kernel_shape(params)
+    if len(k) != nd + 2 or any(e is not None and e != d for e, d in zip(expected, k, strict=True)):
         label = "in/groups" if groups > 1 else "in"
-        want = f"({', '.join(label if d is None else str(d) for d in kernel_shape)})"
+        want = f"({', '.join(label if d is None else str(d) for d in expected)})"
         raise LayerError(f"expected param 'kernel' with shape {want}, got {shape_str(k)}")
     c = np.shape(x)[-1]
     if c != k[nd] * groups:
@@ -157,8 +154,12 @@ def Conv(
     Params:
         kernel: ``(*kernel_size, in // feature_group_count, features)``.
         bias: ``(features,)`` if ``use_bias``.
-        lora_a, lora_b: optional LoRA adapter, ``(prod(kernel_size) * in // groups, r)`` and
-            ``(r, features)``; ``lora_a @ lora_b`` reshaped to the kernel's shape is added.
+        lora_a, lora_b, ia3_scale, dora_magnitude: optional adapters on the kernel seen as
+            a matrix ``(prod(kernel_size) * in // groups, features)`` (LoRA: ``lora_a
+            (prod(kernel_size) * in // groups, r)``, ``lora_b (r, features)``; see
+            :mod:`nnjax.layers.adapters`), folded into the kernel before the convolution.
+        kernel_scale: present when the kernel is stored quantized
+            (:mod:`nnjax.layers.quantized`).
 
     Example:
         >>> params, _ = nj.Conv(16, (3, 3)).init(key, jnp.zeros((2, 8, 8, 3)))
@@ -202,16 +203,10 @@ def Conv(
     def apply(params, state, x, *, rng=None, train=False):
         del rng, train
         check_groups(x)
-        check_keys(params, keys, _LORA_KEYS)
-        kernel = params["kernel"]
-        _check_input(x, nd, kernel, (*ks, None, features), groups)
+        check_keys(params, keys, KERNEL_KEYS)
+        _check_input(x, nd, params, (*ks, None, features), groups)
         dtype_ = compute_dtype(x, dtype, param_dtype)
-        kernel = kernel.astype(dtype_)
-        if "lora_a" in params or "lora_b" in params:
-            r = np.shape(get_param(params, "lora_a"))[-1:] or (0,)
-            a = get_param(params, "lora_a", (math.prod(kernel.shape[:-1]), *r))
-            b = get_param(params, "lora_b", (*r, features))
-            kernel = kernel + jnp.reshape(a.astype(dtype_) @ b.astype(dtype_), kernel.shape)
+        kernel = adapted_kernel(params, dtype_)
         x, batch = batch_flat(jnp.asarray(x, dtype_), nd)
         pad_ = pad
         if pad == "CIRCULAR":
@@ -282,6 +277,8 @@ def ConvTranspose(
     Params:
         kernel: ``(*kernel_size, in, features)``.
         bias: ``(features,)`` if ``use_bias``.
+        lora_a, lora_b, ia3_scale, dora_magnitude, kernel_scale: optional, as in :func:`Conv`
+            (the matrix view is ``(prod(kernel_size) * in, features)``).
 
     Example:
         >>> params, _ = nj.ConvTranspose(4, (2, 2), strides=2).init(key, jnp.zeros((1, 8, 8, 3)))
@@ -309,11 +306,11 @@ def ConvTranspose(
 
     def apply(params, state, x, *, rng=None, train=False):
         del rng, train
-        check_keys(params, keys)
-        _check_input(x, nd, params["kernel"], (*ks, None, features), 1)
+        check_keys(params, keys, KERNEL_KEYS)
+        _check_input(x, nd, params, (*ks, None, features), 1)
         dtype_ = compute_dtype(x, dtype, param_dtype)
         x, batch = batch_flat(jnp.asarray(x, dtype_), nd)
-        y = jax.lax.conv_transpose(x, params["kernel"].astype(dtype_), strides_, pad, k_dil, dims)
+        y = jax.lax.conv_transpose(x, adapted_kernel(params, dtype_), strides_, pad, k_dil, dims)
         if use_bias:
             y = y + get_param(params, "bias", (features,)).astype(dtype_)
         return jnp.reshape(y, (*batch, *y.shape[1:])), state

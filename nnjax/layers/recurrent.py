@@ -40,7 +40,8 @@ from nnjax.core.checks import check_keys, get_param, shape_str
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
 from nnjax.core.layer import call_child
-from nnjax.layers.base import compute_dtype, matmul_last
+from nnjax.layers.adapters import KERNEL_KEYS, adapted_matmul, kernel_shape
+from nnjax.layers.base import compute_dtype
 
 __all__ = ["SimpleRNN", "LSTM", "GRU", "Bidirectional"]
 
@@ -173,15 +174,19 @@ def _recurrent(
         del rng, train
         inputs, lengths, carry0, what = _parse_input(x)
         _check_inputs(inputs, what)
-        check_keys(params, keys)
-        kernel = params["kernel"]
+        check_keys(params, keys, KERNEL_KEYS)
+        k_shape = kernel_shape(params)
         shape = np.shape(inputs)
-        if np.ndim(kernel) != 2 or np.shape(kernel)[0] != shape[-1]:
+        if len(k_shape) != 2 or k_shape[0] != shape[-1]:
             raise LayerError(
-                f"expected {what}.shape[-1] == {np.shape(kernel)[0] if np.ndim(kernel) else '?'} "
-                f"(kernel {shape_str(np.shape(kernel))}), got {what}.shape == {shape_str(shape)}"
+                f"expected {what}.shape[-1] == {k_shape[0] if k_shape else '?'} "
+                f"(kernel {shape_str(k_shape)}), got {what}.shape == {shape_str(shape)}"
             )
-        kernel = get_param(params, "kernel", (shape[-1], G))
+        if k_shape[1] != G:
+            raise LayerError(
+                f"expected param 'kernel' with shape {shape_str((shape[-1], G))}, "
+                f"got {shape_str(k_shape)}"
+            )
         batch, T = shape[:-2], shape[-2]
         dtype_ = compute_dtype(inputs, dtype, param_dtype)
         p = {"recurrent_kernel": get_param(params, "recurrent_kernel", (H, G)).astype(dtype_)}
@@ -191,7 +196,7 @@ def _recurrent(
 
         # The input projection of every step in one matmul; only h @ recurrent_kernel
         # stays inside the scan.
-        xp = matmul_last(jnp.asarray(inputs, dtype_), kernel.astype(dtype_))  # (..., T, G)
+        xp = adapted_matmul(params, jnp.asarray(inputs, dtype_), dtype_)  # (..., T, G)
         if use_bias:
             xp = xp + get_param(params, "bias", (G,)).astype(dtype_)
         xs = jnp.moveaxis(xp, -2, 0)  # (T, ..., G)

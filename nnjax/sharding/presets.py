@@ -12,6 +12,7 @@ from typing import Any
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from nnjax.layers.adapters import ADAPTERS
 from nnjax.sharding.mesh import axis_size
 
 __all__ = [
@@ -71,22 +72,33 @@ def fsdp_rules(axis: str = "data", min_size: int = 2**14) -> dict[str, Any]:
     return {"**": fsdp_spec(axis, min_size)}
 
 
-def _column(path: str, shape: tuple[int, ...], mesh: Mesh, *, axis: str) -> P:
-    del shape, mesh
+def _split_spec(path: str, shape: tuple[int, ...], split: str, axis: str) -> P:
+    """The spec that splits the ``split`` axis (``"in"`` or ``"out"``) of a kernel-side leaf.
+
+    The kernel ``(..., in, out)`` (a Conv kernel's ``in`` is its channel axis), the
+    bias ``(out,)`` and the adapters (their shapes over ``in``/``out``/``r`` from
+    :data:`nnjax.layers.adapters.ADAPTERS`); anything else (the quantization scale)
+    is replicated.
+    """
     leaf = path.rpartition("/")[2]
-    if leaf in ("kernel", "lora_b"):  # (in, out), (r, out): split the outputs
-        return P(None, axis)
-    if leaf in ("bias", "ia3_scale", "dora_magnitude"):  # (out,)
-        return P(axis)
-    return P()  # lora_a (in, r)
+    names = {"kernel": ("in", "out"), "bias": ("out",)}.get(leaf)
+    if names is None:
+        names = next((k.leaves[leaf] for k in ADAPTERS.values() if leaf in k.leaves), ())
+    if split not in names or len(names) > len(shape):
+        return P()
+    spec = [None] * len(shape)
+    spec[len(shape) - len(names) + names.index(split)] = axis
+    return P(*spec)
+
+
+def _column(path: str, shape: tuple[int, ...], mesh: Mesh, *, axis: str) -> P:
+    del mesh
+    return _split_spec(path, shape, "out", axis)
 
 
 def _row(path: str, shape: tuple[int, ...], mesh: Mesh, *, axis: str) -> P:
-    del shape, mesh
-    leaf = path.rpartition("/")[2]
-    if leaf in ("kernel", "lora_a"):  # (in, out), (in, r): split the inputs
-        return P(axis, None)
-    return P()  # bias, lora_b (r, out), ia3_scale: on the full outputs
+    del mesh
+    return _split_spec(path, shape, "in", axis)
 
 
 def column_parallel(axis: str = "model") -> Any:
