@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+import nnjax as nj
 import nnjax.data as nd
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -89,10 +90,42 @@ def test_dict_pytree_and_endless():
 
 def test_different_lengths_raise_before_work():
     x, y = _toy(10)
-    with pytest.raises(nd.DataError, match=r"same leading length, got lengths \[10, 9\]"):
+    with pytest.raises(nj.DataError, match=r"same leading length, got lengths \[10, 9\]"):
         nd.batches((x, y[:9]), 2)
-    with pytest.raises(nd.DataError, match="expected batch_size <= 10"):
+    with pytest.raises(nj.DataError, match="expected batch_size <= 10"):
         nd.batches((x, y), 11)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda x, y: nd.batches((x, y), 4.0),
+            r"^batch_size: expected an int >= 1, got 4.0 \(float\)",
+        ),
+        (lambda x, y: nd.batches((x, y), 0), r"^batch_size: expected an int >= 1, got 0"),
+        (lambda x, y: nd.batches((x, y), 2, epochs=1.5), r"^epochs: expected an int >= 0"),
+        (lambda x, y: nd.batches((x, y), 2, start=-1), r"^start: expected an int >= 0, got -1"),
+        (lambda x, y: nd.batches((x, y), 2).at(2.0), r"^position: expected an int >= 0"),
+        (lambda x, y: nd.lm_batches(y, 4, 0), r"^batch_size: expected an int >= 1, got 0"),
+        (lambda x, y: nd.lm_batches(y, 4.0, 2), r"^block_size: expected an int >= 1"),
+        (lambda x, y: nd.lm_batches(y, 4, 2, steps=-1), r"^steps: expected an int >= 0"),
+        (lambda x, y: nd.stack_batches([], 0), r"^k: expected an int >= 1, got 0"),
+        (lambda x, y: nd.prefetch_to_device([], 2.5), r"^size: expected an int >= 1, got 2.5"),
+    ],
+)
+def test_bad_sizes_name_the_argument_before_any_work(call, match):
+    x, y = _toy(10)
+    with pytest.raises(nj.ArgumentError, match=match) as err:
+        call(x, y)
+    assert isinstance(err.value, ValueError) and isinstance(err.value, TypeError)
+
+
+def test_no_examples_is_a_data_error():
+    with pytest.raises(
+        nj.DataError, match="expected at least one example, got arrays with leading length 0"
+    ):
+        nd.batches((np.zeros((0, 3)), np.zeros(0)), 1, drop_remainder=False)
 
 
 def test_stack_batches_and_prefetch():
@@ -168,14 +201,14 @@ def test_idx_raw_and_gzip_agree(data_dir, tmp_path):
 def test_corrupt_idx_files_raise(data_dir, tmp_path):
     raw = gzip.decompress((data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes())
     (tmp_path / "truncated").write_bytes(raw[:-10])
-    with pytest.raises(nd.DataError, match=r"expected 10008 bytes .* got 9998"):
+    with pytest.raises(nj.DataError, match=r"expected 10008 bytes .* got 9998"):
         nd.load_idx(tmp_path / "truncated")
     (tmp_path / "magic").write_bytes(b"\x12\x34" + raw[2:])
-    with pytest.raises(nd.DataError, match=r"expected an IDX file .* got magic 12340801"):
+    with pytest.raises(nj.DataError, match=r"expected an IDX file .* got magic 12340801"):
         nd.load_idx(tmp_path / "magic")
     gz = (data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes()
     (tmp_path / "cut.gz").write_bytes(gz[: len(gz) // 2])
-    with pytest.raises(nd.DataError, match="corrupt or truncated gzip"):
+    with pytest.raises(nj.DataError, match="corrupt or truncated gzip"):
         nd.load_idx(tmp_path / "cut.gz")
     shutil.copy(data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz", tmp_path / "ok.gz")
     assert nd.load_idx(tmp_path / "ok.gz").shape == (10000,)
@@ -194,8 +227,19 @@ def test_tinyshakespeare_char(data_dir):
     np.testing.assert_array_equal(text.val[:500], [stoi[c] for c in raw[1003854 : 1003854 + 500]])
     s = raw[:2000]
     assert text.decode(text.encode(s)) == s
-    with pytest.raises(nd.DataError, match="'%' is not in the vocabulary"):
+    with pytest.raises(nj.DataError, match="'%' is not in the vocabulary"):
         text.encode("3%")
+
+
+def test_text_that_is_not_utf8_names_the_file_and_the_encoding_option(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    with pytest.raises(
+        nj.DataError, match=r"latin.txt: not valid utf-8 text \(byte 3: .*encoding='latin-1'"
+    ):
+        nd.load_text(path)
+    text = nd.load_text(path, encoding="latin-1", val_fraction=0.0)
+    assert text.decode(text.train) == "caf\u00e9 cr\u00e8me"
 
 
 def test_text_byte_level(tmp_path):

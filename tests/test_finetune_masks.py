@@ -114,7 +114,9 @@ def test_report_rejects_a_mask_of_the_wrong_copies():
     p = _shapes_params()
     m = ft.mask(p)
     m["blocks"]["stacked"]["ln_1"]["scale"] = np.array([True, False])
-    with pytest.raises(ValueError, match=r"expected a mask leaf of shape \(3,\)"):
+    with pytest.raises(
+        nj.MaskError, match=r"over the 1 stacked axes .* \(shape \(3, 8\)\), got shape \(2,\)"
+    ):
         ft.report(p, m)
 
 

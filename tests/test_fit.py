@@ -269,5 +269,5 @@ def test_lm_batches_resume(tmp_path):
         assert '"position": 3' in f.read()
     _, resumed = fit(tr, tr.init(params, state), data, checkpoint_dir=tmp_path, **run)
     assert len(full["loss"]) == 7 and resumed["loss"] == full["loss"]
-    with pytest.raises(ValueError, match="LMBatches has no epochs; pass steps="):
+    with pytest.raises(ValueError, match="LMBatchIterator has no epochs; pass steps="):
         fit(tr, tr.init(params, state), data, epochs=1, progress=False)

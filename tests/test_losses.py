@@ -99,14 +99,14 @@ def test_regression_losses(torch, ours, theirs):
 
 def test_shape_errors():
     with pytest.raises(
-        nj.LayerError,
+        nj.ShapeError,
         match=r"expected targets.shape == predictions.shape == \(4, 1\), got targets.shape == \(4,\)",
     ):
         losses.mse(jnp.zeros((4, 1)), jnp.zeros(4))
     with pytest.raises(
-        nj.LayerError,
+        nj.ShapeError,
         match=r"expected labels.shape == logits.shape\[:-1\] == \(4,\), got labels.shape == \(4, 3\)",
     ):
         losses.softmax_cross_entropy(jnp.zeros((4, 3)), jnp.zeros((4, 3), jnp.int32))
-    with pytest.raises(nj.LayerError, match="expected integer labels"):
+    with pytest.raises(nj.ShapeError, match="expected integer labels"):
         losses.softmax_cross_entropy(jnp.zeros((4, 3)), jnp.zeros(4))

@@ -74,6 +74,6 @@ def test_metrics_average_weights_by_example_count():
 
 def test_label_shape_error():
     with pytest.raises(
-        nj.LayerError, match=r"expected labels.shape == logits.shape\[:-1\] == \(4,\)"
+        nj.ShapeError, match=r"expected labels.shape == logits.shape\[:-1\] == \(4,\)"
     ):
         metrics.accuracy(jnp.zeros((4, 3)), jnp.zeros((3,), jnp.int32))

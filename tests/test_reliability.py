@@ -210,7 +210,7 @@ def test_optimizer_state_from_another_optimizer(built_with, stepped_with, want, 
         tr,
         other.init(params, state),
         batch,
-        LayerError,
+        nj.OptimizerStateError,
         rf"^opt_state: expected the state of this trainer's optimizer, {re.escape(want)}, got "
         + re.escape(got),
     )
@@ -225,7 +225,7 @@ def test_optimizer_state_over_other_params():
         tr,
         full.init(params, state),
         batch,
-        LayerError,
+        nj.OptimizerStateError,
         r"^opt_state: expected a \(ScaleByAdamState, EmptyState\) over the trainable params, "
         r"got one over other params: missing \[\], unexpected \[.*'dense_0'",
     )

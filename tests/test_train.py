@@ -237,14 +237,26 @@ def test_mask_errors():
     make = lambda mask: train.trainer(model, losses.mse, optax.sgd(0.1), trainable=mask).init(
         params
     )
-    with pytest.raises(ValueError, match="no entry for param 'dense_1/bias'"):
+    with pytest.raises(nj.MaskError, match="no entry for param 'dense_1/bias'"):
         make({"dense_0": True, "dense_1": {"kernel": True}})
-    with pytest.raises(ValueError, match=r"not params: \['head'\]"):
+    with pytest.raises(nj.MaskError, match=r"not params: \['head'\]"):
         make({"dense_0": True, "dense_1": True, "head": False})
-    with pytest.raises(ValueError, match="stacked axes"):
+    with pytest.raises(nj.MaskError, match="stacked axes"):
         make({"dense_0": np.array([True, False]), "dense_1": True})
-    with pytest.raises(TypeError, match="expected a bool"):
+    with pytest.raises(nj.MaskError, match="expected a bool"):
         make({"dense_0": 1, "dense_1": True})
+
+
+@pytest.mark.parametrize(
+    "mask", [False, {"dense_0": False, "dense_1": {"kernel": False, "bias": False}}]
+)
+def test_a_mask_that_selects_nothing_is_refused(mask):
+    """Today's alternative was a run that trains nothing and reports a flat loss."""
+    model, (x, _) = _mlp(), _data()
+    params, _ = model.init(jax.random.key(0), x)
+    tr = train.trainer(model, losses.mse, optax.sgd(0.1), trainable=mask)
+    with pytest.raises(nj.MaskError, match=r"selects no parameter \(all 4 leaves frozen\)"):
+        tr.init(params)
 
 
 # --- scans: several steps per call, gradient accumulation ------------------------------
@@ -271,7 +283,7 @@ def test_steps_per_call_equals_k_single_steps():
     np.testing.assert_allclose(m_m["loss"], [m["loss"] for m in got], rtol=1e-6)
     np.testing.assert_allclose(m_m["accuracy"], [m["accuracy"] for m in got])
     with pytest.raises(
-        nj.LayerError, match=r"leading axis of steps_per_call=3, got x.shape == \(8, 5\)"
+        nj.ShapeError, match=r"leading axis of steps_per_call=3, got x.shape == \(8, 5\)"
     ):
         multi.step(multi.init(params, state), (xs[0], ys[0]), rng)
 
@@ -285,7 +297,7 @@ def test_accumulate_equals_one_full_batch_step():
     ref, ref_losses = _reference(model, params, state, [(x, y)], opt)
     _allclose(ts.params, ref)
     np.testing.assert_allclose(m["loss"], ref_losses[0], rtol=1e-6)
-    with pytest.raises(nj.LayerError, match=r"divides by accumulate=3, got x.shape == \(8, 5\)"):
+    with pytest.raises(nj.ShapeError, match=r"divides by accumulate=3, got x.shape == \(8, 5\)"):
         train.trainer(model, losses.softmax_cross_entropy, opt, accumulate=3).step(ts, (x, y))
 
 

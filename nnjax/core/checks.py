@@ -12,9 +12,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 
-__all__ = ["shape_str", "check_rank", "check_float", "check_keys", "get_param"]
+__all__ = ["shape_str", "check_rank", "check_float", "check_keys", "get_param", "check_int"]
 
 
 def shape_str(shape: Iterable[int]) -> str:
@@ -64,3 +64,18 @@ def get_param(params: Mapping[str, Any], name: str, shape: tuple[int, ...] | Non
             f"expected param {name!r} with shape {shape_str(shape)}, got {shape_str(np.shape(value))}"
         )
     return value
+
+
+def check_int(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an int, or an ArgumentError naming ``name``: ``batch_size: expected an int >= 1, got 64.0 (float)``.
+
+    Python and NumPy integers pass; floats (even ``64.0``), bools and strings do not,
+    so a computed size that went fractional is caught where it is given.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ArgumentError(
+            f"{name}: expected an int >= {minimum}, got {value!r} ({type(value).__name__})"
+        )
+    if value < minimum:
+        raise ArgumentError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)

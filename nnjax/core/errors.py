@@ -1,11 +1,33 @@
-"""The errors nnjax raises: each names the parameter path where it happened."""
+"""The errors nnjax raises, by kind: catch ``nj.NNJaxError`` for all, or one kind.
+
+Every kind but :class:`TrainingDiverged` is also a ``ValueError`` (and
+:class:`ArgumentError` a ``TypeError``), so code that catches those keeps working.
+Each message names what was wrong: the layer path, the argument, the file.
+
+=======================  ===================================================================
+``LayerError``           a layer's input, params or state (message starts with the layer path)
+``ShapeError``           targets, labels or batch arrays of the wrong shape, dtype or range
+``DataError``            data that cannot be read or batched (a corrupt file, bad lengths)
+``ArgumentError``        a bad argument: a float for an int, a size <= 0, counts that do not divide
+``GlobError``            a path glob that matches nothing, or groups that overlap
+``MaskError``            a trainable mask that does not fit the params or selects nothing
+``OptimizerStateError``  an optimizer state built by another optimizer or over other params
+``CheckpointError``      a checkpoint that is missing, corrupt or does not fit
+``ShardingError``        a sharding that does not fit the mesh or the array
+``TrainingDiverged``     a non-finite loss or train state (a ``FloatingPointError``)
+=======================  ===================================================================
+"""
 
 from __future__ import annotations
 
 __all__ = [
     "NNJaxError",
     "LayerError",
+    "ShapeError",
+    "ArgumentError",
     "GlobError",
+    "MaskError",
+    "OptimizerStateError",
     "CheckpointError",
     "DataError",
     "TrainingDiverged",
@@ -43,6 +65,26 @@ class LayerError(NNJaxError, ValueError):
 
 class GlobError(NNJaxError, ValueError):
     """A path glob (mask, rule, group) that matches no leaf, or groups that overlap."""
+
+
+class ShapeError(NNJaxError, ValueError):
+    """Targets, labels or batch arrays of the wrong shape, dtype or range for a loss, a
+    metric or the trainer (``expected labels.shape == logits.shape[:-1] == (4,), ...``)."""
+
+
+class ArgumentError(NNJaxError, ValueError, TypeError):
+    """A bad argument to a public function, named in the message: a float where an int
+    is expected, a size that is zero or negative, step counts that do not divide."""
+
+
+class MaskError(NNJaxError, ValueError):
+    """A trainable mask that does not fit the params (a path without an entry, a leaf
+    that is not a bool, copies that do not fit the stacked axes) or selects nothing."""
+
+
+class OptimizerStateError(NNJaxError, ValueError):
+    """An optimizer state that is not this trainer's: another optimizer's, or one built
+    over other trainable params (another mask). The message starts with ``opt_state:``."""
 
 
 class CheckpointError(NNJaxError, ValueError):

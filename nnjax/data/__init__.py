@@ -1,8 +1,9 @@
-"""Floor 3, data: batch iterators (seeded, resumable) and dataset readers.
+"""Floor 3, data: batch iterators (seeded, resumable), dataset readers, instruction and token data.
 
 ``import nnjax as nj``; ``nj.data.batches((x, y), 64, seed=0)``.
 """
 
-from nnjax.data.batches import *
 from nnjax.data.instruct import *
+from nnjax.data.iterators import *
+from nnjax.data.readers import *
 from nnjax.data.tokens import *

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from nnjax.core.errors import DataError
-from nnjax.data.batches import Batches, batches
+from nnjax.data.iterators import BatchIterator, batches
 
 __all__ = [
     "IGNORE_INDEX",
@@ -397,7 +397,7 @@ def instruct_batches(
     seed: int = 0,
     epochs: int | None = 1,
     start: int = 0,
-) -> Batches:
+) -> BatchIterator:
     """Packed instruction rows as a resumable :func:`nnjax.data.batches` iterator.
 
     Packing is deterministic, so rebuilding from the same file and calling
@@ -412,7 +412,7 @@ def instruct_batches(
         seed, epochs, start: as :func:`nnjax.data.batches`.
 
     Returns:
-        A :class:`~nnjax.data.batches.Batches` of ``(inputs, targets)``.
+        A :class:`~nnjax.data.iterators.BatchIterator` of ``(inputs, targets)``.
 
     Example:
         >>> records = [{"prompt": f"{i}+1=", "response": str(i + 1)} for i in range(20)]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from nnjax.core.errors import DataError
-from nnjax.data.batches import LMBatches
+from nnjax.data.iterators import LMBatchIterator, lm_batches
 
 __all__ = ["write_tokens", "open_tokens", "token_batches", "ByteTokenizer"]
 
@@ -106,7 +106,7 @@ def token_batches(
     dtype: Any = np.uint16,
     start: int = 0,
     steps: int | None = None,
-) -> LMBatches:
+) -> LMBatchIterator:
     """Random ``(x, y)`` windows of a token file, ``y`` shifted by one; resumable exactly.
 
     The windows are those of :func:`nnjax.data.lm_batches` over the memory map:
@@ -124,7 +124,7 @@ def token_batches(
         steps: total batches (``start`` included); ``None``: endless.
 
     Returns:
-        An :class:`~nnjax.data.batches.LMBatches` of ``(x, y)``, both ``(B, T)`` of
+        An :class:`~nnjax.data.iterators.LMBatchIterator` of ``(x, y)``, both ``(B, T)`` of
         the file's dtype (JAX's embedding lookups take them as they are).
 
     Raises:
@@ -145,7 +145,7 @@ def token_batches(
             f"{os.fspath(path)}: expected more than block_size == {block_size} tokens, "
             f"got {len(tokens)}"
         )
-    return LMBatches(tokens, block_size, batch_size, seed=seed, start=start, steps=steps)
+    return lm_batches(tokens, block_size, batch_size, seed, start=start, steps=steps)
 
 
 class ByteTokenizer:

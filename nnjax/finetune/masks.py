@@ -24,7 +24,9 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from nnjax.core.paths import keypath_str, logical_copies, match
+from nnjax.core.errors import MaskError
+from nnjax.core.masks import collapse, resolve
+from nnjax.core.paths import flatten, keypath_str, logical_copies, match
 from nnjax.core.report import human_bytes, leaf_bytes, table
 
 __all__ = [
@@ -45,16 +47,6 @@ __all__ = [
 Globs = str | Iterable[str]
 
 
-def _collapse(values: np.ndarray, dtype: Any) -> Any:
-    """A per-copy array as one Python scalar when all copies agree, else a NumPy array."""
-    values = np.asarray(values, dtype=dtype)
-    flat = values.reshape(-1)
-    if flat.size and bool(np.all(flat == flat[0])):
-        first = flat[0]
-        return first.item() if isinstance(first, np.generic) else first
-    return values
-
-
 def map_copies(fn: Callable[[str], Any], params: Any, dtype: Any = object) -> Any:
     """A tree like ``params`` with each leaf ``fn(logical_path)`` per stacked copy.
 
@@ -67,7 +59,7 @@ def map_copies(fn: Callable[[str], Any], params: Any, dtype: Any = object) -> An
 
     def leaf(keypath, x):
         copies = logical_copies(keypath_str(keypath), np.shape(x))
-        return _collapse(np.vectorize(fn, otypes=[dtype])(copies), dtype)
+        return collapse(np.vectorize(fn, otypes=[dtype])(copies), dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, params)
 
@@ -108,8 +100,8 @@ def mask(params: Any, include: Globs = "**", exclude: Globs = ()) -> Any:
 
 def _bool_op(op: Callable[..., np.ndarray], *masks: Any) -> Any:
     if not masks:
-        raise ValueError("expected at least one mask")
-    return jax.tree.map(lambda *ms: _collapse(op(*(np.asarray(m) for m in ms)), bool), *masks)
+        raise MaskError("expected at least one mask")
+    return jax.tree.map(lambda *ms: collapse(op(*(np.asarray(m) for m in ms)), bool), *masks)
 
 
 def union(*masks: Any) -> Any:
@@ -127,27 +119,18 @@ def invert(m: Any) -> Any:
     return _bool_op(np.logical_not, m)
 
 
-def _fraction(m: Any, x: Any) -> float:
-    """Share of leaf ``x`` that mask leaf ``m`` makes trainable."""
-    m = np.asarray(m, dtype=bool)
-    if m.ndim and m.shape != tuple(np.shape(x)[: m.ndim]):
-        raise ValueError(
-            f"expected a mask leaf of shape {tuple(np.shape(x)[: m.ndim])} (the stacked axes "
-            f"of a leaf {tuple(np.shape(x))}), got {m.shape}"
-        )
-    return float(np.mean(m)) if m.size else 0.0
-
-
 def _counts(params: Any, m: Any) -> list[tuple[str, int, int, int]]:
-    """``(path, trainable count, total count, itemsize)`` per physical leaf."""
+    """``(path, trainable count, total count, bytes per scalar)`` per physical leaf.
+
+    ``m`` is read as the trainer reads it (:func:`nnjax.core.masks.resolve`), so a bool
+    may stand for a subtree and a report counts exactly what a train step updates.
+    """
+    resolved = resolve(m, params)
     rows = []
-
-    def leaf(keypath, x, mk):
-        size = int(np.prod(np.shape(x)))
-        itemsize = leaf_bytes(x) // size if size else 0
-        rows.append((keypath_str(keypath), round(size * _fraction(mk, x)), size, itemsize))
-
-    jax.tree_util.tree_map_with_path(leaf, params, m)
+    for path, x in flatten(params).items():
+        size, mk = int(np.prod(np.shape(x))), resolved[path]
+        share = float(np.mean(mk)) if isinstance(mk, np.ndarray) else float(mk)
+        rows.append((path, round(size * share), size, leaf_bytes(x) // size if size else 0))
     return rows
 
 

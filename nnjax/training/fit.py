@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from nnjax.checkpoint import state as checkpoint
 from nnjax.core.errors import CheckpointError, TrainingDiverged
-from nnjax.data.batches import Batches, stack_batches
+from nnjax.data.iterators import BatchIterator, stack_batches
 from nnjax.training.trainer import evaluate_dataset
 
 __all__ = ["fit", "TrainingDiverged", "early_stopping"]
@@ -84,7 +84,7 @@ def _is_resumable(data: Any) -> bool:
 
 def _stream(data: Any, epochs: int | None, pos: dict[str, int] | None) -> Iterator:
     """``(batch, position after it)`` from any kind of ``train_data``, resumed at ``pos``."""
-    if isinstance(data, Batches):
+    if isinstance(data, BatchIterator):
         if pos is not None and "position" not in pos:
             raise CheckpointError(f"the checkpoint's data position {pos} does not fit {data!r}")
         position = data.position if pos is None else pos["position"]
@@ -150,7 +150,7 @@ def _calls(stream: Iterator, k: int, prefetch: int) -> Iterator:
 
 def _planned_steps(data: Any, epochs: int | None, steps: int | None) -> int | None:
     per_epoch = None
-    if isinstance(data, Batches):
+    if isinstance(data, BatchIterator):
         per_epoch = data.steps_per_epoch
         epochs = data.epochs if epochs is None else epochs
     elif hasattr(data, "__len__") and not callable(data):
@@ -161,7 +161,7 @@ def _planned_steps(data: Any, epochs: int | None, steps: int | None) -> int | No
 
 
 def _eval_batches(eval_data: Any) -> Iterable:
-    if isinstance(eval_data, Batches):
+    if isinstance(eval_data, BatchIterator):
         return eval_data.at(0, epochs=1)  # one full pass, however it was built
     if _is_resumable(eval_data):
         if getattr(eval_data, "steps", None) is None:
@@ -298,7 +298,7 @@ def fit(
             rng = _rng_from_json(run["rng"])
             last_ckpt, saved_at = found, step
 
-    if isinstance(train_data, Batches):
+    if isinstance(train_data, BatchIterator):
         if steps is None and epochs is None and train_data.epochs is None:
             raise ValueError("train_data is endless (batches(..., epochs=None)): pass steps=")
     elif not _is_resumable(train_data) and epochs is None and steps is None:

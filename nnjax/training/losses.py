@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from nnjax.core.checks import shape_str
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ShapeError
 
 __all__ = [
     "softmax_cross_entropy",
@@ -35,7 +35,7 @@ __all__ = [
 
 def _check_same_shape(predictions: Any, targets: Any, what: str = "predictions") -> None:
     if np.shape(predictions) != np.shape(targets):
-        raise LayerError(
+        raise ShapeError(
             f"expected targets.shape == {what}.shape == {shape_str(np.shape(predictions))}, "
             f"got targets.shape == {shape_str(np.shape(targets))}"
         )
@@ -72,15 +72,15 @@ def softmax_cross_entropy(
         The mean over counted positions, a float scalar (0 if none counts).
 
     Raises:
-        LayerError: ``labels.shape != logits.shape[:-1]`` or non-integer labels.
+        ShapeError: ``labels.shape != logits.shape[:-1]`` or non-integer labels.
     """
     if np.ndim(logits) < 1 or np.shape(labels) != np.shape(logits)[:-1]:
-        raise LayerError(
+        raise ShapeError(
             f"expected labels.shape == logits.shape[:-1] == {shape_str(np.shape(logits)[:-1])}, "
             f"got labels.shape == {shape_str(np.shape(labels))}"
         )
     if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-        raise LayerError(
+        raise ShapeError(
             f"expected integer labels (use softmax_cross_entropy_onehot for one-hot), "
             f"got labels.dtype == {jnp.result_type(labels)}"
         )

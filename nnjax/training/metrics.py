@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import shape_str
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ShapeError
 
 __all__ = [
     "accuracy",
@@ -40,7 +40,7 @@ def _class_ids(logits: jax.Array, labels: jax.Array) -> jax.Array:
     if np.shape(labels) == np.shape(logits):
         return jnp.argmax(labels, axis=-1)
     if np.ndim(logits) < 1 or np.shape(labels) != np.shape(logits)[:-1]:
-        raise LayerError(
+        raise ShapeError(
             f"expected labels.shape == logits.shape[:-1] == {shape_str(np.shape(logits)[:-1])} "
             f"(or one-hot, logits.shape), got labels.shape == {shape_str(np.shape(labels))}"
         )

@@ -34,10 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nnjax.core.checks import shape_str
+from nnjax.core import masks
+from nnjax.core.checks import check_int, shape_str
 from nnjax.core.combinators import Layer
-from nnjax.core.errors import DataError, LayerError
-from nnjax.core.paths import STACKED, flatten
+from nnjax.core.errors import DataError, LayerError, OptimizerStateError, ShapeError
+from nnjax.core.paths import flatten
 from nnjax.training import metrics as metrics_lib
 
 __all__ = ["TrainState", "Trainer", "trainer", "evaluate_dataset", "ONEDNN_DOTS"]
@@ -100,96 +101,10 @@ class Trainer(NamedTuple):
     steps_per_call: int = 1
 
 
-# --- the trainable mask --------------------------------------------------------------
-
-
-def _mask_value(path: str, value: Any) -> bool | np.ndarray:
-    """A mask leaf as ``True``/``False`` or a bool array that selects stacked copies."""
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    arr = np.asarray(value)
-    if arr.dtype != np.bool_ or arr.ndim == 0:
-        raise TypeError(
-            f"trainable[{path!r}]: expected a bool or a NumPy bool array, got {value!r}"
-        )
-    return bool(arr[0]) if arr.all() or not arr.any() else arr
-
-
-def _resolve_mask(trainable: Any, params: Params) -> dict[str, bool | np.ndarray]:
-    """``{param path: True | False | bool array}``; a mask bool may cover a whole subtree."""
-    param_flat = flatten(params)
-    if trainable is None:
-        return dict.fromkeys(param_flat, True)
-    if isinstance(trainable, bool):
-        return dict.fromkeys(param_flat, trainable)
-    mask_flat = {p: _mask_value(p, v) for p, v in flatten(trainable).items()}
-    resolved, used = {}, set()
-    for path, leaf in param_flat.items():
-        parts = path.split("/")
-        prefixes = ["/".join(parts[:i]) for i in range(len(parts), 0, -1)]
-        hit = next((p for p in prefixes if p in mask_flat), None)
-        if hit is None:
-            raise ValueError(f"trainable mask has no entry for param {path!r}")
-        used.add(hit)
-        value = mask_flat[hit]
-        if isinstance(value, np.ndarray):
-            n_stacked = parts.count(STACKED)
-            if value.ndim > n_stacked or np.shape(leaf)[: value.ndim] != value.shape:
-                raise ValueError(
-                    f"trainable[{hit!r}]: expected a bool array over the {n_stacked} stacked "
-                    f"axes of {path!r} (shape {shape_str(np.shape(leaf))}), "
-                    f"got shape {shape_str(value.shape)}"
-                )
-        resolved[path] = value
-    unknown = sorted(set(mask_flat) - used)
-    if unknown:
-        raise ValueError(f"trainable mask has paths that are not params: {unknown}")
+def _trainable_mask(trainable: Any, params: Params) -> masks.Resolved:
+    resolved = masks.resolve(trainable, params)
+    masks.require_trainable(resolved)
     return resolved
-
-
-def _split(params: Params, mask: Mapping[str, Any]) -> tuple[Params, dict[str, Any]]:
-    """``(trainable tree, {path: frozen leaf})``; the trainable tree is a nested dict."""
-    trainable: Params = {}
-    frozen = {}
-    for path, leaf in flatten(params).items():
-        if mask[path] is False:
-            frozen[path] = leaf
-            continue
-        node = trainable
-        *parents, last = path.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return trainable, frozen
-
-
-def _merge(template: Params, trainable: Params, frozen: Mapping[str, Any]) -> Params:
-    """``template``'s structure with its leaves taken from ``trainable`` and ``frozen``."""
-    flat = {**frozen, **flatten(trainable)}
-
-    def rebuild(node, prefix):
-        return {
-            k: rebuild(v, f"{prefix}{k}/") if isinstance(v, Mapping) else flat[f"{prefix}{k}"]
-            for k, v in node.items()
-        }
-
-    return rebuild(template, "")
-
-
-def _select_copies(mask: Mapping[str, Any], new: Params, old: Params | None) -> Params:
-    """``new``, except on the unselected copies of partially masked stacked leaves.
-
-    There it takes ``old``'s values (zeros where ``old`` is None).
-    """
-    old_flat = {} if old is None else flatten(old)
-    out = {}
-    for path, n in flatten(new).items():
-        m = mask[path]
-        if isinstance(m, np.ndarray):
-            o = old_flat[path] if old is not None else jnp.zeros_like(n)
-            n = jnp.where(m.reshape(m.shape + (1,) * (n.ndim - m.ndim)), n, o)
-        out[path] = n
-    return _merge(new, {}, out)
 
 
 # --- small helpers -------------------------------------------------------------------
@@ -224,7 +139,7 @@ def _split_leading(tree: Any, n: int, what: str) -> Any:
 
     def split(x):
         if np.ndim(x) < 1 or np.shape(x)[0] % n:
-            raise LayerError(
+            raise ShapeError(
                 f"expected batch arrays whose leading axis divides by {what}={n}, "
                 f"got x.shape == {shape_str(np.shape(x))}"
             )
@@ -236,7 +151,7 @@ def _split_leading(tree: Any, n: int, what: str) -> Any:
 def _check_leading(tree: Any, n: int) -> None:
     for x in jax.tree.leaves(tree):
         if np.ndim(x) < 1 or np.shape(x)[0] != n:
-            raise LayerError(
+            raise ShapeError(
                 f"expected batch arrays with a leading axis of steps_per_call={n}, "
                 f"got x.shape == {shape_str(np.shape(x))}"
             )
@@ -319,25 +234,22 @@ def _check_opt_state(optimizer: optax.GradientTransformation, train_p: Params, o
         if kind_w == kind_g:  # same optimizer, built over other params (another mask?)
             paths = lambda t: {jax.tree_util.keystr(k) for k, _ in jax.tree.leaves_with_path(t)}
             pw, pg = paths(want), paths(opt_state)
-            raise LayerError(
-                f"expected a {kind_w} over the trainable params, got one over other params: "
-                f"missing {sorted(pw - pg)[:5]}, unexpected {sorted(pg - pw)[:5]}; "
-                "build the TrainState with this trainer's init",
-                ("opt_state",),
+            raise OptimizerStateError(
+                f"opt_state: expected a {kind_w} over the trainable params, got one over other "
+                f"params: missing {sorted(pw - pg)[:5]}, unexpected {sorted(pg - pw)[:5]}; "
+                "build the TrainState with this trainer's init"
             )
-        raise LayerError(
-            f"expected the state of this trainer's optimizer, {kind_w}, got {kind_g}; "
-            "build the TrainState with this trainer's init",
-            ("opt_state",),
+        raise OptimizerStateError(
+            f"opt_state: expected the state of this trainer's optimizer, {kind_w}, got {kind_g}; "
+            "build the TrainState with this trainer's init"
         )
     for (keypath, w), g in zip(
         jax.tree.leaves_with_path(want), jax.tree.leaves(opt_state), strict=True
     ):
         if tuple(np.shape(g)) != tuple(w.shape):
-            raise LayerError(
-                f"expected {jax.tree_util.keystr(keypath)} with shape {shape_str(w.shape)}, "
-                f"got {shape_str(np.shape(g))}",
-                ("opt_state",),
+            raise OptimizerStateError(
+                f"opt_state: expected {jax.tree_util.keystr(keypath)} with shape "
+                f"{shape_str(w.shape)}, got {shape_str(np.shape(g))}"
             )
 
 
@@ -399,10 +311,8 @@ def trainer(
         >>> ts = tr.init(params, state)
         >>> ts, m = tr.step(ts, (x, y), jax.random.key(1))
     """
-    if steps_per_call < 1 or accumulate < 1:
-        raise ValueError(
-            f"steps_per_call and accumulate must be >= 1, got {steps_per_call}, {accumulate}"
-        )
+    steps_per_call = check_int(steps_per_call, "steps_per_call")
+    accumulate = check_int(accumulate, "accumulate")
     metric_fns = _metric_fns(metrics)
 
     def forward(params, state, inputs, rng, train):
@@ -428,7 +338,7 @@ def trainer(
         inputs, targets = batch
 
         def loss_of(train_p):
-            params = _merge(template, train_p, frozen)
+            params = masks.merge(template, train_p, frozen)
             outputs, new_state = forward(params, state, inputs, rng, True)
             loss, values = loss_and_metrics(outputs, targets)
             return loss, (new_state, values)
@@ -445,8 +355,8 @@ def trainer(
     def one_step(ts, batch, rng):
         _check_batch(batch)
         _check_params(model, ts.params, batch[0])
-        mask = _resolve_mask(trainable, ts.params)
-        train_p, frozen = _split(ts.params, mask)
+        mask = _trainable_mask(trainable, ts.params)
+        train_p, frozen = masks.split(ts.params, mask)
         _check_opt_state(optimizer, train_p, ts.opt_state)
         if accumulate == 1:
             grads, new_state, values = grads_of(train_p, frozen, ts.params, ts.state, batch, rng)
@@ -462,9 +372,9 @@ def trainer(
             (g_sum, new_state), values = jax.lax.scan(micro_step, (g0, ts.state), micro)
             grads = jax.tree.map(lambda g: g / accumulate, g_sum)
             values = jax.tree.map(lambda v: jnp.mean(v, axis=0), values)
-        grads = _select_copies(mask, grads, None)
+        grads = masks.select_copies(mask, grads, None)
         updates, opt_state = optimizer.update(grads, ts.opt_state, train_p)
-        new_train = _select_copies(mask, optax.apply_updates(train_p, updates), train_p)
+        new_train = masks.select_copies(mask, optax.apply_updates(train_p, updates), train_p)
         new = (ts.step + 1, new_train, new_state, opt_state)
         if check_finite:
             finite = jnp.isfinite(values["loss"])
@@ -474,7 +384,7 @@ def trainer(
             new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
             values = {**values, "finite": finite}
         step, new_train, new_state, opt_state = new
-        params = _merge(ts.params, new_train, frozen)
+        params = masks.merge(ts.params, new_train, frozen)
         return TrainState(step, params, new_state, opt_state), values
 
     def step(ts: TrainState, batch: Batch, rng: jax.Array | None = None):
@@ -497,9 +407,9 @@ def trainer(
         return forward(ts.params, ts.state, inputs, None, False)[0]
 
     def init(params: Params, state: dict[str, Any] | None = None) -> TrainState:
-        mask = _resolve_mask(trainable, params)
+        mask = _trainable_mask(trainable, params)
         params, state = _copy(params), _copy({} if state is None else state)
-        opt_state = optimizer.init(_split(params, mask)[0])
+        opt_state = optimizer.init(masks.split(params, mask)[0])
         # An optimizer may keep the very param arrays in its state (lookahead):
         # copy those, or the donated step would get one buffer twice.
         held = {id(x) for x in jax.tree.leaves(params)}
