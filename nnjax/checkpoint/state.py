@@ -239,8 +239,11 @@ def save(
             or a leaf cannot be stored.
 
     Example:
-        >>> path = nj.checkpoint.save("runs/a", ts, extra={"epoch": 3})
+        >>> ts = {"step": jnp.array(3), "params": {"kernel": jnp.ones((2, 2))}}
+        >>> path = nj.checkpoint.save("runs/a", ts, step=3, extra={"epoch": 3})
         >>> ts, extra = nj.checkpoint.restore(nj.checkpoint.latest("runs/a"), ts)
+        >>> extra
+        {'epoch': 3}
     """
     if keep is not None and keep < 1:
         raise ValueError(f"expected keep >= 1 or None, got keep == {keep}")

@@ -164,9 +164,12 @@ def batches(
             in range (``batch_size: expected an int >= 1, got 64.0 (float)``).
 
     Example:
+        >>> x, y = np.zeros((100, 3), np.float32), np.arange(100)
         >>> it = nj.data.batches((x, y), 32, seed=0, epochs=2)
         >>> xb, yb = next(it); it.position
         1
+        >>> xb.shape, yb.shape, it.steps_per_epoch
+        ((32, 3), (32,), 3)
     """
     n = _leading_length(arrays)
     batch_size = check_int(batch_size, "batch_size")
@@ -250,7 +253,8 @@ def lm_batches(
         ArgumentError: a size, seed or count that is not an int in range.
 
     Example:
-        >>> x, y = next(nj.data.lm_batches(text.train, 64, 12))
+        >>> ids = np.arange(1000, dtype=np.int32) % 65
+        >>> x, y = next(nj.data.lm_batches(ids, 64, 12))
         >>> x.shape, y.shape
         ((12, 64), (12, 64))
     """

@@ -98,9 +98,16 @@ def load_mnist(directory: PathLike, split: str = "train") -> tuple[np.ndarray, n
         ``(images, labels)``: uint8 ``(N, 28, 28)`` (0 is background) and uint8 ``(N,)``.
 
     Example:
-        >>> x, y = nj.data.load_mnist("../shared/data/mnist", "test")
+        Three blank images written as IDX files stand in for the real download:
+
+        >>> import os
+        >>> def idx(a): return bytes([0, 0, 8, a.ndim]) + np.array(a.shape, ">i4").tobytes() + a.tobytes()
+        >>> os.makedirs("mnist")
+        >>> _ = open("mnist/t10k-images-idx3-ubyte", "wb").write(idx(np.zeros((3, 28, 28), np.uint8)))
+        >>> _ = open("mnist/t10k-labels-idx1-ubyte", "wb").write(idx(np.arange(3, dtype=np.uint8)))
+        >>> x, y = nj.data.load_mnist("mnist", "test")
         >>> x.shape, y.shape
-        ((10000, 28, 28), (10000,))
+        ((3, 28, 28), (3,))
     """
     if split not in _MNIST_FILES:
         raise ValueError(f"expected split 'train' or 'test', got {split!r}")
@@ -144,9 +151,12 @@ def load_text(
         A :class:`TextData`; ``decode(encode(s)) == s`` for any text of the vocabulary.
 
     Example:
-        >>> text = nj.data.load_text("../shared/data/tinyshakespeare/input.txt")
+        >>> _ = open("tiny.txt", "w").write("hello world\\n" * 10)
+        >>> text = nj.data.load_text("tiny.txt")
         >>> len(text.vocab), text.train.shape, text.val.shape
-        (65, (1003854,), (111540,))
+        (9, (108,), (12,))
+        >>> text.decode(text.encode("hello"))
+        'hello'
 
     Raises:
         DataError: a file that is not valid in ``encoding`` (the message names the

@@ -186,9 +186,11 @@ def add_lora(
         ValueError: a target is not a kernel, already has a LoRA, or is smaller than ``rank``.
 
     Example:
-        >>> params, m = nj.finetune.add_lora(params, key, ["**/attn/*/kernel"], rank=4)
-        >>> jax.tree.map(jnp.shape, params["blocks"]["stacked"]["attn"]["query"])
-        {'bias': (6, 32), 'kernel': (6, 32, 32), 'lora_a': (6, 32, 4), 'lora_b': (6, 4, 32)}
+        >>> model = nj.serial(nj.Dense(16), blocks=nj.repeat(nj.Dense(16), 4), head=nj.Dense(2))
+        >>> params, _ = model.init(key, jnp.zeros((1, 8)))
+        >>> params, m = nj.finetune.add_lora(params, key, ["blocks/*/kernel"], rank=4)
+        >>> jax.tree.map(jnp.shape, params["blocks"]["stacked"])
+        {'bias': (4, 16), 'kernel': (4, 16, 16), 'lora_a': (4, 16, 4), 'lora_b': (4, 4, 16)}
     """
     _check_rank(rank, "add_lora")
     return _add(params, key, targets, ADAPTERS["lora"], "add_lora", rank, alpha, a_init)

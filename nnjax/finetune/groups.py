@@ -124,8 +124,12 @@ def multi_optimizer(
         GlobError: see :func:`labels`.
 
     Example:
+        >>> import optax
+        >>> model = nj.serial(nj.Dense(16), head=nj.Dense(2))
+        >>> params, state = model.init(key, jnp.zeros((1, 8)))
         >>> tx = nj.finetune.multi_optimizer({"head/**": optax.adam(1e-3), "**": optax.adam(1e-5)}, params)
-        >>> trainer = nj.trainer(model, loss_fn, tx, trainable=m)
+        >>> tr = nj.trainer(model, nj.losses.softmax_cross_entropy, tx)
+        >>> ts, metrics = tr.step(tr.init(params, state), (jnp.ones((4, 8)), jnp.array([0, 1, 0, 1])))
     """
     rules = dict(rules)
     if params is not None:
@@ -236,7 +240,11 @@ def layerwise_lr_decay(
         optimizer: ``learning_rate -> GradientTransformation``.
 
     Example:
-        >>> tx = nj.finetune.layerwise_lr_decay(params, 1e-3, 0.8, below="embed/**")
+        >>> model = nj.serial(nj.Dense(16), blocks=nj.repeat(nj.Dense(16), 4), head=nj.Dense(2))
+        >>> params, _ = model.init(key, jnp.zeros((1, 8)))
+        >>> tx = nj.finetune.layerwise_lr_decay(params, 1e-3, 0.8, below="dense_0/**")
+        >>> nj.finetune.layerwise_scales(params, 0.8, below="dense_0/**")["blocks"]["stacked"]["kernel"]
+        array([0.4096, 0.512 , 0.64  , 0.8   ], dtype=float32)
     """
     scales = layerwise_scales(params, decay, blocks, below)
     return optax.chain(optimizer(base_lr), scale_by_tree(scales))

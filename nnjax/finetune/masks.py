@@ -10,10 +10,19 @@ one ``repeat``, ``(n1, n2)`` for a repeat inside a repeat); a leaf whose copies 
 all selected (or none) is plain ``True`` (``False``).
 
 Example:
-    >>> m = nj.finetune.mask(params, include="**", exclude="blocks/**")
+    >>> model = nj.serial(nj.Dense(16), blocks=nj.repeat(nj.Dense(16), 4), head=nj.Dense(2))
+    >>> params, _ = model.init(key, jnp.zeros((1, 8)))
+    >>> m = nj.finetune.mask(params, include="**", exclude="blocks/0/**")
+    >>> m["blocks"]["stacked"]["kernel"]
+    array([False,  True,  True,  True])
     >>> print(nj.finetune.report(params, m))
-    group   trainable   frozen   trainable bytes  frozen bytes  trainable %
-    ...
+    group    trainable  frozen  trainable bytes  frozen bytes  trainable %
+    -------  ---------  ------  ---------------  ------------  -----------
+    blocks         816     272          3.2 KiB       1.1 KiB        75.00
+    dense_0        144       0            576 B           0 B       100.00
+    head            34       0            136 B           0 B       100.00
+    -------  ---------  ------  ---------------  ------------  -----------
+    total          994     272          3.9 KiB       1.1 KiB        78.52
 """
 
 from __future__ import annotations
@@ -87,6 +96,8 @@ def mask(params: Any, include: Globs = "**", exclude: Globs = ()) -> Any:
             lists near paths).
 
     Example:
+        >>> model = nj.serial(backbone=nj.serial(nj.Dense(16)), head=nj.Dense(2))
+        >>> params, _ = model.init(key, jnp.zeros((1, 8)))
         >>> m = nj.finetune.mask(params, "**", exclude="backbone/**")
         >>> m["backbone"]["dense_0"]["kernel"], m["head"]["kernel"]
         (False, True)

@@ -98,9 +98,13 @@ def last_k_blocks(
         also: more globs to train, e.g. ``("ln_f/**", "head/**")``.
 
     Example:
+        >>> model = nj.serial(nj.Dense(16), blocks=nj.repeat(nj.Dense(16), 4), head=nj.Dense(2))
+        >>> params, _ = model.init(key, jnp.zeros((1, 8)))
         >>> m = nj.finetune.last_k_blocks(params, 2, also="head/**")
-        >>> m["blocks"]["stacked"]["attn"]["query"]["kernel"]  # 12 stacked blocks
-        array([False, False, ..., True, True])
+        >>> m["blocks"]["stacked"]["kernel"]  # 4 stacked blocks
+        array([False, False,  True,  True])
+        >>> m["head"]["kernel"], m["dense_0"]["kernel"]
+        (True, False)
     """
     names = block_names(params, blocks)
     if not 1 <= k <= len(names):

@@ -167,7 +167,11 @@ def MultiHeadAttention(
         >>> params, state = attn.init(key, jnp.zeros((2, 16, 32)))
         >>> jax.tree.map(jnp.shape, params["query"])
         {'bias': (32,), 'kernel': (32, 32)}
-        >>> y, _ = attn.apply(params, state, {"query": x, "mask": mask})  # mask (2, 16) bool
+        >>> x = jnp.ones((2, 16, 32))
+        >>> mask = jnp.arange(16)[None, :] < jnp.array([[16], [9]])  # (2, 16): 16 and 9 tokens
+        >>> y, _ = attn.apply(params, state, {"query": x, "mask": mask})
+        >>> y.shape
+        (2, 16, 32)
     """
     if num_heads < 1:
         raise ValueError(f"MultiHeadAttention: num_heads must be >= 1, got {num_heads}")

@@ -361,10 +361,12 @@ def generate(
         ValueError: sampling without ``rng``, bad ``temperature`` / ``top_k``.
 
     Example:
-        >>> out = nj.models.generate(cfg, params, jnp.array([[0]]), 100, top_k=10,
+        >>> cfg = nj.models.GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_embd=32)
+        >>> params, _ = nj.models.GPT(cfg).init(key, jnp.zeros((1, 64), jnp.int32))
+        >>> out = nj.models.generate(cfg, params, jnp.array([[0]]), 10, top_k=10,
         ...                          rng=jax.random.key(0))
         >>> out.shape
-        (1, 101)
+        (1, 11)
     """
     prompt, greedy = _check_generate(config, prompt_ids, max_new_tokens, temperature, top_k, rng)
     return _generate_jit(

@@ -48,9 +48,11 @@ def mesh(axes: Mapping[str, int] | None = None, devices: Sequence[Any] | None = 
             not the number of devices.
 
     Example:
-        >>> m = nj.sharding.mesh({"data": 2, "model": -1})   # 8 devices
-        >>> dict(m.shape)
-        {'data': 2, 'model': 4}
+        ``{"data": 2, "model": -1}`` on 8 devices is a 2 x 4 mesh; on one CPU device:
+
+        >>> m = nj.sharding.mesh({"data": -1, "model": 1})
+        >>> m.axis_names, dict(m.shape) == {"data": len(jax.devices()), "model": 1}
+        (('data', 'model'), True)
     """
     axes = {"data": -1} if axes is None else dict(axes)
     devices = list(jax.devices() if devices is None else devices)

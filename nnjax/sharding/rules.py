@@ -166,7 +166,9 @@ def shard_params(params: Any, mesh: Mesh, rules: Rules, *, check_unused: bool = 
     """``params`` placed on ``mesh`` by ``rules`` (all checks happen before any transfer).
 
     Example:
-        >>> m = nj.sharding.mesh({"data": 2, "model": 4})
+        >>> cfg = nj.models.GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_embd=32)
+        >>> params, _ = nj.models.GPT(cfg).init(key, jnp.zeros((1, 16), jnp.int32))
+        >>> m = nj.sharding.mesh({"data": -1, "model": 1})  # {"data": 2, "model": 4} on 8 devices
         >>> p = nj.sharding.shard_params(params, m, nj.sharding.tensor_parallel_rules())
         >>> p["blocks"]["stacked"]["attn"]["query"]["kernel"].sharding.spec
         P(None, None, 'model')
@@ -249,8 +251,15 @@ def shard_train_state(ts: Any, mesh: Mesh, rules: Rules, *, check_unused: bool =
     on its target sharding); the step donates it, so use only the returned one.
 
     Example:
+        >>> import optax
+        >>> model = nj.serial(nj.Dense(16), head=nj.Dense(2))
+        >>> params, state = model.init(key, jnp.zeros((1, 8)))
+        >>> tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adam(1e-3))
         >>> m = nj.sharding.mesh({"data": -1})
-        >>> ts = nj.sharding.shard_train_state(tr.init(params), m, nj.sharding.fsdp_rules())
+        >>> ts = nj.sharding.shard_train_state(tr.init(params, state), m, nj.sharding.fsdp_rules())
+        >>> x, y = jnp.ones((8, 8)), jnp.zeros((8,), jnp.int32)
         >>> ts, metrics = tr.step(ts, nj.sharding.shard_batch((x, y), m), key)
+        >>> int(ts.step)
+        1
     """
     return put(ts, train_state_shardings(ts, mesh, rules, check_unused=check_unused))

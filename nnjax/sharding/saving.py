@@ -92,10 +92,18 @@ def restore_sharded(
         ValueError: no ``shardings`` and a ``target`` leaf without a sharding.
 
     Example:
-        >>> new_mesh = nj.sharding.mesh({"data": 2, "model": 2})
+        >>> import optax
+        >>> model = nj.serial(nj.Dense(16), head=nj.Dense(2))
+        >>> params, state = model.init(key, jnp.zeros((1, 8)))
+        >>> tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adam(1e-3))
+        >>> rules = nj.sharding.fsdp_rules()
+        >>> path = nj.sharding.save_sharded("run", tr.init(params, state))
+        >>> new_mesh = nj.sharding.mesh({"data": -1, "model": 1})  # {"data": 2, "model": 2} ...
         >>> abstract = jax.eval_shape(tr.init, params, state)
         >>> sh = nj.sharding.train_state_shardings(abstract, new_mesh, rules)
-        >>> ts, extra = nj.sharding.restore_sharded(run_dir, abstract, sh)
+        >>> ts, extra = nj.sharding.restore_sharded("run", abstract, sh)
+        >>> ts.params["head"]["kernel"].sharding.mesh.axis_names
+        ('data', 'model')
     """
     if shardings is None:
 

@@ -269,10 +269,15 @@ def fit(
         CheckpointError: the newest checkpoint is corrupt or does not fit ``ts``.
 
     Example:
+        >>> import optax
+        >>> model = nj.serial(nj.Dense(16), jax.nn.relu, nj.Dense(2))
+        >>> params, state = model.init(key, jnp.zeros((1, 4)))
         >>> tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adam(1e-3))
+        >>> x = np.random.default_rng(0).normal(size=(512, 4)).astype(np.float32)
+        >>> y = (x[:, 0] > 0).astype(np.int32)
         >>> data = nj.data.batches((x, y), 128, epochs=3)
-        >>> ts, history = nj.fit(tr, tr.init(params), data, checkpoint_dir="runs/a",
-        ...                      checkpoint_every=500)   # run it again to resume
+        >>> ts, history = nj.fit(tr, tr.init(params, state), data, checkpoint_dir="runs/a",
+        ...                      checkpoint_every=500, progress=False)   # run it again to resume
         >>> len(history["loss"]) == 3 * data.steps_per_epoch
         True
     """

@@ -94,7 +94,10 @@ def top_k(k: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """A metric ``fn(logits, labels)`` = :func:`top_k_accuracy` with ``k``, named ``top{k}_accuracy``.
 
     Example:
-        >>> trainer = nj.trainer(model, loss, opt, metrics=[nj.metrics.accuracy, nj.metrics.top_k(5)])
+        >>> logits = jnp.array([[0.1, 0.5, 0.4], [0.8, 0.1, 0.2]])
+        >>> top2 = nj.metrics.top_k(2)  # nj.trainer(..., metrics=[nj.metrics.accuracy, top2])
+        >>> top2.__name__, float(top2(logits, jnp.array([2, 1])))
+        ('top2_accuracy', 0.5)
     """
     if k < 1:
         raise ValueError(f"top_k: k must be >= 1, got {k}")

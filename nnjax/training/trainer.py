@@ -305,11 +305,15 @@ def trainer(
         A :class:`Trainer` ``(init, step, evaluate, predict)``.
 
     Example:
+        >>> import optax
         >>> model = nj.serial(nj.Dense(64), jax.nn.relu, nj.Dense(10))
         >>> params, state = model.init(key, jnp.zeros((32, 784)))
         >>> tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adam(1e-3))
         >>> ts = tr.init(params, state)
+        >>> x, y = jnp.ones((32, 784)), jnp.zeros((32,), jnp.int32)
         >>> ts, m = tr.step(ts, (x, y), jax.random.key(1))
+        >>> int(ts.step), sorted(m)
+        (1, ['loss'])
     """
     steps_per_call = check_int(steps_per_call, "steps_per_call")
     accumulate = check_int(accumulate, "accumulate")

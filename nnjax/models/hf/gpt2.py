@@ -380,8 +380,15 @@ def load_gpt2(source: Any, config: GPTConfig | None = None) -> tuple[GPTConfig, 
         ValueError: no config for a file or state dict.
 
     Example:
-        >>> config, params = nj.models.hf.load_gpt2("path/to/gpt2")
-        >>> out = nj.models.generate(config, params, ids, 20, temperature=0)
+        A tiny random GPT-2 saved by transformers stands in for a downloaded one:
+
+        >>> import transformers
+        >>> hf_config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)
+        >>> transformers.GPT2LMHeadModel(hf_config).save_pretrained("gpt2-tiny")
+        >>> config, params = nj.models.hf.load_gpt2("gpt2-tiny")
+        >>> out = nj.models.generate(config, params, jnp.array([[1, 2]]), 5, temperature=0)
+        >>> out.shape
+        (1, 7)
     """
     from safetensors.numpy import load_file
 
@@ -489,10 +496,14 @@ def load_torch_state_dict(
             (8, 5)``), a path that is not a param, or (``strict``) anything unmapped.
 
     Example:
+        >>> import torch
+        >>> params, _ = nj.serial(nj.Dense(8), jax.nn.relu, nj.Dense(2)).init(key, jnp.zeros((1, 4)))
         >>> torch_net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         >>> params = nj.models.hf.load_torch_state_dict(params, torch_net.state_dict(), {
         ...     "0.weight": "dense_0/kernel", "0.bias": "dense_0/bias",
         ...     "2.weight": "dense_1/kernel", "2.bias": "dense_1/bias"})
+        >>> np.allclose(params["dense_1"]["kernel"], torch_net[2].weight.detach().numpy().T)
+        True
     """
     absent = [n for n in name_map if n not in state_dict]
     if absent:
