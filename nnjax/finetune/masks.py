@@ -18,8 +18,8 @@ Example:
     >>> print(nj.finetune.report(params, m))
     group    trainable  frozen  trainable bytes  frozen bytes  trainable %
     -------  ---------  ------  ---------------  ------------  -----------
-    blocks         816     272          3.2 KiB       1.1 KiB        75.00
     dense_0        144       0            576 B           0 B       100.00
+    blocks         816     272          3.2 KiB       1.1 KiB        75.00
     head            34       0            136 B           0 B       100.00
     -------  ---------  ------  ---------------  ------------  -----------
     total          994     272          3.9 KiB       1.1 KiB        78.52
