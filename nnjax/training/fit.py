@@ -15,21 +15,21 @@ same losses as an uninterrupted run.
 
 from __future__ import annotations
 
-import collections
-import itertools
-import time
+import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from nnjax.checkpoint import state as checkpoint
+from nnjax.core.checks import check_int
 from nnjax.core.errors import CheckpointError, TrainingDiverged
-from nnjax.data.iterators import BatchIterator, stack_batches
+from nnjax.data.iterators import BatchIterator
+from nnjax.training import stream
+from nnjax.training.logs import MetricLog, jsonable
 from nnjax.training.trainer import evaluate_dataset
 
 __all__ = ["fit", "TrainingDiverged", "early_stopping"]
@@ -75,102 +75,23 @@ def early_stopping(
     return callback
 
 
-# ---------------------------------------------------------------- the data stream
+# ---------------------------------------------------------------- the run's state
 
 
-def _is_resumable(data: Any) -> bool:
-    return hasattr(data, "at") and hasattr(data, "position")
+@dataclasses.dataclass
+class _Run:
+    """What a run carries from step to step, and what its checkpoints hold."""
 
-
-def _stream(data: Any, epochs: int | None, pos: dict[str, int] | None) -> Iterator:
-    """``(batch, position after it)`` from any kind of ``train_data``, resumed at ``pos``."""
-    if isinstance(data, BatchIterator):
-        if pos is not None and "position" not in pos:
-            raise CheckpointError(f"the checkpoint's data position {pos} does not fit {data!r}")
-        position = data.position if pos is None else pos["position"]
-        it = data.at(position, epochs=data.epochs if epochs is None else epochs)
-        for batch in it:
-            yield batch, {"position": it.position}
-        return
-    if _is_resumable(data):
-        if epochs is not None:
-            raise ValueError(f"{type(data).__name__} has no epochs; pass steps= to fit")
-        if pos is not None and "position" not in pos:
-            raise CheckpointError(f"the checkpoint's data position {pos} does not fit {data!r}")
-        it = data.at(data.position if pos is None else pos["position"])
-        for batch in it:
-            yield batch, {"position": it.position}
-        return
-    if pos is not None and "epoch" not in pos:
-        raise CheckpointError(f"the checkpoint's data position {pos} does not fit {data!r}")
-    epoch, index = (0, 0) if pos is None else (pos["epoch"], pos["index"])
-    while epochs is None or epoch < epochs:
-        it = iter(data(epoch) if callable(data) else data)
-        skipped = sum(1 for _ in itertools.islice(it, index))
-        count = skipped
-        for batch in it:
-            count += 1
-            yield batch, {"epoch": epoch, "index": count}
-        if count == 0:
-            return  # an empty (or used up) epoch ends the data
-        epoch, index = epoch + 1, 0
-
-
-def _batch_size(batch: Any) -> int:
-    leaves = jax.tree.leaves(batch)
-    return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 0
-
-
-def _calls(stream: Iterator, k: int, prefetch: int) -> Iterator:
-    """``(batch for one trainer.step, position after it, examples)``; ``k`` batches stacked."""
-
-    def grouped():
-        if k == 1:
-            for batch, pos in stream:
-                yield batch, pos, _batch_size(batch)
-            return
-        while True:
-            group = list(itertools.islice(stream, k))
-            if len(group) < k:
-                return
-            batches = [b for b, _ in group]
-            yield next(stack_batches(batches, k)), group[-1][1], sum(map(_batch_size, batches))
-
-    if prefetch <= 0:
-        yield from grouped()
-        return
-    queue: collections.deque = collections.deque()
-    for batch, pos, n in grouped():
-        queue.append((jax.device_put(batch), pos, n))
-        if len(queue) > prefetch:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
-
-
-def _planned_steps(data: Any, epochs: int | None, steps: int | None) -> int | None:
-    per_epoch = None
-    if isinstance(data, BatchIterator):
-        per_epoch = data.steps_per_epoch
-        epochs = data.epochs if epochs is None else epochs
-    elif hasattr(data, "__len__") and not callable(data):
-        per_epoch = len(data)
-    by_epochs = per_epoch * epochs if per_epoch is not None and epochs is not None else None
-    known = [n for n in (steps, by_epochs) if n is not None]
-    return min(known) if known else None
-
-
-def _eval_batches(eval_data: Any) -> Iterable:
-    if isinstance(eval_data, BatchIterator):
-        return eval_data.at(0, epochs=1)  # one full pass, however it was built
-    if _is_resumable(eval_data):
-        if getattr(eval_data, "steps", None) is None:
-            raise ValueError(f"eval_data {type(eval_data).__name__} is endless; give it steps=")
-        return eval_data.at(0)
-    return eval_data() if callable(eval_data) else eval_data
-
-
-# ---------------------------------------------------------------- helpers
+    ts: Any
+    rng: jax.Array
+    step: int = 0
+    pos: dict[str, int] | None = None  # the data position after the last step
+    history: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: {"loss": [], "train": [], "eval": []}
+    )
+    last_ckpt: str | None = None
+    saved_at: int | None = None
+    evaluated_at: int | None = None
 
 
 def _rng_to_json(rng: jax.Array) -> dict[str, Any]:
@@ -185,10 +106,6 @@ def _rng_from_json(blob: dict[str, Any]) -> jax.Array:
     return data if blob["impl"] is None else jax.random.wrap_key_data(data, impl=blob["impl"])
 
 
-def _jsonable(value: Any) -> Any:
-    return float(value) if np.ndim(value) == 0 else np.asarray(value).tolist()
-
-
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
     """Whether every float leaf is finite: one bool fetched, not the whole state."""
@@ -198,6 +115,114 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def _is_deleted(tree: Any) -> bool:
     return any(isinstance(x, jax.Array) and x.is_deleted() for x in jax.tree.leaves(tree))
+
+
+# ---------------------------------------------------------------- resume and save
+
+
+def _resume(checkpoint_dir: str | None, ts: Any, rng: jax.Array) -> _Run:
+    """The run restored from the newest checkpoint in ``checkpoint_dir``, or a fresh one."""
+    found = None if checkpoint_dir is None else checkpoint.latest(checkpoint_dir)
+    if found is None:
+        return _Run(ts, rng)
+    ts, extra = checkpoint.restore(found, ts)
+    if "fit" not in extra:
+        raise CheckpointError(f"{found} was not written by fit (no 'fit' entry in extra)")
+    run = extra["fit"]
+    rng = _rng_from_json(run["rng"])
+    return _Run(ts, rng, run["step"], run["data"], run["history"], found, run["step"])
+
+
+def _save(run: _Run, checkpoint_dir: str, keep: int | None) -> None:
+    """The one place fit writes a checkpoint: the train state and all it needs to resume."""
+    if not bool(_all_finite(run.ts)):
+        raise TrainingDiverged(run.step, run.last_ckpt, "non-finite values in the train state")
+    fit_state = {"step": run.step, "data": run.pos, "rng": _rng_to_json(run.rng)}
+    extra = {"fit": {**fit_state, "history": run.history}}
+    run.last_ckpt = checkpoint.save(checkpoint_dir, run.ts, step=run.step, extra=extra, keep=keep)
+    run.saved_at = run.step
+
+
+class _Plan(NamedTuple):
+    """What ``fit`` was asked to do, fixed for the run."""
+
+    steps: int | None
+    total: int | None
+    k: int
+    log_every: int
+    eval_data: Any
+    eval_every: int | None
+    callbacks: Sequence[Callback]
+    checkpoint_dir: str | None
+    checkpoint_every: int | None
+    keep: int | None
+
+
+def _evaluate(trainer: Any, run: _Run, eval_data: Any) -> dict[str, Any]:
+    """Metrics over one pass of ``eval_data``, added to the history; ``val_``-prefixed logs."""
+    try:
+        metrics = evaluate_dataset(trainer, run.ts, stream.eval_batches(eval_data))
+    except ValueError as e:
+        if "no batches" not in str(e):
+            raise
+        raise ValueError(
+            "eval_data gave no batches (a one-shot iterator is used up after one "
+            "evaluation: pass a list, a callable or nj.data.batches)"
+        ) from None
+    metrics = {n: jsonable(v) for n, v in metrics.items()}
+    run.history["eval"].append({"step": run.step, **metrics})
+    run.evaluated_at = run.step
+    return {f"val_{n}": v for n, v in metrics.items()}
+
+
+def _checkpoint(run: _Run, plan: _Plan, log: MetricLog) -> None:
+    log.flush(run.step, run.last_ckpt)  # the history saved is complete, its losses checked
+    _save(run, plan.checkpoint_dir, plan.keep)
+
+
+def _loop(trainer: Any, run: _Run, plan: _Plan, calls: Iterator, log: MetricLog) -> None:
+    """Step until the data, ``steps`` or a callback ends the run; log, evaluate, save on the way."""
+    due = lambda every, first: bool(every) and run.step // every > first // every
+    while plan.steps is None or run.step + plan.k <= plan.steps:
+        item = next(calls, None)
+        if item is None:
+            break
+        batch, pos, n = item
+        first = run.step
+        run.ts, metrics = trainer.step(run.ts, batch, jax.random.fold_in(run.rng, first))
+        run.step, run.pos = first + plan.k, pos
+        log.add(first, metrics, n)
+        at_end = run.step == plan.total
+        logs = log.flush(run.step, run.last_ckpt) if due(plan.log_every, first) or at_end else {}
+        if plan.eval_data is not None and due(plan.eval_every, first):
+            logs.update(_evaluate(trainer, run, plan.eval_data))
+        # every callback sees the logs, even after one asked to stop
+        stop = logs and any([bool(cb(run.step, run.ts, logs)) for cb in plan.callbacks])
+        if plan.checkpoint_dir is not None and due(plan.checkpoint_every, first):
+            _checkpoint(run, plan, log)
+        if stop:
+            break
+
+
+def _finish(trainer: Any, run: _Run, plan: _Plan, log: MetricLog, start_step: int) -> None:
+    """The last log, and a last evaluation and checkpoint unless the last step had them."""
+    log.flush(run.step, run.last_ckpt)
+    if run.step > start_step:
+        if plan.eval_data is not None and run.evaluated_at != run.step:
+            _evaluate(trainer, run, plan.eval_data)
+        if plan.checkpoint_dir is not None and run.saved_at != run.step:
+            _checkpoint(run, plan, log)
+
+
+def _save_on_interrupt(run: _Run, plan: _Plan, log: MetricLog) -> None:
+    """Ctrl-C: keep what was trained since the last checkpoint, if it is sound."""
+    state_ok = run.step > 0 and not _is_deleted(run.ts)
+    if plan.checkpoint_dir is None or run.saved_at == run.step or not state_ok:
+        return
+    try:
+        _checkpoint(run, plan, log)
+    except TrainingDiverged as e:
+        warnings.warn(f"interrupted; no checkpoint saved: {e}", stacklevel=3)
 
 
 # ---------------------------------------------------------------- fit
@@ -283,134 +308,28 @@ def fit(
     """
     if steps_per_call is None:
         steps_per_call = trainer.steps_per_call
-    if log_every < 1 or steps_per_call < 1:
-        raise ValueError(
-            f"expected log_every, steps_per_call >= 1, got {log_every}, {steps_per_call}"
-        )
-    k = steps_per_call
-    rng = jax.random.key(0) if rng is None else rng
-    step, pos, last_ckpt, saved_at = 0, None, None, None
-    history: dict[str, Any] = {"loss": [], "train": [], "eval": []}
-
-    if checkpoint_dir is not None:
-        found = checkpoint.latest(checkpoint_dir)
-        if found is not None:
-            ts, extra = checkpoint.restore(found, ts)
-            if "fit" not in extra:
-                raise CheckpointError(f"{found} was not written by fit (no 'fit' entry in extra)")
-            run = extra["fit"]
-            step, pos, history = run["step"], run["data"], run["history"]
-            rng = _rng_from_json(run["rng"])
-            last_ckpt, saved_at = found, step
-
+    k = check_int(steps_per_call, "steps_per_call")
+    log_every = check_int(log_every, "log_every")
+    run = _resume(checkpoint_dir, ts, jax.random.key(0) if rng is None else rng)
     if isinstance(train_data, BatchIterator):
         if steps is None and epochs is None and train_data.epochs is None:
             raise ValueError("train_data is endless (batches(..., epochs=None)): pass steps=")
-    elif not _is_resumable(train_data) and epochs is None and steps is None:
+    elif not stream.is_resumable(train_data) and epochs is None and steps is None:
         epochs = 1
-    total = _planned_steps(train_data, epochs, steps)
-    calls = _calls(_stream(train_data, epochs, pos), k, prefetch)
-    pending: list[tuple[int, dict[str, Any]]] = []
-    window = {"start": time.perf_counter(), "examples": 0}
-    start_step, evaluated_at = step, None
-    bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-
-    def flush() -> dict[str, float]:
-        """Fetch the pending metrics, check them, extend the history; the mean logs."""
-        if not pending:
-            return {}
-        fetched = jax.device_get([m for _, m in pending])
-        losses: list[float] = []
-        sums: dict[str, list] = collections.defaultdict(list)
-        for (first, _), m in zip(pending, fetched, strict=True):
-            loss = np.ravel(np.asarray(m["loss"], np.float32))
-            if loss.size != k:
-                raise ValueError(
-                    f"fit(steps_per_call={k}) but trainer.step returned {loss.size} losses per "
-                    "call; pass the trainer's steps_per_call"
-                )
-            ok = np.ravel(m.get("finite", True)) & np.isfinite(loss)
-            if not ok.all():
-                bad = int(np.argmin(ok))
-                what = f"loss {loss[bad]}" if not np.isfinite(loss[bad]) else "non-finite gradients"
-                raise TrainingDiverged(first + bad + 1, last_ckpt, what)
-            losses.extend(float(x) for x in loss)
-            for name, value in m.items():
-                if name != "finite":
-                    sums[name].append(np.asarray(value, np.float64).reshape(k, -1))
-        pending.clear()
-        history["loss"].extend(losses)
-        logs = {n: _jsonable(np.concatenate(v).mean(axis=0).squeeze()) for n, v in sums.items()}
-        history["train"].append({"step": step, **logs})
-        now = time.perf_counter()
-        rate = window["examples"] / max(now - window["start"], 1e-9)
-        window.update(start=now, examples=0)
-        bar.update(step - bar.n)
-        post = {n: f"{v:.4g}" for n, v in logs.items() if isinstance(v, float)}
-        bar.set_postfix({**post, "ex/s": f"{rate:.4g}"}, refresh=False)
-        return logs
-
-    def evaluate() -> dict[str, Any]:
-        try:
-            metrics = evaluate_dataset(trainer, ts, _eval_batches(eval_data))
-        except ValueError as e:
-            if "no batches" not in str(e):
-                raise
-            raise ValueError(
-                "eval_data gave no batches (a one-shot iterator is used up after one "
-                "evaluation: pass a list, a callable or nj.data.batches)"
-            ) from None
-        metrics = {n: _jsonable(v) for n, v in metrics.items()}
-        history["eval"].append({"step": step, **metrics})
-        return {f"val_{n}": v for n, v in metrics.items()}
-
-    def save() -> None:
-        nonlocal last_ckpt, saved_at
-        flush()
-        if not bool(_all_finite(ts)):
-            raise TrainingDiverged(step, last_ckpt, "non-finite values in the train state")
-        extra = {"fit": {"step": step, "data": pos, "rng": _rng_to_json(rng), "history": history}}
-        last_ckpt = checkpoint.save(checkpoint_dir, ts, step=step, extra=extra, keep=keep)
-        saved_at = step
-
-    def due(every: int | None, first: int) -> bool:
-        return bool(every) and step // every > first // every
-
+    total = stream.planned_steps(train_data, epochs, steps)
+    plan = _Plan(
+        steps, total, k, log_every, eval_data, eval_every, tuple(callbacks),
+        checkpoint_dir, checkpoint_every, keep,
+    )  # fmt: skip
+    calls = stream.calls(stream.stream(train_data, epochs, run.pos), k, prefetch)
+    log = MetricLog(run.history, k, total, run.step, progress)
+    start_step = run.step
     try:
-        while steps is None or step + k <= steps:
-            item = next(calls, None)
-            if item is None:
-                break
-            batch, new_pos, n = item
-            new_ts, metrics = trainer.step(ts, batch, jax.random.fold_in(rng, step))
-            first, ts, step, pos = step, new_ts, step + k, new_pos
-            pending.append((first, metrics))
-            window["examples"] += n
-            logs = flush() if due(log_every, first) or step == total else {}
-            if eval_data is not None and due(eval_every, first):
-                logs.update(evaluate())
-                evaluated_at = step
-            stop = False
-            if logs:
-                for callback in callbacks:
-                    stop = bool(callback(step, ts, logs)) or stop
-            if checkpoint_dir is not None and due(checkpoint_every, first):
-                save()
-            if stop:
-                break
-        flush()
-        if step > start_step:
-            if eval_data is not None and evaluated_at != step:
-                evaluate()
-            if checkpoint_dir is not None and saved_at != step:
-                save()
+        _loop(trainer, run, plan, calls, log)
+        _finish(trainer, run, plan, log, start_step)
     except KeyboardInterrupt:
-        if checkpoint_dir is not None and saved_at != step and step > 0 and not _is_deleted(ts):
-            try:
-                save()
-            except TrainingDiverged as e:
-                warnings.warn(f"interrupted; no checkpoint saved: {e}", stacklevel=2)
+        _save_on_interrupt(run, plan, log)
         raise
     finally:
-        bar.close()
-    return ts, history
+        log.close()
+    return run.ts, run.history

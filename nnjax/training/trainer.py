@@ -25,6 +25,7 @@ selected ones) and their values are kept by ``jnp.where``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -35,11 +36,12 @@ import numpy as np
 import optax
 
 from nnjax.core import masks
-from nnjax.core.checks import check_int, shape_str
+from nnjax.core.checks import check_int
 from nnjax.core.combinators import Layer
-from nnjax.core.errors import DataError, LayerError, OptimizerStateError, ShapeError
-from nnjax.core.paths import flatten
+from nnjax.training import guards
 from nnjax.training import metrics as metrics_lib
+from nnjax.training import step as parts
+from nnjax.training.step import TrainState
 
 __all__ = ["TrainState", "Trainer", "trainer", "evaluate_dataset", "ONEDNN_DOTS"]
 
@@ -66,22 +68,6 @@ backward pass of separate q/k/v projections contains.
 """
 
 
-class TrainState(NamedTuple):
-    """Everything a train step updates; a pytree.
-
-    Attributes:
-        step: int32 scalar, the number of optimizer updates applied.
-        params: the model's params (float32 master copy under mixed precision).
-        state: the model's layer state (BatchNorm statistics), ``{}`` if none.
-        opt_state: the optax state, built on the trainable params only.
-    """
-
-    step: jax.Array
-    params: Params
-    state: dict[str, Any]
-    opt_state: Any
-
-
 class Trainer(NamedTuple):
     """Pure functions built by :func:`trainer`.
 
@@ -101,19 +87,7 @@ class Trainer(NamedTuple):
     steps_per_call: int = 1
 
 
-def _trainable_mask(trainable: Any, params: Params) -> masks.Resolved:
-    resolved = masks.resolve(trainable, params)
-    masks.require_trainable(resolved)
-    return resolved
-
-
 # --- small helpers -------------------------------------------------------------------
-
-
-def _cast_floats(tree: Any, dtype: Any) -> Any:
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
-    )
 
 
 def _copy(tree: Any) -> Any:
@@ -132,125 +106,6 @@ def _metric_fns(metrics: Sequence[MetricFn] | Mapping[str, MetricFn]) -> dict[st
             )
         fns[name] = fn
     return fns
-
-
-def _split_leading(tree: Any, n: int, what: str) -> Any:
-    """Each leaf ``(B, ...)`` -> ``(n, B // n, ...)``."""
-
-    def split(x):
-        if np.ndim(x) < 1 or np.shape(x)[0] % n:
-            raise ShapeError(
-                f"expected batch arrays whose leading axis divides by {what}={n}, "
-                f"got x.shape == {shape_str(np.shape(x))}"
-            )
-        return x.reshape(n, np.shape(x)[0] // n, *np.shape(x)[1:])
-
-    return jax.tree.map(split, tree)
-
-
-def _check_leading(tree: Any, n: int) -> None:
-    for x in jax.tree.leaves(tree):
-        if np.ndim(x) < 1 or np.shape(x)[0] != n:
-            raise ShapeError(
-                f"expected batch arrays with a leading axis of steps_per_call={n}, "
-                f"got x.shape == {shape_str(np.shape(x))}"
-            )
-
-
-def _keys(rng: jax.Array | None, n: int) -> jax.Array | None:
-    return None if rng is None else jax.random.split(rng, n)
-
-
-# --- trace-time checks: bad batches, params and optimizer states fail before any work ---
-
-
-def _check_batch(batch: Any) -> None:
-    """Every input and target array must have the same leading (batch) length."""
-    inputs, targets = batch
-    xs = [a for a in jax.tree.leaves(inputs) if np.ndim(a) >= 1]
-    ys = [a for a in jax.tree.leaves(targets) if np.ndim(a) >= 1]
-    if not xs:
-        return
-    n = np.shape(xs[0])[0]
-    for other, what in [*((a, "another input") for a in xs[1:]), *((a, "targets") for a in ys)]:
-        if np.shape(other)[0] != n:
-            raise DataError(
-                "expected inputs and targets with the same leading (batch) length, "
-                f"got x.shape == {shape_str(np.shape(xs[0]))} (inputs) and "
-                f"{shape_str(np.shape(other))} ({what})"
-            )
-
-
-def _plan_key() -> jax.ShapeDtypeStruct:
-    return jax.eval_shape(jax.random.key, 0)
-
-
-def _check_params(model: Layer, params: Params, inputs: Any) -> None:
-    """``params`` must hold every leaf ``model.init`` makes for ``inputs``, with its shape.
-
-    Runs ``jax.eval_shape`` (no FLOPs) while the step is traced, so it costs nothing per
-    step. Extra leaves are left to the layers' own checks: adapters (``lora_a``, ...)
-    are params that ``init`` does not make.
-    """
-    try:
-        expected = jax.eval_shape(model.init, _plan_key(), inputs)[0]
-    except Exception:  # init cannot plan from this batch; the layers' own checks remain
-        return
-    got = flatten(params)
-    for path, spec in flatten(expected).items():
-        *parent, leaf = path.split("/")
-        if path not in got:
-            prefix = "/".join(parent) + "/" if parent else ""
-            keys = sorted(p[len(prefix) :].split("/")[0] for p in got if p.startswith(prefix))
-            raise LayerError(
-                f"missing param {leaf!r} (expected shape {shape_str(spec.shape)}); got keys {keys}",
-                tuple(parent),
-            )
-        if tuple(np.shape(got[path])) != tuple(spec.shape):
-            raise LayerError(
-                f"expected param {leaf!r} with shape {shape_str(spec.shape)}, "
-                f"got {shape_str(np.shape(got[path]))}",
-                tuple(parent),
-            )
-
-
-def _state_kind(tree: Any) -> str:
-    """An optimizer state's node types: ``(ScaleByAdamState, EmptyState)``."""
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree).__name__
-    if isinstance(tree, tuple | list):
-        return "(" + ", ".join(_state_kind(t) for t in tree) + ")"
-    return type(tree).__name__
-
-
-def _check_opt_state(optimizer: optax.GradientTransformation, train_p: Params, opt_state: Any):
-    """``opt_state`` must have the structure and shapes ``optimizer.init(train_p)`` gives."""
-    try:
-        want = jax.eval_shape(optimizer.init, train_p)
-    except Exception:  # an optimizer whose init cannot be traced: nothing to compare
-        return
-    if jax.tree.structure(want) != jax.tree.structure(opt_state):
-        kind_w, kind_g = _state_kind(want), _state_kind(opt_state)
-        if kind_w == kind_g:  # same optimizer, built over other params (another mask?)
-            paths = lambda t: {jax.tree_util.keystr(k) for k, _ in jax.tree.leaves_with_path(t)}
-            pw, pg = paths(want), paths(opt_state)
-            raise OptimizerStateError(
-                f"opt_state: expected a {kind_w} over the trainable params, got one over other "
-                f"params: missing {sorted(pw - pg)[:5]}, unexpected {sorted(pg - pw)[:5]}; "
-                "build the TrainState with this trainer's init"
-            )
-        raise OptimizerStateError(
-            f"opt_state: expected the state of this trainer's optimizer, {kind_w}, got {kind_g}; "
-            "build the TrainState with this trainer's init"
-        )
-    for (keypath, w), g in zip(
-        jax.tree.leaves_with_path(want), jax.tree.leaves(opt_state), strict=True
-    ):
-        if tuple(np.shape(g)) != tuple(w.shape):
-            raise OptimizerStateError(
-                f"opt_state: expected {jax.tree_util.keystr(keypath)} with shape "
-                f"{shape_str(w.shape)}, got {shape_str(np.shape(g))}"
-            )
 
 
 # --- the trainer ---------------------------------------------------------------------
@@ -317,113 +172,29 @@ def trainer(
     """
     steps_per_call = check_int(steps_per_call, "steps_per_call")
     accumulate = check_int(accumulate, "accumulate")
-    metric_fns = _metric_fns(metrics)
-
-    def forward(params, state, inputs, rng, train):
-        if compute_dtype is not None:
-            params, inputs = _cast_floats((params, inputs), compute_dtype)
-        outputs, new_state = model.apply(params, state, inputs, rng=rng, train=train)
-        if compute_dtype is not None:
-            outputs = _cast_floats(outputs, jnp.float32)
-        return outputs, new_state
-
-    def loss_and_metrics(outputs, targets):
-        out = loss_fn(outputs, targets)
-        loss, extra = out if isinstance(out, tuple) else (out, {})
-        values = {"loss": loss, **extra}
-        for name, fn in metric_fns.items():
-            if name in values:
-                raise ValueError(f"metric name {name!r} is also a loss output")
-            values[name] = fn(outputs, targets)
-        return loss, values
-
-    def grads_of(train_p, frozen, template, state, batch, rng):
-        """Gradient of the loss w.r.t. the trainable params only; frozen ones are constants."""
-        inputs, targets = batch
-
-        def loss_of(train_p):
-            params = masks.merge(template, train_p, frozen)
-            outputs, new_state = forward(params, state, inputs, rng, True)
-            loss, values = loss_and_metrics(outputs, targets)
-            return loss, (new_state, values)
-
-        (_, (new_state, values)), grads = jax.value_and_grad(loss_of, has_aux=True)(train_p)
-        if jax.tree.structure(new_state) != jax.tree.structure(state):
-            raise ValueError(
-                "model.apply returned a state with another structure than ts.state; "
-                "pass the state from model.init to trainer.init"
-            )
-        new_state = jax.tree.map(lambda n, o: n.astype(o.dtype), new_state, state)
-        return grads, new_state, values
-
-    def one_step(ts, batch, rng):
-        _check_batch(batch)
-        _check_params(model, ts.params, batch[0])
-        mask = _trainable_mask(trainable, ts.params)
-        train_p, frozen = masks.split(ts.params, mask)
-        _check_opt_state(optimizer, train_p, ts.opt_state)
-        if accumulate == 1:
-            grads, new_state, values = grads_of(train_p, frozen, ts.params, ts.state, batch, rng)
-        else:
-
-            def micro_step(carry, xs):
-                g_sum, state = carry
-                g, state, values = grads_of(train_p, frozen, ts.params, state, *xs)
-                return (jax.tree.map(jnp.add, g_sum, g), state), values
-
-            micro = (_split_leading(batch, accumulate, "accumulate"), _keys(rng, accumulate))
-            g0 = jax.tree.map(jnp.zeros_like, train_p)
-            (g_sum, new_state), values = jax.lax.scan(micro_step, (g0, ts.state), micro)
-            grads = jax.tree.map(lambda g: g / accumulate, g_sum)
-            values = jax.tree.map(lambda v: jnp.mean(v, axis=0), values)
-        grads = masks.select_copies(mask, grads, None)
-        updates, opt_state = optimizer.update(grads, ts.opt_state, train_p)
-        new_train = masks.select_copies(mask, optax.apply_updates(train_p, updates), train_p)
-        new = (ts.step + 1, new_train, new_state, opt_state)
-        if check_finite:
-            finite = jnp.isfinite(values["loss"])
-            for g in jax.tree.leaves(grads):
-                finite &= jnp.all(jnp.isfinite(g))
-            old = (ts.step, train_p, ts.state, ts.opt_state)
-            new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-            values = {**values, "finite": finite}
-        step, new_train, new_state, opt_state = new
-        params = masks.merge(ts.params, new_train, frozen)
-        return TrainState(step, params, new_state, opt_state), values
+    forward = parts.forward_fn(model, compute_dtype)
+    objective = parts.objective_fn(loss_fn, _metric_fns(metrics))
+    gradients = parts.gradients_fn(forward, objective, accumulate)
+    one_step = parts.train_step_fn(model, optimizer, trainable, gradients, check_finite)
 
     def step(ts: TrainState, batch: Batch, rng: jax.Array | None = None):
-        if steps_per_call == 1:
-            return one_step(ts, batch, rng)
-        _check_leading(batch, steps_per_call)
-        return jax.lax.scan(
-            lambda ts, xs: one_step(ts, *xs), ts, (batch, _keys(rng, steps_per_call))
-        )
+        return one_step(ts, batch, rng)
 
     def evaluate(ts: TrainState, batch: Batch):
-        _check_batch(batch)
+        guards.check_batch(batch)
         inputs, targets = batch
-        _check_params(model, ts.params, inputs)
+        guards.check_params(model, ts.params, inputs)
         outputs, _ = forward(ts.params, ts.state, inputs, None, False)
-        return loss_and_metrics(outputs, targets)[1]
+        return objective(outputs, targets)[1]
 
     def predict(ts: TrainState, inputs: Any):
-        _check_params(model, ts.params, inputs)
+        guards.check_params(model, ts.params, inputs)
         return forward(ts.params, ts.state, inputs, None, False)[0]
 
-    def init(params: Params, state: dict[str, Any] | None = None) -> TrainState:
-        mask = _trainable_mask(trainable, params)
-        params, state = _copy(params), _copy({} if state is None else state)
-        opt_state = optimizer.init(masks.split(params, mask)[0])
-        # An optimizer may keep the very param arrays in its state (lookahead):
-        # copy those, or the donated step would get one buffer twice.
-        held = {id(x) for x in jax.tree.leaves(params)}
-        opt_state = jax.tree.map(lambda x: _copy(x) if id(x) in held else x, opt_state)
-        return TrainState(jnp.zeros((), jnp.int32), params, state, opt_state)
-
     return Trainer(
-        init=init,
+        init=functools.partial(_init, optimizer, trainable),
         step=jax.jit(
-            step,
+            step if steps_per_call == 1 else parts.scanned(one_step, steps_per_call),
             donate_argnums=0 if donate else (),
             compiler_options=dict(compiler_options) if compiler_options else None,
         ),
@@ -431,6 +202,23 @@ def trainer(
         predict=jax.jit(predict),
         steps_per_call=steps_per_call,
     )
+
+
+def _init(
+    optimizer: optax.GradientTransformation,
+    trainable: Any,
+    params: Params,
+    state: dict[str, Any] | None = None,
+) -> TrainState:
+    """``Trainer.init``: copies of ``params`` and ``state``, optimizer state on the trainable part."""
+    mask = parts.trainable_mask(trainable, params)
+    params, state = _copy(params), _copy({} if state is None else state)
+    opt_state = optimizer.init(masks.split(params, mask)[0])
+    # An optimizer may keep the very param arrays in its state (lookahead):
+    # copy those, or the donated step would get one buffer twice.
+    held = {id(x) for x in jax.tree.leaves(params)}
+    opt_state = jax.tree.map(lambda x: _copy(x) if id(x) in held else x, opt_state)
+    return TrainState(jnp.zeros((), jnp.int32), params, state, opt_state)
 
 
 def evaluate_dataset(tr: Trainer, ts: TrainState, batches: Iterable[Batch]) -> dict[str, Any]:
