@@ -1,7 +1,4 @@
-import doctest
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -53,9 +50,3 @@ def test_table_aligns_columns_and_sets_off_the_footer():
 def test_shorten():
     assert report.shorten(["a", "b"]) == "a, b"
     assert report.shorten([str(i) for i in range(12)], limit=10).endswith("8, 9, ... (2 more)")
-
-
-def test_docstring_examples_run():
-    globs = {"nj": nj, "jax": jax, "jnp": jnp, "np": np}
-    result = doctest.testmod(report, extraglobs=globs, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 4 and result.failed == 0
