@@ -45,8 +45,8 @@ def test_init_makes_no_real_forward_pass():
     assert nj.count_params(params) == 63 * (16384 * 16384 + 16384)
 
 
-def test_parallel_fans_out_and_combines():
-    model = nj.parallel(
+def test_fan_out_gives_every_child_the_input_and_combines():
+    model = nj.fan_out(
         nj.Dense(3), nj.Dense(2), extra=jnp.tanh, combine=lambda ys: jnp.concatenate(ys, -1)
     )
     x = jax.random.normal(jax.random.key(1), (4, 5))

@@ -5,7 +5,7 @@ A :class:`Layer` is a NamedTuple of two pure functions and a default name::
     params, state = layer.init(key, x)          # x: an array or jax.ShapeDtypeStruct
     y, state = layer.apply(params, state, x, rng=None, train=False)
 
-Combinators (``serial``, ``parallel``, ``residual``, ``repeat``, ``remat``) are
+Combinators (``serial``, ``fan_out``, ``residual``, ``repeat``, ``remat``) are
 layers built from layers. Their ``init`` infers each child's input shape with
 ``jax.eval_shape`` on the previous child's ``apply``, so ``jax.eval_shape(model.init,
 key, x)`` plans any model without FLOPs or memory.
@@ -21,12 +21,20 @@ import jax
 import jax.numpy as jnp
 
 from nnjax.core.errors import LayerError
-from nnjax.core.layer import Layer, Params, State, as_layer, call_child, output_shape
+from nnjax.core.layer import (
+    Layer,
+    Params,
+    State,
+    as_layer,
+    call_child,
+    non_empty,
+    output_shape,
+)
 from nnjax.core.paths import STACKED
 
 __all__ = [
     "serial",
-    "parallel",
+    "fan_out",
     "residual",
     "repeat",
     "remat",
@@ -71,14 +79,10 @@ def _init_children(children, key, x, *, chain: bool):
     state: State = {}
     keys = jax.random.split(key, max(len(children), 1))
     for (name, child), k in zip(children, keys, strict=False):
-        p, s = call_child(name, child.init, k, x)
-        if p:
-            params[name] = p
-        if s:
-            state[name] = s
+        params[name], state[name] = call_child(name, child.init, k, x)
         if chain:
-            x = call_child(name, output_shape, child, p, s, x)
-    return params, state, x
+            x = call_child(name, output_shape, child, params[name], state[name], x)
+    return non_empty(**params), non_empty(**state), x
 
 
 # While ``nj.summary`` traces a model, each child's output shape is logged here
@@ -142,23 +146,28 @@ def serial(*layers: Layer | Callable, **named_layers: Layer | Callable) -> Layer
         _check_keys("state", state, names)
         new_state = {}
         for (name, child), r in zip(children, _split(rng, len(children)), strict=True):
-            x, s = _apply_child(name, child, params, state, x, r, train)
-            if s:
-                new_state[name] = s
-        return x, new_state
+            x, new_state[name] = _apply_child(name, child, params, state, x, r, train)
+        return x, non_empty(**new_state)
 
     return Layer(init, apply, "serial")
 
 
-def parallel(
+def fan_out(
     *layers: Layer | Callable,
     combine: Callable[[tuple], Any] | None = None,
     **named_layers: Layer | Callable,
 ) -> Layer:
-    """Fan out: every child gets the same input; the output is the tuple of theirs.
+    """Fan out (stax's ``FanOut`` + ``parallel``): every child gets the same input; the
+    output is the tuple of theirs.
 
     ``combine`` (``lambda ys: jnp.concatenate(ys, -1)``, ``sum``) merges the tuple.
     Children are named as in :func:`serial`.
+
+    Example:
+        >>> model = nj.fan_out(nj.Dense(3), jnp.tanh, combine=lambda ys: jnp.concatenate(ys, -1))
+        >>> params, state = model.init(key, jnp.zeros((2, 4)))
+        >>> model.apply(params, state, jnp.zeros((2, 4)))[0].shape
+        (2, 7)
     """
     children = _name_children(layers, named_layers)
     names = [n for n, _ in children]
@@ -172,14 +181,12 @@ def parallel(
         _check_keys("state", state, names)
         outs, new_state = [], {}
         for (name, child), r in zip(children, _split(rng, len(children)), strict=True):
-            y, s = _apply_child(name, child, params, state, x, r, train)
+            y, new_state[name] = _apply_child(name, child, params, state, x, r, train)
             outs.append(y)
-            if s:
-                new_state[name] = s
         ys = tuple(outs)
-        return (combine(ys) if combine is not None else ys), new_state
+        return (combine(ys) if combine is not None else ys), non_empty(**new_state)
 
-    return Layer(init, apply, "parallel")
+    return Layer(init, apply, "fan_out")
 
 
 def residual(
@@ -200,10 +207,7 @@ def residual(
         params, state = body.init(k_body, x)
         if short is not None:
             p, s = call_child("shortcut", short.init, k_short, x)
-            if p:
-                params = {**params, "shortcut": p}
-            if s:
-                state = {**state, "shortcut": s}
+            params, state = {**params, **non_empty(shortcut=p)}, {**state, **non_empty(shortcut=s)}
         return params, state
 
     def apply(params, state, x, *, rng=None, train=False):
@@ -214,8 +218,7 @@ def residual(
         skip = x
         if short is not None:
             skip, s = _apply_child("shortcut", short, params, state, x, r_short, train)
-            if s:
-                new_state = {**new_state, "shortcut": s}
+            new_state = {**new_state, **non_empty(shortcut=s)}
         if jnp.shape(skip) != jnp.shape(y):
             raise LayerError(
                 f"residual branch changes the shape: input {jnp.shape(skip)}, "

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_float, check_keys, check_rank, get_param, shape_str
-from nnjax.core.combinators import Layer, as_layer, output_shape
 from nnjax.core.errors import LayerError
-from nnjax.core.layer import call_child
+from nnjax.core.layer import Initializer, Layer, as_layer, call_child, non_empty, output_shape
 from nnjax.layers.base import compute_dtype, matmul_last
 
 __all__ = [
@@ -21,10 +20,8 @@ __all__ = [
     "tied_embedding",
     "LearnedPositionalEmbedding",
     "SinusoidalPositionalEmbedding",
-    "sinusoidal_table",
 ]
 
-Initializer = Any
 
 default_embed_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
 """Flax's ``default_embed_init``: a (truncated) normal with variance ``1 / features``."""
@@ -164,12 +161,7 @@ def tied_embedding(embedding_layer: Layer, body: Layer | Callable, *, name: str 
         p_embed, s_embed = call_child("embed", embed.init, k_embed, x)
         h = call_child("embed", output_shape, embed, p_embed, s_embed, x)
         p_body, s_body = call_child("body", body.init, k_body, h)
-        params = {"embed": p_embed, **({"body": p_body} if p_body else {})}
-        state = {
-            **({"embed": s_embed} if s_embed else {}),
-            **({"body": s_body} if s_body else {}),
-        }
-        return params, state
+        return {"embed": p_embed, **non_empty(body=p_body)}, non_empty(embed=s_embed, body=s_body)
 
     def apply(params, state, x, *, rng=None, train=False):
         check_keys(params, ["embed"], ["body"])
@@ -189,11 +181,7 @@ def tied_embedding(embedding_layer: Layer, body: Layer | Callable, *, name: str 
             train=train,
         )
         logits = call_child("embed", attend, p_embed, h)
-        new_state = {
-            **({"embed": s_embed} if s_embed else {}),
-            **({"body": s_body} if s_body else {}),
-        }
-        return logits, new_state
+        return logits, non_empty(embed=s_embed, body=s_body)
 
     return Layer(init, apply, name)
 

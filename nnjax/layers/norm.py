@@ -7,6 +7,7 @@ a bfloat16 variance loses too much. The result is cast to the compute dtype
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,13 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_float, check_keys, check_rank, get_param, shape_str
-from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
+from nnjax.core.layer import Initializer, Layer
 from nnjax.layers.base import compute_dtype
 
 __all__ = ["LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm"]
-
-Initializer = Any
 
 
 # --- shared pieces -------------------------------------------------------------------
@@ -65,6 +64,38 @@ def _moments(x, axes):
 # --- LayerNorm / RMSNorm -------------------------------------------------------------
 
 
+def _last_axis_norm(
+    normalize: Callable[[jax.Array], jax.Array],
+    *,
+    use_scale: bool,
+    use_bias: bool,
+    scale_init: Initializer,
+    bias_init: Initializer | None,
+    dtype: Any,
+    param_dtype: Any,
+    name: str,
+) -> Layer:
+    """A norm over the last axis: ``normalize(x)`` in float32, then scale and shift."""
+    keys = _affine_keys(use_scale, use_bias)
+
+    def init(key, x):
+        check_rank(x, 1, "(..., features)")
+        d = np.shape(x)[-1]
+        return _affine_init(key, d, use_scale, use_bias, scale_init, bias_init, param_dtype), {}
+
+    def apply(params, state, x, *, rng=None, train=False):
+        del rng, train
+        check_rank(x, 1, "(..., features)")
+        check_float(x)
+        check_keys(params, keys)
+        d = np.shape(x)[-1]
+        dtype_ = compute_dtype(x, dtype, param_dtype)
+        y = _affine(normalize(x.astype(_stat_dtype(x))), params, d, use_scale, use_bias, (d,))
+        return y.astype(dtype_), state
+
+    return Layer(init, apply, name)
+
+
 def LayerNorm(
     *,
     epsilon: float = 1e-5,
@@ -92,27 +123,21 @@ def LayerNorm(
         >>> jax.tree.map(jnp.shape, params)
         {'bias': (64,), 'scale': (64,)}
     """
-    keys = _affine_keys(use_scale, use_bias)
 
-    def init(key, x):
-        check_rank(x, 1, "(..., features)")
-        d = np.shape(x)[-1]
-        return _affine_init(key, d, use_scale, use_bias, scale_init, bias_init, param_dtype), {}
+    def normalize(x):
+        mean, var = _moments(x, -1)
+        return (x - mean) * jax.lax.rsqrt(var + epsilon)
 
-    def apply(params, state, x, *, rng=None, train=False):
-        del rng, train
-        check_rank(x, 1, "(..., features)")
-        check_float(x)
-        check_keys(params, keys)
-        d = np.shape(x)[-1]
-        dtype_ = compute_dtype(x, dtype, param_dtype)
-        x32 = x.astype(_stat_dtype(x))
-        mean, var = _moments(x32, -1)
-        y = (x32 - mean) * jax.lax.rsqrt(var + epsilon)
-        y = _affine(y, params, d, use_scale, use_bias, (d,))
-        return y.astype(dtype_), state
-
-    return Layer(init, apply, name)
+    return _last_axis_norm(
+        normalize,
+        use_scale=use_scale,
+        use_bias=use_bias,
+        scale_init=scale_init,
+        bias_init=bias_init,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
 
 
 def RMSNorm(
@@ -138,27 +163,20 @@ def RMSNorm(
         >>> jax.tree.map(jnp.shape, params)
         {'scale': (64,)}
     """
-    keys = _affine_keys(use_scale, False)
 
-    def init(key, x):
-        check_rank(x, 1, "(..., features)")
-        d = np.shape(x)[-1]
-        return _affine_init(key, d, use_scale, False, scale_init, None, param_dtype), {}
+    def normalize(x):
+        return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + epsilon)
 
-    def apply(params, state, x, *, rng=None, train=False):
-        del rng, train
-        check_rank(x, 1, "(..., features)")
-        check_float(x)
-        check_keys(params, keys)
-        d = np.shape(x)[-1]
-        dtype_ = compute_dtype(x, dtype, param_dtype)
-        x32 = x.astype(_stat_dtype(x))
-        ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(ms + epsilon)
-        y = _affine(y, params, d, use_scale, False, (d,))
-        return y.astype(dtype_), state
-
-    return Layer(init, apply, name)
+    return _last_axis_norm(
+        normalize,
+        use_scale=use_scale,
+        use_bias=False,
+        scale_init=scale_init,
+        bias_init=None,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
 
 
 # --- BatchNorm -----------------------------------------------------------------------

@@ -30,23 +30,20 @@ Weights follow PyTorch's gate order, so copying them is a transpose:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_keys, get_param, shape_str
-from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
-from nnjax.core.layer import call_child
+from nnjax.core.layer import Initializer, Layer, call_child, non_empty
 from nnjax.layers.adapters import KERNEL_KEYS, adapted_matmul, kernel_shape
 from nnjax.layers.base import compute_dtype
 
 __all__ = ["SimpleRNN", "LSTM", "GRU", "Bidirectional"]
 
-Initializer = Any
-Carry = Any
 
 _INPUT_KEYS = ("inputs", "lengths", "initial_carry")
 
@@ -121,14 +118,43 @@ def _per_gate(init: Initializer, key: jax.Array, shape: tuple[int, int], gates: 
     return jnp.concatenate([init(k, shape, dtype) for k in keys], axis=-1)
 
 
+class _Cell(NamedTuple):
+    """What sets a recurrent cell apart: its gate count, carry size and step."""
+
+    gates: int
+    n_carry: int
+    step: Callable[[dict, tuple, jax.Array], tuple]
+    recurrent_bias: bool = False
+    forget_bias: float = 0.0
+
+
+_SHARED = (
+    "return_sequences",
+    "return_state",
+    "use_bias",
+    "kernel_init",
+    "recurrent_kernel_init",
+    "bias_init",
+    "unroll",
+    "dtype",
+    "param_dtype",
+    "name",
+)
+
+
+def _shared(args: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments every cell passes through to :func:`_recurrent` unchanged.
+
+    The cells call this with ``locals()``: their signatures stay explicit (docs, type
+    hints) while the pass-through is written once.
+    """
+    return {k: args[k] for k in _SHARED}
+
+
 def _recurrent(
     features: int,
-    gates: int,
-    n_carry: int,
-    step: Callable[[dict, tuple, jax.Array], tuple],
+    cell: _Cell,
     *,
-    recurrent_bias: bool = False,
-    forget_bias: float = 0.0,
     use_bias: bool,
     kernel_init: Initializer,
     recurrent_kernel_init: Initializer,
@@ -147,6 +173,7 @@ def _recurrent(
     """
     if features < 1:
         raise ValueError(f"{name}: features must be >= 1, got {features}")
+    gates, n_carry, step, recurrent_bias, forget_bias = cell
     H, G = features, gates * features
     keys = ["kernel", "recurrent_kernel"]
     if use_bias:
@@ -275,22 +302,7 @@ def SimpleRNN(
         (h,) = carry
         return (activation(xp + h @ p["recurrent_kernel"]),)
 
-    return _recurrent(
-        features,
-        1,
-        1,
-        step,
-        use_bias=use_bias,
-        kernel_init=kernel_init,
-        recurrent_kernel_init=recurrent_kernel_init,
-        bias_init=bias_init,
-        return_sequences=return_sequences,
-        return_state=return_state,
-        unroll=unroll,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+    return _recurrent(features, _Cell(1, 1, step), **_shared(locals()))
 
 
 def LSTM(
@@ -340,23 +352,7 @@ def LSTM(
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
-    return _recurrent(
-        features,
-        4,
-        2,
-        step,
-        forget_bias=forget_bias,
-        use_bias=use_bias,
-        kernel_init=kernel_init,
-        recurrent_kernel_init=recurrent_kernel_init,
-        bias_init=bias_init,
-        return_sequences=return_sequences,
-        return_state=return_state,
-        unroll=unroll,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+    return _recurrent(features, _Cell(4, 2, step, forget_bias=forget_bias), **_shared(locals()))
 
 
 def GRU(
@@ -410,23 +406,7 @@ def GRU(
         n = jnp.tanh(a_n + r * b_n)
         return ((1 - z) * n + z * h,)
 
-    return _recurrent(
-        features,
-        3,
-        1,
-        step,
-        recurrent_bias=True,
-        use_bias=use_bias,
-        kernel_init=kernel_init,
-        recurrent_kernel_init=recurrent_kernel_init,
-        bias_init=bias_init,
-        return_sequences=return_sequences,
-        return_state=return_state,
-        unroll=unroll,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+    return _recurrent(features, _Cell(3, 1, step, recurrent_bias=True), **_shared(locals()))
 
 
 _MERGES: dict[str | None, Callable[[jax.Array, jax.Array], Any]] = {
@@ -493,13 +473,8 @@ def Bidirectional(
 
     def init(key, x):
         keys = dict(zip(children, jax.random.split(key), strict=True))
-        params, state = {}, {}
-        for k, child in children.items():
-            p, s = call_child(k, child.init, keys[k], x)
-            params[k] = p
-            if s:
-                state[k] = s
-        return params, state
+        out = {k: call_child(k, child.init, keys[k], x) for k, child in children.items()}
+        return {k: p for k, (p, _) in out.items()}, non_empty(**{k: s for k, (_, s) in out.items()})
 
     def apply(params, state, x, *, rng=None, train=False):
         check_keys(params, list(children))
@@ -519,7 +494,7 @@ def Bidirectional(
             zip(children, [None, None] if rng is None else jax.random.split(rng), strict=True)
         )
         seqs = {"forward": inputs, "backward": _reverse_in_length(inputs, lengths)}
-        outs, carries, new_state = {}, {}, {}
+        outs, carries, states = {}, {}, {}
         for k, child in children.items():
             xk: Any = seqs[k]
             if lengths is not None or (carry0 is not None and k in carry0):
@@ -528,11 +503,9 @@ def Bidirectional(
                     xk["lengths"] = lengths
                 if carry0 is not None and k in carry0:
                     xk["initial_carry"] = carry0[k]
-            y, s = call_child(
+            y, states[k] = call_child(
                 k, child.apply, params[k], state.get(k, {}), xk, rng=rngs[k], train=train
             )
-            if s:
-                new_state[k] = s
             if isinstance(y, tuple):
                 y, carries[k] = y
             outs[k] = y
@@ -552,6 +525,6 @@ def Bidirectional(
         y = _MERGES[merge](f, b)
         if carries:
             y = (y, carries)
-        return y, new_state
+        return y, non_empty(**states)
 
     return Layer(init, apply, name)

@@ -11,8 +11,8 @@ CASES = [
     Case("Reshape", lambda: nj.Reshape((4, -1)), (2, 3, 4)),
     Case("serial", lambda: nj.serial(nj.Dense(8), jax.nn.relu, head=nj.Dense(3)), (4, 5)),
     Case(
-        "parallel",
-        lambda: nj.parallel(nj.Dense(3), jnp.tanh, combine=lambda ys: ys[0] + ys[1][..., :3]),
+        "fan_out",
+        lambda: nj.fan_out(nj.Dense(3), jnp.tanh, combine=lambda ys: ys[0] + ys[1][..., :3]),
         (4, 5),
     ),
     Case("residual", lambda: nj.residual(nj.Dense(5), jax.nn.gelu), (4, 5)),
