@@ -212,6 +212,7 @@ def test_kv_cache_steps_equal_full_causal_pass(impl, padded):
     assert jax.tree.map(jnp.shape, state) == {
         "cached_key": (B, max_len, H, D // H),
         "cached_value": (B, max_len, H, D // H),
+        "cached_segment_ids": (B, max_len),
         "cache_index": (),
     }
     assert state["cache_index"].dtype == jnp.int32
@@ -352,6 +353,7 @@ def test_repeat_block_decode_steps_equal_full_pass():
     assert jax.tree.map(jnp.shape, state["stacked"]["attn"]) == {
         "cached_key": (2, B, max_len, H, D // H),
         "cached_value": (2, B, max_len, H, D // H),
+        "cached_segment_ids": (2, B, max_len),
         "cache_index": (2,),
     }
     expected, _ = _apply(full, params, {}, x)
@@ -494,7 +496,7 @@ def test_error_decode_state_missing():
     with pytest.raises(
         nj.LayerError,
         match=r"decode=True needs the KV cache in state: keys \['cache_index', 'cached_key', "
-        r"'cached_value'\], made by init\(key, x\) .*got state keys \[\]",
+        r"'cached_segment_ids', 'cached_value'\], made by init\(key, x\) .*got state keys \[\]",
     ):
         nj.MultiHeadAttention(H, decode=True).apply(params, {}, x[:, :1])
 

@@ -134,6 +134,7 @@ def test_decode_step_by_step_matches_full_sequence():
                 "attn": {
                     "cached_key": (2, 2, 12, 2, 4),
                     "cached_value": (2, 2, 12, 2, 4),
+                    "cached_segment_ids": (2, 2, 12),
                     "cache_index": (2,),
                 }
             }
@@ -275,7 +276,8 @@ def test_errors():
     params = _init()
     model = GPT(CFG)
     with pytest.raises(
-        nj.LayerError, match=r"expected x.shape\[-1\] <= block_size == 16, got x.shape == \(2, 17\)"
+        nj.LayerError,
+        match=r"expected x.shape\[-1\] <= max_position == 16 .*got x.shape == \(2, 17\)",
     ):
         model.apply(params, {}, _ids((2, 17)))
     with pytest.raises(nj.LayerError, match=r"expected integer token ids, got x.dtype == float32"):

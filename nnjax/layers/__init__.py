@@ -9,3 +9,4 @@ from nnjax.layers.norm import *
 from nnjax.layers.pool import *
 from nnjax.layers.recurrent import *
 from nnjax.layers.reshape import *
+from nnjax.layers.transformer import *

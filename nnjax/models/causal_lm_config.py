@@ -73,7 +73,7 @@ class CausalLMConfig:
         mlp: ``"gated"`` (``down(act(gate(x)) * up(x))``: SwiGLU / GeGLU) or ``"plain"``
             (``proj(act(fc(x)))``).
         activation: HF activation name (``"silu"``, ``"gelu_pytorch_tanh"``,
-            ``"gelu_new"``, ``"gelu"``, ``"relu"``).
+            ``"gelu_new"``, ``"gelu"``, ``"relu"``) or a callable.
         qkv_bias: biases on the q/k/v projections (Qwen2, GPT-2).
         out_bias: a bias on the attention output projection (GPT-2).
         mlp_bias: biases in the MLP (GPT-2).
@@ -88,6 +88,9 @@ class CausalLMConfig:
         dtype: compute dtype (``jnp.bfloat16``); ``None``: the params' dtype.
         param_dtype: dtype of freshly initialised params.
         remat: recompute each block's activations in the backward pass.
+        attention_implementation: the attention's backend (see
+            ``nnjax.layers.attention.IMPLEMENTATIONS``); ``None``: einsum on CPU,
+            ``jax.nn.dot_product_attention`` elsewhere.
         scan_unroll: blocks per iteration of the scan over blocks.
         bos_token_id, eos_token_id, pad_token_id: the special ids the checkpoint names
             (``eos_token_id`` may be a tuple); used by ``generate`` and the data readers.
@@ -126,6 +129,7 @@ class CausalLMConfig:
     dtype: Any = None
     param_dtype: Any = None
     remat: bool = False
+    attention_implementation: str | None = None
     scan_unroll: int = 1
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None

@@ -1,18 +1,15 @@
-"""GPT: a decoder-only transformer language model (GPT-2 / nanoGPT layout) and KV-cache generation.
+"""GPT: the GPT-2 / nanoGPT configuration of :func:`~nnjax.models.CausalLM`, with nanoGPT's names.
 
 ``GPT(config)`` maps token ids ``(B, T)`` to next-token logits ``(B, T, vocab)``:
-token and learned position embeddings, dropout, ``n_layer`` pre-LN
-:func:`~nnjax.layers.attention.TransformerBlock` s stacked by :func:`~nnjax.core.repeat`
-(one ``lax.scan``), a final LayerNorm, and an output head tied to the token table.
-``GPT(config, decode=True)`` takes the same params and keeps each block's
-key/value cache in ``state``; :func:`generate` uses it to sample new tokens with
-one prefill call and a ``lax.scan`` over the new tokens, compiled once per shape.
+token and learned position embeddings, dropout, ``n_layer`` pre-LayerNorm blocks
+stacked by :func:`~nnjax.core.repeat` (one ``lax.scan``), a final LayerNorm, and an
+output head tied to the token table. It is ``CausalLM(causal_lm_config(config))``:
+the same params, paths and options. ``GPT(config, decode=True)`` takes the same
+params and keeps each block's key/value cache in ``state``; :func:`generate` uses it.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,38 +18,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core.checks import check_keys, check_rank, shape_str
-from nnjax.core.combinators import Layer, remat, repeat
+from nnjax.core.checks import shape_str
+from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
-from nnjax.core.layer import call_child
-from nnjax.core.paths import STACKED, flatten, unflatten
-from nnjax.layers.attention import TransformerBlock
-from nnjax.layers.base import compute_dtype
-from nnjax.layers.dropout import Dropout
-from nnjax.layers.embed import Embedding, attend
-from nnjax.layers.norm import LayerNorm
+from nnjax.core.paths import flatten, unflatten
+from nnjax.layers.transformer import ACTIVATIONS
+from nnjax.models.causal_lm import CausalLM
+from nnjax.models.causal_lm_config import CausalLMConfig
 
 __all__ = [
     "GPTConfig",
     "GPT",
     "ACTIVATIONS",
+    "causal_lm_config",
     "generate",
     "make_generate",
     "weight_decay_mask",
 ]
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
-"""MLP activations by their Hugging Face names: ``gelu_new`` is GPT-2's tanh
-approximation, ``gelu`` the exact erf form (nanoGPT's ``nn.GELU()``)."""
-
-_PARAM_KEYS = ("tok_embed", "pos_embed", "blocks", "ln_f")
-_RESIDUAL_KERNELS = (("attn", "out", "kernel"), ("mlp", "proj", "kernel"))
 
 
 @dataclass(frozen=True)
@@ -92,39 +74,55 @@ class GPTConfig:
     epsilon: float = 1e-5
 
 
-def _activation(activation: str | Callable) -> Callable:
-    if callable(activation):
-        return activation
-    if activation not in ACTIVATIONS:
+def causal_lm_config(config: GPTConfig) -> CausalLMConfig:
+    """The :class:`~nnjax.models.CausalLMConfig` of a :class:`GPTConfig` (GPT-2's layout).
+
+    Example:
+        >>> nj.models.causal_lm_config(nj.models.GPTConfig()).position
+        'learned'
+    """
+    c = config
+    if c.n_embd % c.n_head:
+        raise ValueError(f"GPT: n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})")
+    if not callable(c.activation) and c.activation not in ACTIVATIONS:
         raise ValueError(
             f"GPTConfig: activation must be one of {sorted(ACTIVATIONS)} or a callable"
         )
-    return ACTIVATIONS[activation]
-
-
-def _check_ids(x: Any, block_size: int) -> int:
-    check_rank(x, 1, "(..., T)")
-    dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise LayerError(
-            f"expected integer token ids, got x.dtype == {dtype} (x.shape == {shape_str(np.shape(x))})"
-        )
-    t = np.shape(x)[-1]
-    if t > block_size:
-        raise LayerError(
-            f"expected x.shape[-1] <= block_size == {block_size}, got x.shape == {shape_str(np.shape(x))}"
-        )
-    return t
+    return CausalLMConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.n_embd,
+        num_layers=c.n_layer,
+        num_heads=c.n_head,
+        mlp_hidden=c.mlp_ratio * c.n_embd,
+        max_position=c.block_size,
+        norm="layer",
+        norm_eps=c.epsilon,
+        norm_bias=c.bias,
+        position="learned",
+        mlp="plain",
+        activation=c.activation,  # type: ignore[arg-type]  (a name or a callable)
+        qkv_bias=c.bias,
+        out_bias=c.bias,
+        mlp_bias=c.bias,
+        tie_embeddings=True,
+        dropout=c.dropout,
+        initializer_range=0.02,
+        dtype=c.dtype,
+        remat=c.remat,
+        scan_unroll=c.scan_unroll,
+        family="gpt2",
+    )
 
 
 def GPT(config: GPTConfig = GPTConfig(), *, decode: bool = False, name: str = "gpt") -> Layer:
     """A GPT language model: token ids ``(..., T)`` -> logits ``(..., T, vocab_size)``.
 
-    ``h = Dropout(tok_embed[ids] + pos_embed[positions])``, then ``n_layer`` pre-LN
-    blocks, ``ln_f``, and ``logits = h @ tok_embed.T`` (the head is tied to the token
-    table). Init follows GPT-2 / nanoGPT: every kernel and table ``normal(0.02)``,
-    biases 0, the residual projections (``attn/out``, ``mlp/proj``) ``normal(0.02 /
-    sqrt(2 * n_layer))``.
+    ``CausalLM(causal_lm_config(config))``: ``h = Dropout(tok_embed[ids] +
+    pos_embed[positions])``, then ``n_layer`` pre-LN blocks, ``ln_f``, and ``logits = h
+    @ tok_embed.T`` (the head is tied to the token table). Init follows GPT-2 / nanoGPT:
+    every kernel and table ``normal(0.02)``, biases 0, the residual projections
+    (``attn/out``, ``mlp/proj``) ``normal(0.02 / sqrt(2 * n_layer))``. The input may be
+    the dict of :func:`~nnjax.models.CausalLM` (``ids``, ``positions``, ``segment_ids``).
 
     With ``decode=True`` the same params are used; ``init(key, ids)`` with ``ids (B,
     max_len)`` (``max_len <= block_size``) makes the state: every block's KV cache
@@ -140,19 +138,18 @@ def GPT(config: GPTConfig = GPTConfig(), *, decode: bool = False, name: str = "g
         A Layer.
 
     Raises:
+        ValueError: ``n_embd`` not divisible by ``n_head``, an unknown activation.
         LayerError: non-integer ids, ``T > block_size``, a decode cache overflow.
 
     Params:
         tok_embed/embedding: ``(vocab_size, n_embd)``, also the output head.
         pos_embed/embedding: ``(block_size, n_embd)``.
-        blocks/stacked/...: a TransformerBlock's params (``ln_1``, ``attn/{query,key,value,out}``,
+        blocks/stacked/...: a block's params (``ln_1``, ``attn/{query,key,value,out}``,
             ``ln_2``, ``mlp/{fc,proj}``), each with a leading axis ``n_layer``; logical
             paths ``blocks/3/attn/query/kernel``.
         ln_f: LayerNorm ``scale (n_embd,)``, ``bias (n_embd,)``.
 
-    State (``decode=True``):
-        blocks/stacked/attn: ``cached_key``, ``cached_value`` ``(n_layer, B, max_len, n_head,
-        head_dim)``, ``cache_index`` ``(n_layer,)``; position: int32 ``()``.
+    State (``decode=True``): as :func:`~nnjax.models.CausalLM`'s.
 
     Example:
         >>> cfg = nj.models.GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_embd=32)
@@ -160,90 +157,7 @@ def GPT(config: GPTConfig = GPTConfig(), *, decode: bool = False, name: str = "g
         >>> jax.tree.map(jnp.shape, params["blocks"]["stacked"]["attn"]["query"])
         {'bias': (2, 32), 'kernel': (2, 32, 32)}
     """
-    c = config
-    if c.n_embd % c.n_head:
-        raise ValueError(f"GPT: n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})")
-    normal = jax.nn.initializers.normal(0.02)
-    block = TransformerBlock(
-        c.n_head,
-        mlp_ratio=c.mlp_ratio,
-        dropout_rate=c.dropout,
-        causal=True,
-        activation=_activation(c.activation),
-        epsilon=c.epsilon,
-        decode=decode,
-        use_bias=c.bias,
-        kernel_init=normal,
-        dtype=c.dtype,
-    )
-    blocks = repeat(remat(block) if c.remat else block, c.n_layer, unroll=c.scan_unroll)
-    ln_f = LayerNorm(epsilon=c.epsilon, use_bias=c.bias, dtype=c.dtype, name="ln_f")
-    drop = Dropout(c.dropout)
-
-    def embed(table_size, dtype):
-        return Embedding(table_size, c.n_embd, embedding_init=normal, dtype=dtype)
-
-    def init(key, x):
-        _check_ids(x, c.block_size)
-        k_tok, k_pos, k_blocks, k_ln = jax.random.split(key, 4)
-        p_tok = call_child("tok_embed", embed(c.vocab_size, c.dtype).init, k_tok, x)[0]
-        p_pos = call_child("pos_embed", embed(c.block_size, c.dtype).init, k_pos, x)[0]
-        dtype_ = compute_dtype(x, c.dtype)
-        h = jax.ShapeDtypeStruct((*np.shape(x), c.n_embd), dtype_)
-        p_blocks, s_blocks = call_child("blocks", blocks.init, k_blocks, h)
-        scale = 1.0 / math.sqrt(2 * c.n_layer)
-        stacked = p_blocks[STACKED]
-        for a, b, leaf in _RESIDUAL_KERNELS:
-            stacked[a][b][leaf] = stacked[a][b][leaf] * jnp.asarray(
-                scale, stacked[a][b][leaf].dtype
-            )
-        params = {
-            "tok_embed": p_tok,
-            "pos_embed": p_pos,
-            "blocks": p_blocks,
-            "ln_f": call_child("ln_f", ln_f.init, k_ln, h)[0],
-        }
-        if not decode:
-            return params, {}
-        return params, {"blocks": s_blocks, "position": jnp.zeros((), jnp.int32)}
-
-    def apply(params, state, x, *, rng=None, train=False):
-        t = _check_ids(x, c.block_size)
-        check_keys(params, _PARAM_KEYS)
-        if decode:
-            check_keys(state, ["blocks", "position"], kind="state")
-            offset = state["position"]
-        else:
-            check_keys(state, [], kind="state")
-            offset = 0
-        r_drop, r_blocks = (None, None) if rng is None else tuple(jax.random.split(rng))
-        table = params["tok_embed"].get("embedding")
-        dtype_ = c.dtype if c.dtype is not None else getattr(table, "dtype", None)
-        tok = embed(c.vocab_size, dtype_)
-        pos = embed(c.block_size, dtype_)
-        # jnp.asarray: under jit a NumPy constant becomes a tracer, so Embedding skips
-        # its eager range check (which cannot run on a traced value).
-        ids = jnp.asarray(x)
-        h, _ = call_child("tok_embed", tok.apply, params["tok_embed"], {}, ids)  # (..., T, d)
-        positions = offset + jnp.arange(t, dtype=jnp.int32)  # (T,)
-        p, _ = call_child("pos_embed", pos.apply, params["pos_embed"], {}, positions)  # (T, d)
-        h = drop.apply({}, {}, h + p, rng=r_drop, train=train)[0]
-        h, s_blocks = call_child(
-            "blocks",
-            blocks.apply,
-            params["blocks"],
-            state.get("blocks", {}),
-            h,
-            rng=r_blocks,
-            train=train,
-        )
-        h, _ = call_child("ln_f", ln_f.apply, params["ln_f"], {}, h)
-        logits = call_child("tok_embed", attend, params["tok_embed"], h)  # (..., T, V)
-        if not decode:
-            return logits, {}
-        return logits, {"blocks": s_blocks, "position": (offset + t).astype(jnp.int32)}
-
-    return Layer(init, apply, name)
+    return CausalLM(causal_lm_config(config), decode=decode, name=name)
 
 
 def weight_decay_mask(params: Any) -> Any:
