@@ -31,14 +31,13 @@ import numpy as np
 from nnjax.core.checks import check_float, check_keys, check_rank, shape_str
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
-from nnjax.core.layer import as_layer, call_child
+from nnjax.core.layer import Initializer, as_layer, call_child
 from nnjax.layers.base import compute_dtype
 from nnjax.layers.dense import Dense
 from nnjax.layers.rope import Rotary, apply_rotary
 
 __all__ = ["MultiHeadAttention", "CACHE_KEYS", "IMPLEMENTATIONS"]
 
-Initializer = Any
 
 CACHE_KEYS = ("cached_key", "cached_value", "cached_segment_ids", "cache_index")
 """State leaves of a ``decode=True`` attention: the KV cache, each slot's segment id

@@ -20,7 +20,7 @@ import numpy as np
 from nnjax.core.checks import check_keys, check_rank
 from nnjax.core.combinators import Layer, serial
 from nnjax.core.errors import LayerError
-from nnjax.core.layer import as_layer, call_child
+from nnjax.core.layer import Initializer, as_layer, call_child
 from nnjax.layers.attention import MultiHeadAttention
 from nnjax.layers.dense import Dense
 from nnjax.layers.dropout import Dropout
@@ -35,7 +35,6 @@ __all__ = [
     "ACTIVATIONS",
 ]
 
-Initializer = Any
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
