@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import nnjax as nj
 import nnjax.checkpoint as ckpt
-import nnjax.checkpoint.state as ckpt_state
+from nnjax.checkpoint import arrayfile, listing, metadata
 from nnjax.core.errors import CheckpointError
 from nnjax.training.trainer import TrainState
 
@@ -138,8 +138,8 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
             f.write('{"format": "nnjax.checkp')  # half written
         raise OSError("disk pulled out")
 
-    monkeypatch.setattr(ckpt_state, "_write_metadata", dies)
-    monkeypatch.setattr(ckpt_state, "_remove_tree", lambda path: None)  # as after a hard kill
+    monkeypatch.setattr(metadata, "write", dies)
+    monkeypatch.setattr(listing, "remove_tree", lambda path: None)  # as after a hard kill
     with pytest.raises(OSError, match="disk pulled out"):
         ckpt.save(tmp_path, _train_state(seed=1, step=2))
     leftovers = [n for n in os.listdir(tmp_path) if n.startswith(".tmp-step_000002")]
@@ -156,13 +156,13 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_failed_save_cleans_its_temp_folder(tmp_path, monkeypatch):
     ckpt.save(tmp_path, _train_state(step=1))
 
-    def dies(folder, data):
+    def dies(path, tensors):
         raise OSError("no space left")
 
-    monkeypatch.setattr(ckpt_state, "_write_arrays", dies)
+    monkeypatch.setattr(arrayfile, "write", dies)
     with pytest.raises(OSError, match="no space"):
         ckpt.save(tmp_path, _train_state(step=2))
-    assert sorted(os.listdir(tmp_path)) == ["step_000001"]
+    assert sorted(os.listdir(tmp_path)) == [".writer.lock", "step_000001"]
 
 
 def test_never_overwrites(tmp_path):
@@ -230,7 +230,7 @@ def test_changed_dtype_in_metadata_is_refused(tmp_path):
     meta_file = path / "metadata.json"
     meta = json.loads(meta_file.read_text())
     meta["leaves"]["params/dense_0/kernel"]["dtype"] = "float16"
-    meta_file.write_text(json.dumps(meta))
+    meta_file.write_text(json.dumps(metadata.seal(meta)))  # a consistent but wrong metadata
     with pytest.raises(
         CheckpointError,
         match=r"metadata says params/dense_0/kernel is float16 \[3, 4\], but arrays.safetensors holds float32",

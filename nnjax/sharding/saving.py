@@ -1,13 +1,11 @@
 """Checkpoints of sharded train states: save from any mesh, restore onto any other.
 
 The files are ordinary :mod:`nnjax.checkpoint` checkpoints (safetensors, one
-full array per path), so they carry no mesh: a state saved from FSDP over 8
-devices restores onto tensor parallelism over 4, or onto one device.
-
-Every array is gathered to host memory whole before it is written (one process
-writes), and read whole before it is placed: fine while the train state fits in
-one host's memory. Several processes must see the same directory (a shared file
-system) to restore.
+block per shard) and carry no mesh: a state saved from FSDP over 8 devices
+restores onto tensor parallelism over 4, or onto one device. Nothing is
+gathered: in a multi-process run each process writes the shards it holds and
+reads back only the blocks its devices need, so no host ever holds the whole
+state. The processes must see the same directory (a shared file system).
 """
 
 from __future__ import annotations
@@ -16,63 +14,36 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 
 from nnjax.checkpoint import state as checkpoint
-from nnjax.sharding.mesh import put
 
 __all__ = ["save_sharded", "restore_sharded"]
-
-
-def _leaf_to_host(x: Any) -> Any:
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:  # spans processes: gather
-        return multihost_utils.process_allgather(x, tiled=True)
-    return jax.device_get(x)
-
-
-def _to_host(tree: Any) -> Any:
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    return jax.tree.map(_leaf_to_host, tree)  # the same order on every process
 
 
 def save_sharded(directory: str | os.PathLike, ts: Any, **kwargs: Any) -> str:
     """Save a (sharded) train state with :func:`nnjax.checkpoint.save`; call it on every process.
 
-    The shards are gathered into full host arrays (``process_allgather`` across
-    processes), process 0 writes, and every process waits until the checkpoint
-    is complete.
+    Each process writes the shards it holds (``replica_id == 0``, so each block
+    once) to its own array file; process 0 completes the checkpoint, and with
+    ``blocking=True`` (the default) every process returns once it is complete.
 
     Args:
         directory: the run's checkpoint folder.
         ts: a ``TrainState`` (or any pytree) of arrays, sharded or not.
-        **kwargs: ``step``, ``extra``, ``keep`` as :func:`nnjax.checkpoint.save`.
+        **kwargs: ``step``, ``extra``, ``keep``, ``blocking`` as :func:`nnjax.checkpoint.save`.
 
     Returns:
         The checkpoint's path (the same on every process).
     """
-    host = _to_host(ts)
-    step = kwargs.pop("step", None)
-    if step is None:
-        step = int(np.asarray(host.step))
-    path = os.path.join(os.fspath(directory), f"step_{int(step):06d}")
-    if jax.process_index() == 0:
-        path = checkpoint.save(directory, host, step=step, **kwargs)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"nnjax.save_sharded:{path}")
-    return path
-
-
-def _host_like(x: Any) -> np.ndarray:
-    """A zero-byte NumPy stand-in with ``x``'s shape and dtype: restore returns NumPy."""
-    return np.broadcast_to(np.zeros((), x.dtype), np.shape(x))
+    return checkpoint.save(directory, ts, **kwargs)
 
 
 def restore_sharded(
     path: str | os.PathLike, target: Any, shardings: Any = None
 ) -> tuple[Any, dict[str, Any]]:
     """Load a checkpoint and place each array on ``shardings``, on any mesh.
+
+    Each process reads only the blocks its devices hold (``jax.make_array_from_callback``).
 
     Args:
         path: a checkpoint folder or a run folder (its newest checkpoint).
@@ -107,12 +78,11 @@ def restore_sharded(
     """
     if shardings is None:
 
-        def own(x):
+        def own(x: Any) -> Any:
             s = getattr(x, "sharding", None)
             if s is None:
                 raise ValueError("restore_sharded: pass shardings= or a target with .sharding")
             return s
 
         shardings = jax.tree.map(own, target)
-    host, extra = checkpoint.restore(path, jax.tree.map(_host_like, target))
-    return put(host, shardings), extra
+    return checkpoint.restore(path, target, shardings)

@@ -1,0 +1,165 @@
+"""Restoring a checkpoint onto a target structure and sharding, one array (or shard) at a time.
+
+Each leaf is read with ``safe_open`` and placed before the next one is read, so
+the extra host memory is about the largest array; a leaf with a sharding is
+built with ``jax.make_array_from_callback``, which reads only the blocks this
+process's devices hold (``get_slice``), from whichever files hold them. Every
+file is checked against its size and sha256 (and its header against the
+metadata) before the first array is read from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nnjax.checkpoint import arrayfile, listing, metadata, tree
+from nnjax.core.errors import CheckpointError
+
+__all__ = ["restore"]
+
+# (file name, tensor key, start, shape) of one stored block of a leaf
+Piece = tuple[str, str, list[int], list[int]]
+
+
+class _Files:
+    """The checkpoint's array files: sizes and headers checked at once, sha256 on first read."""
+
+    def __init__(self, folder: str, meta: Mapping[str, Any], stack: contextlib.ExitStack):
+        self.folder, self.meta = folder, meta
+        self.open: dict[str, Any] = {}
+        self.verified: set[str] = set()
+        for name, info in meta["files"].items():
+            file = os.path.join(folder, name)
+            arrayfile.check_size(file, info["size"])
+            self.open[name] = stack.enter_context(arrayfile.open_file(file))
+            self._check_header(self.open[name], name, info["pieces"])
+
+    def get(self, name: str) -> Any:
+        """The open file, its sha256 checked (reading it whole, once) before the first array."""
+        if name not in self.verified:
+            info = self.meta["files"][name]
+            arrayfile.verify(os.path.join(self.folder, name), info["size"], info["sha256"])
+            self.verified.add(name)
+        return self.open[name]
+
+    def _check_header(self, handle: Any, name: str, pieces: Mapping[str, Any]) -> None:
+        keys = set(handle.keys())
+        if keys != set(pieces):
+            raise CheckpointError(
+                f"{self.folder}: metadata and {name} disagree on the paths: "
+                f"{sorted(keys ^ set(pieces))}"
+            )
+        for key, piece in pieces.items():
+            dtype, shape = arrayfile.entry(handle, key, name)
+            want = self.meta["leaves"][piece["path"]]["dtype"]
+            if dtype != want or shape != piece["shape"]:
+                raise CheckpointError(
+                    f"{self.folder}: metadata says {key} is {want} {piece['shape']}, "
+                    f"but {name} holds {dtype} {shape}"
+                )
+
+    def region(self, pieces: list[Piece], start: list[int], stop: list[int], dtype: str) -> Any:
+        """The block ``[start, stop)`` of a leaf, read from the pieces that overlap it."""
+        for name, key, p_start, p_shape in pieces:
+            if p_start == start and [a + n for a, n in zip(p_start, p_shape)] == stop:
+                return arrayfile.read(self.get(name), key, None, name)
+        out = np.empty([b - a for a, b in zip(start, stop)], dtype)
+        for name, key, p_start, p_shape in pieces:
+            lo = [max(a, p) for a, p in zip(start, p_start)]
+            hi = [min(b, p + n) for b, p, n in zip(stop, p_start, p_shape)]
+            if any(a >= b for a, b in zip(lo, hi)):
+                continue
+            src = tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, p_start))
+            dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+            out[dst] = arrayfile.read(self.get(name), key, src, name)
+        return out
+
+
+def _pieces(meta: Mapping[str, Any]) -> dict[str, list[Piece]]:
+    out: dict[str, list[Piece]] = {p: [] for p in meta["leaves"]}
+    for name, info in meta["files"].items():
+        for key, piece in info["pieces"].items():
+            out[piece["path"]].append((name, key, piece["start"], piece["shape"]))
+    return out
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    ranges = [s.indices(d)[:2] for s, d in zip(index, shape)]
+    return [a for a, _ in ranges], [b for _, b in ranges]
+
+
+def _place(files: _Files, pieces: list[Piece], like: Any, sharding: Any, info: Any) -> Any:
+    """One leaf as ``like`` has it: on ``sharding``, a typed key, or a NumPy/Python value."""
+    shape, dtype = tuple(info["shape"]), info["dtype"]
+
+    def whole() -> Any:
+        return files.region(pieces, [0] * len(shape), list(shape), dtype)
+
+    if info.get("key"):
+        data = jax.device_put(whole(), sharding) if sharding is not None else jnp.asarray(whole())
+        return jax.random.wrap_key_data(data, impl=info.get("key_impl"))
+    if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
+        if sharding is None:
+            return jnp.asarray(whole())
+        return jax.make_array_from_callback(
+            shape, sharding, lambda index: files.region(pieces, *_bounds(index, shape), dtype)
+        )
+    if isinstance(like, np.ndarray | np.generic):
+        return np.array(whole())
+    if isinstance(like, bool | int | float | complex):
+        return type(like)(whole().item())
+    return jnp.asarray(whole())
+
+
+def restore(
+    path: str | os.PathLike, target: Any, shardings: Any = None
+) -> tuple[Any, dict[str, Any]]:
+    """Load a checkpoint into the structure of ``target``, one array at a time.
+
+    Args:
+        path: a checkpoint folder (``.../step_000123``) or a run folder (its newest
+            checkpoint is taken).
+        target: a pytree (``TrainState``) of arrays or ``jax.ShapeDtypeStruct`` with
+            the expected structure; leaves with a ``sharding`` are placed on it.
+        shardings: optional tree like ``target`` of ``jax.sharding.Sharding``s to
+            place the leaves on instead (any mesh: the checkpoint carries none).
+
+    Returns:
+        ``(ts, extra)``: the pytree with the stored values (bit-exact), and the
+        ``extra`` dict given to :func:`~nnjax.checkpoint.save`.
+
+    Raises:
+        CheckpointError: no checkpoint, missing, changed or corrupt metadata, an
+            array file that is missing, truncated or does not match its sha256 or
+            metadata, or a structure that differs from ``target`` (the message
+            lists the missing, unexpected and differing paths).
+
+    Example:
+        >>> _ = nj.checkpoint.save("runs/r", {"w": jnp.arange(3.0)}, step=1)
+        >>> tree, extra = nj.checkpoint.restore("runs/r", {"w": jnp.zeros(3)})
+        >>> tree["w"]
+        Array([0., 1., 2.], dtype=float32)
+    """
+    path = listing.checkpoint_dir(os.fspath(path))
+    meta = metadata.read(path)
+    flat, treedef = tree.flat(target)
+    if shardings is None:
+        placements = [getattr(leaf, "sharding", None) for leaf in flat.values()]
+    else:
+        placements = treedef.flatten_up_to(shardings)
+    pieces = _pieces(meta)
+    with contextlib.ExitStack() as stack:
+        files = _Files(path, meta, stack)
+        tree.check_structure(path, meta["leaves"], flat)
+        leaves = [
+            _place(files, pieces[p], leaf, sharding, meta["leaves"][p])
+            for (p, leaf), sharding in zip(flat.items(), placements, strict=True)
+        ]
+    return jax.tree_util.tree_unflatten(treedef, leaves), dict(meta["extra"])
