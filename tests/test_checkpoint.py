@@ -314,3 +314,199 @@ def test_random_bytes_never_crash(tmp_path, data, keep_header):
         pass
     else:  # only a well-formed file with exactly that tensor loads
         assert loaded["w"].shape == (2, 3)
+
+
+# ---------------------------------------------------------------- nothing stale, nothing unverified
+
+
+def _rewrite_meta(path, change, seal=True):
+    meta_file = pathlib.Path(path) / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    change(meta)
+    meta_file.write_text(json.dumps(metadata.seal(meta) if seal else meta))
+
+
+def test_changed_number_in_metadata_is_refused(tmp_path):
+    ts = _train_state()
+    path = ckpt.save(tmp_path, ts, extra={"fit": {"step": 7, "lr": 0.5}})
+    _rewrite_meta(path, lambda m: m["extra"]["fit"].update(step=8), seal=False)
+    with pytest.raises(
+        CheckpointError, match=r"metadata.json: checksum mismatch; the metadata was"
+    ):
+        ckpt.restore(path, ts)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "corrupt metadata"),  # RecursionError in json
+        (
+            '{"format": "nnjax.checkpoint", "version": 2, "step": ' + "[" * 5000 + "]" * 5000 + "}",
+            "corrupt metadata",
+        ),
+        ("[1, 2]", "expected a JSON object, got list"),
+        ('{"format": "nnjax.checkpoint", "version": "2"}', "unsupported format version '2'"),
+    ],
+)
+def test_nested_or_foreign_metadata_is_a_checkpoint_error(tmp_path, text, message):
+    ts, path = _saved(tmp_path)
+    (path / "metadata.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.restore(path, ts)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda m: m["leaves"].update({"params/head/kernel": [4, 2]}),
+            r"leaf 'params/head/kernel': \[4, 2\]",
+        ),
+        (lambda m: m.update(step="7"), r"step '7'"),
+        (lambda m: m.update(extra=[1]), r"extra list"),
+        (lambda m: m["leaves"]["step"].update(shape=[-1]), r"leaf step: shape \[-1\]"),
+        (
+            lambda m: m["files"]["arrays.safetensors"]["pieces"]["step"].update(start=[3]),
+            r"piece step: start \[3\]",
+        ),
+        (lambda m: m["files"].update({"../x.safetensors": {}}), r"file '../x.safetensors'"),
+        (
+            lambda m: m["files"]["arrays.safetensors"]["pieces"].pop("params/dense_0/bias"),
+            r"leaf params/dense_0/bias: pieces hold 0 of 4 elements",
+        ),
+        (lambda m: m["files"]["arrays.safetensors"].update(size="9"), r"file 'arrays.safetensors'"),
+    ],
+)
+def test_sealed_metadata_with_wrong_fields_is_refused(tmp_path, change, message):
+    ts, path = _saved(tmp_path)
+    _rewrite_meta(path, change)  # sealed again: only the field checks can catch it
+    with pytest.raises(CheckpointError, match="corrupt metadata: " + message):
+        ckpt.restore(path, ts)
+
+
+def test_step_folder_missing_its_array_file_is_not_a_checkpoint(tmp_path):
+    ts = _train_state()
+    first = ckpt.save(tmp_path, ts, step=1)
+    second = ckpt.save(tmp_path, ts, step=2)
+    os.remove(os.path.join(second, "arrays.safetensors"))
+    assert ckpt.all_steps(tmp_path) == [(1, first)]
+    assert ckpt.latest(tmp_path) == first
+    with pytest.raises(CheckpointError, match=r"step_000002/arrays.safetensors"):
+        ckpt.restore(second, ts)
+    os.remove(os.path.join(first, "metadata.json"))
+    assert ckpt.latest(tmp_path) is None
+
+
+def test_next_save_removes_leftover_temp_folders(tmp_path):
+    ckpt.save(tmp_path, _train_state(step=1))
+    for name in (".tmp-step_000002", ".tmp-step_000009-abc123"):  # killed saves (old and new names)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "arrays.safetensors").write_bytes(b"half")
+    ckpt.save(tmp_path, _train_state(step=3))
+    assert sorted(os.listdir(tmp_path)) == [".writer.lock", "step_000001", "step_000003"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_files_and_folders_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = ckpt.save(tmp_path / "run", _train_state())
+        ckpt.save_params(tmp_path / "p.safetensors", {"w": jnp.ones(2)})
+    finally:
+        os.umask(old)
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(path) == 0o777 & ~umask
+    assert mode(tmp_path / "run") == 0o777 & ~umask
+    for name in ("arrays.safetensors", "metadata.json"):
+        assert mode(os.path.join(path, name)) == 0o666 & ~umask
+    assert mode(tmp_path / "p.safetensors") == 0o666 & ~umask
+
+
+def test_keep_never_deletes_the_checkpoint_just_written(tmp_path):
+    ts = _train_state()
+    for step in (5, 6, 7):
+        ckpt.save(tmp_path, ts, step=step, keep=3)
+    new = ckpt.save(tmp_path, ts, step=2, keep=3)  # older than all the kept ones
+    assert os.path.isdir(new)
+    assert [s for s, _ in ckpt.all_steps(tmp_path)] == [2, 5, 6, 7]
+
+
+def test_writer_fetches_one_tensor_at_a_time(tmp_path):
+    """Each array is fetched when its turn comes and dropped before the next one is fetched."""
+    import weakref
+
+    alive = []
+
+    def fetch(i):
+        assert all(r() is None for r in alive), "an earlier tensor is still held"
+        a = np.full((64, 64), i, np.float32)
+        alive.append(weakref.ref(a))
+        return a
+
+    tensors = [
+        arrayfile.Tensor(f"t{i}", "float32", (64, 64), lambda i=i: fetch(i)) for i in range(5)
+    ]
+    file = str(tmp_path / "x.safetensors")
+    written = arrayfile.write(file, tensors)
+    assert written.size == os.path.getsize(file)
+    import hashlib
+
+    assert written.sha256 == hashlib.sha256(pathlib.Path(file).read_bytes()).hexdigest()
+    loaded = safetensors.numpy.load_file(file)  # the reference reader
+    assert sorted(loaded) == [f"t{i}" for i in range(5)]
+    for i in range(5):
+        np.testing.assert_array_equal(loaded[f"t{i}"], np.full((64, 64), i, np.float32))
+
+
+# ---------------------------------------------------------------- async saves
+
+
+def _bump(ts):  # a donating step: the saved state's buffers are handed back to XLA
+    return jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)(ts)
+
+
+def test_async_save_writes_in_the_background_and_the_next_save_waits(tmp_path, monkeypatch):
+    import threading
+
+    ts = _train_state(step=1)
+    expected = jax.tree.map(np.array, ts)
+    started, gate = threading.Event(), threading.Event()
+    real = arrayfile.write
+
+    def slow(path, tensors):
+        started.set()
+        assert gate.wait(20)
+        return real(path, tensors)
+
+    monkeypatch.setattr(arrayfile, "write", slow)
+    first = ckpt.save(tmp_path, ts, blocking=False)
+    assert started.wait(20)
+    assert ckpt.latest(tmp_path) is None  # still being written
+    ts = _bump(ts)  # training goes on, donating the state that is being saved
+    threading.Timer(0.3, gate.set).start()
+    second = ckpt.save(tmp_path, ts, step=2, blocking=False)  # waits for the first
+    assert ckpt.all_steps(tmp_path)[0] == (1, first)
+    ckpt.wait(tmp_path)
+    assert ckpt.latest(tmp_path) == second
+    _assert_bit_equal(ckpt.restore(first, ts)[0], expected)
+    _assert_bit_equal(ckpt.restore(second, ts)[0], jax.tree.map(lambda x: x + 1, expected))
+
+
+def test_async_save_error_is_raised_once_and_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    ts = _train_state(step=1)
+    first = ckpt.save(tmp_path, ts)
+
+    def dies(path, tensors):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(arrayfile, "write", dies)
+    ckpt.save(tmp_path, ts, step=2, blocking=False)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.wait(tmp_path)
+    ckpt.wait(tmp_path)  # raised once
+    ckpt.save(tmp_path, ts, step=3, blocking=False)
+    with pytest.raises(OSError, match="disk full"):  # the next save raises the last one's error
+        ckpt.save(tmp_path, ts, step=4)
+    assert ckpt.latest(tmp_path) == first
+    assert sorted(os.listdir(tmp_path)) == [".writer.lock", "step_000001"]
+    _assert_bit_equal(ckpt.restore(tmp_path, ts)[0], ts)

@@ -173,10 +173,7 @@ def entry(handle: Any, key: str, where: str) -> tuple[str, list[int]]:
 def read(handle: Any, key: str, region: tuple[slice, ...] | None, where: str) -> np.ndarray:
     """Tensor ``key`` (or its ``region``) from an open file, as a NumPy array of its dtype."""
     try:
-        if region is None:
-            out = handle.get_tensor(key)
-        else:
-            out = handle.get_slice(key)[region]
+        out = handle.get_tensor(key) if region is None else handle.get_slice(key)[region]
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:

@@ -21,7 +21,6 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
 
 from nnjax.core.errors import CheckpointError
 

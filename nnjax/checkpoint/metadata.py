@@ -78,8 +78,9 @@ def file_names(meta: Mapping[str, Any]) -> list[str]:
 
 
 def _short(x: Any) -> str:
-    """A scalar's repr (cut to 60 characters) or a container's type: never a deep repr."""
-    if isinstance(x, str | int | float | bool | type(None)):
+    """A scalar's or flat list's repr (cut to 60 characters), else the type: never a deep repr."""
+    scalar = str | int | float | bool | type(None)
+    if isinstance(x, scalar) or (isinstance(x, list) and all(isinstance(v, scalar) for v in x)):
         return repr(x)[:60]
     return type(x).__name__
 
@@ -117,8 +118,10 @@ def _check_piece(leaves: Mapping[str, Any], key: Any, piece: Any) -> str | None:
 def _problem(meta: Mapping[str, Any]) -> str | None:
     """What is wrong with a version-2 metadata's fields, or None."""
     leaves, files = meta.get("leaves"), meta.get("files")
-    if type(meta.get("step")) is not int or not isinstance(meta.get("extra"), dict):
-        return f"step {_short(meta.get('step'))}, extra {type(meta.get('extra')).__name__}"
+    if type(meta.get("step")) is not int:
+        return f"step {_short(meta.get('step'))}"
+    if not isinstance(meta.get("extra"), dict):
+        return f"extra {type(meta.get('extra')).__name__}"
     if not isinstance(leaves, dict) or not isinstance(files, dict):
         return "leaves and files must be objects"
     for path, info in leaves.items():

@@ -92,7 +92,7 @@ def load_params(path: str | os.PathLike, target: Any = None) -> Any:
     with contextlib.ExitStack() as stack:
         handle = stack.enter_context(arrayfile.open_file(path))
         stored = {}
-        for key in handle.keys():
+        for key in sorted(handle.keys()):
             dtype, shape = arrayfile.entry(handle, key, path)
             stored[key] = {"dtype": dtype, "shape": shape}
         if target is None:

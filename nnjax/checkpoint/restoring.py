@@ -68,16 +68,16 @@ class _Files:
     def region(self, pieces: list[Piece], start: list[int], stop: list[int], dtype: str) -> Any:
         """The block ``[start, stop)`` of a leaf, read from the pieces that overlap it."""
         for name, key, p_start, p_shape in pieces:
-            if p_start == start and [a + n for a, n in zip(p_start, p_shape)] == stop:
+            if p_start == start and [a + n for a, n in zip(p_start, p_shape, strict=True)] == stop:
                 return arrayfile.read(self.get(name), key, None, name)
-        out = np.empty([b - a for a, b in zip(start, stop)], dtype)
+        out = np.empty([b - a for a, b in zip(start, stop, strict=True)], dtype)
         for name, key, p_start, p_shape in pieces:
-            lo = [max(a, p) for a, p in zip(start, p_start)]
-            hi = [min(b, p + n) for b, p, n in zip(stop, p_start, p_shape)]
-            if any(a >= b for a, b in zip(lo, hi)):
+            lo = [max(a, p) for a, p in zip(start, p_start, strict=True)]
+            hi = [min(b, p + n) for b, p, n in zip(stop, p_start, p_shape, strict=True)]
+            if any(a >= b for a, b in zip(lo, hi, strict=True)):
                 continue
-            src = tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, p_start))
-            dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
+            src = tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, p_start, strict=True))
+            dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
             out[dst] = arrayfile.read(self.get(name), key, src, name)
         return out
 
@@ -91,7 +91,7 @@ def _pieces(meta: Mapping[str, Any]) -> dict[str, list[Piece]]:
 
 
 def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
-    ranges = [s.indices(d)[:2] for s, d in zip(index, shape)]
+    ranges = [s.indices(d)[:2] for s, d in zip(index, shape, strict=True)]
     return [a for a, _ in ranges], [b for _, b in ranges]
 
 
