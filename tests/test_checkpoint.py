@@ -414,7 +414,7 @@ def test_files_and_folders_follow_the_umask(tmp_path, umask):
         ckpt.save_params(tmp_path / "p.safetensors", {"w": jnp.ones(2)})
     finally:
         os.umask(old)
-    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    mode = lambda p: os.stat(p).st_mode & 0o777
     assert mode(path) == 0o777 & ~umask
     assert mode(tmp_path / "run") == 0o777 & ~umask
     for name in ("arrays.safetensors", "metadata.json"):
