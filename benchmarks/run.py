@@ -31,6 +31,7 @@ STUDIES = {
     "cpu-conv": "benchmarks.study_cpu_conv",
     "cpu-matmul": "benchmarks.study_cpu_matmul",
     "cpu-cores": "benchmarks.study_cpu_cores",
+    "checkpoint": "benchmarks.study_checkpoint",
 }
 _QUICK_SKIP = ("torch-compile",)  # its first compile takes ~40 s per model on a small CPU
 # --quick checks that everything runs, not how fast: compile with XLA's cheapest
