@@ -94,17 +94,21 @@ def multi(coordinator: str, process_id: int, directory: str, out: str) -> None:
     specs2 = {"rows": P("data"), "cols": P("model", "data"), "bias": P("model"), "step": P()}
     target = {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in values.items()}
     reads = []
-    real_read = arrayfile.read
+    tensor, block = arrayfile.Reader.tensor, arrayfile.Reader.block
 
-    def read(handle: Any, key: str, region: Any, where: str) -> np.ndarray:
-        reads.append([where, key])
-        return real_read(handle, key, region, where)
+    def read_tensor(self: Any, key: str) -> np.ndarray:
+        reads.append(key)
+        return tensor(self, key)
 
-    arrayfile.read = read
+    def read_block(self: Any, key: str, index: Any) -> np.ndarray:
+        reads.append(key)
+        return block(self, key, index)
+
+    arrayfile.Reader.tensor, arrayfile.Reader.block = read_tensor, read_block
     got, extra = nj.checkpoint.restore(
         f"{directory}/step_000003", target, _shardings(mesh2, specs2)
     )
-    arrayfile.read = real_read
+    arrayfile.Reader.tensor, arrayfile.Reader.block = tensor, block
     equal = {
         p: all(np.array_equal(np.asarray(s.data), values[p][s.index]) for s in a.addressable_shards)
         for p, a in got.items()

@@ -83,8 +83,10 @@ def header(tensors: Iterable[Tensor]) -> bytes:
 
 
 def as_bytes(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous array's bytes as a flat uint8 view (no copy); bfloat16 has no buffer format."""
-    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    """An array's bytes as a flat uint8 array (a view when C-contiguous); bfloat16 has no buffer format."""
+    if not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array)
+    return array.reshape(-1).view(np.uint8)
 
 
 def write(path: str, tensors: list[Tensor]) -> Written:
@@ -144,10 +146,11 @@ def verify(path: str, size: int, sha256: str) -> None:
         raise CheckpointError(f"{path}: sha256 mismatch; the file is corrupt")
 
 
-def open_file(path: str) -> Any:
-    """``safe_open(path, framework="np")``; a CheckpointError for anything the parser refuses."""
+def _validate(path: str) -> None:
+    """Let safetensors' own parser check the header (offsets in order, no gaps, within the file)."""
     try:
-        return safe_open(path, framework="np")
+        with safe_open(path, framework="np"):
+            pass
     except FileNotFoundError:
         raise CheckpointError(f"missing {path}") from None
     except (KeyboardInterrupt, SystemExit):
@@ -156,26 +159,95 @@ def open_file(path: str) -> Any:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
 
 
-def entry(handle: Any, key: str, where: str) -> tuple[str, list[int]]:
-    """``(dtype name, shape)`` of ``key`` in an open file, or a CheckpointError."""
-    try:
-        view = handle.get_slice(key)
-        code, shape = view.get_dtype(), list(view.get_shape())
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:
-        raise CheckpointError(f"{where}: cannot read {key} ({e})") from None
-    if code not in CODES:
-        raise CheckpointError(f"{where}: {key} has unsupported dtype {code}")
-    return CODES[code].name, shape
+class Entry(NamedTuple):
+    dtype: str  # NumPy name
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
 
 
-def read(handle: Any, key: str, region: tuple[slice, ...] | None, where: str) -> np.ndarray:
-    """Tensor ``key`` (or its ``region``) from an open file, as a NumPy array of its dtype."""
-    try:
-        out = handle.get_tensor(key) if region is None else handle.get_slice(key)[region]
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:
-        raise CheckpointError(f"{where}: cannot read {key} ({e})") from None
-    return np.asarray(out)
+class Reader:
+    """One safetensors file, read a tensor at a time with ``readinto`` (no memory map).
+
+    ``safe_open`` checks the header; the data is then read with plain reads,
+    because every page ``safe_open``'s memory map touches counts in the
+    process's RSS until the file is closed (a 2 GB file would add 2 GB).
+    Whole tensors read in file order are hashed on the way, so the common
+    restore reads each byte once; :meth:`finish` hashes what is left and
+    compares with ``sha256`` (``None``: no check). Reading out of order, or a
+    block of a tensor, first checks the whole file.
+    """
+
+    def __init__(self, path: str, sha256: str | None = None) -> None:
+        _validate(path)
+        self.path, self.sha256 = path, sha256
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed by close())
+        n = struct.unpack("<Q", self.file.read(8))[0]
+        head = self.file.read(n)
+        self.entries = {}
+        for key, info in json.loads(head).items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in CODES:
+                raise CheckpointError(f"{path}: {key} has unsupported dtype {info['dtype']}")
+            a, b = info["data_offsets"]
+            self.entries[key] = Entry(
+                CODES[info["dtype"]].name, tuple(info["shape"]), 8 + n + a, 8 + n + b
+            )
+        self.digest = hashlib.sha256(struct.pack("<Q", n) + head)
+        self.position = 8 + n  # the next byte the running hash expects
+        self.verified = sha256 is None
+
+    def close(self) -> None:
+        self.file.close()
+
+    def _read(self, begin: int, array: np.ndarray) -> np.ndarray:
+        view = as_bytes(array) if array.size else np.empty(0, np.uint8)
+        got = os.preadv(self.file.fileno(), [view], begin) if view.size else 0
+        if got != view.size:
+            raise CheckpointError(f"{self.path}: truncated at byte {begin + got}")
+        return array
+
+    def _check_all(self) -> None:
+        if not self.verified:
+            verify(self.path, os.path.getsize(self.path), self.sha256)
+            self.verified = True
+
+    def tensor(self, key: str) -> np.ndarray:
+        """The whole tensor ``key``."""
+        e = self.entries[key]
+        if not self.verified and e.begin != self.position:
+            self._check_all()
+        array = self._read(e.begin, np.empty(e.shape, e.dtype))
+        if not self.verified:
+            self.digest.update(as_bytes(array))
+            self.position = e.end
+        return array
+
+    def block(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """``tensor(key)[index]`` (unit-step slices), reading only the rows it spans."""
+        self._check_all()
+        e = self.entries[key]
+        if not e.shape:
+            return self.tensor(key)
+        a, b, _ = index[0].indices(e.shape[0])
+        row = math.prod(e.shape[1:]) * np.dtype(e.dtype).itemsize
+        rows = self._read(e.begin + a * row, np.empty((max(b - a, 0), *e.shape[1:]), e.dtype))
+        return np.ascontiguousarray(rows[(slice(None), *index[1:])])
+
+    def finish(self) -> None:
+        """Hash the bytes not read yet and compare with ``sha256``.
+
+        Raises:
+            CheckpointError: the file's sha256 is not the expected one.
+        """
+        if self.verified:
+            return
+        buffer = bytearray(min(_CHUNK, max(os.path.getsize(self.path) - self.position, 1)))
+        view = memoryview(buffer)
+        while n := os.preadv(self.file.fileno(), [buffer], self.position):
+            self.digest.update(view[:n])
+            self.position += n
+        if self.digest.hexdigest() != self.sha256:
+            raise CheckpointError(f"{self.path}: sha256 mismatch; the file is corrupt")
+        self.verified = True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from functools import partial
 from typing import Any
@@ -89,27 +88,22 @@ def load_params(path: str | os.PathLike, target: Any = None) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"no params file {path!r}")
-    with contextlib.ExitStack() as stack:
-        handle = stack.enter_context(arrayfile.open_file(path))
-        stored = {}
-        for key in sorted(handle.keys()):
-            dtype, shape = arrayfile.entry(handle, key, path)
-            stored[key] = {"dtype": dtype, "shape": shape}
+    reader = arrayfile.Reader(path)
+    try:
+        stored = {k: {"dtype": e.dtype, "shape": list(e.shape)} for k, e in reader.entries.items()}
         if target is None:
             keys = set(stored)
             parents = {p.rsplit("/", i)[0] for p in keys for i in range(1, p.count("/") + 1)}
             if parents & keys:
                 raise CheckpointError(f"{path}: keys {sorted(parents & keys)} also hold arrays")
-            return unflatten(
-                {p: jnp.asarray(arrayfile.read(handle, p, None, path)) for p in stored}
-            )
+            return unflatten({p: jnp.asarray(reader.tensor(p)) for p in stored})
         flat, treedef = tree.flat(target)
         tree.check_structure(path, stored, flat)
         leaves = []
         for p, like in flat.items():
-            array = arrayfile.read(handle, p, None, path)
             sharding = getattr(like, "sharding", None)
-            leaves.append(
-                jax.device_put(array, sharding) if sharding is not None else jnp.asarray(array)
-            )
+            array = reader.tensor(p)
+            leaves.append(jax.device_put(array, sharding) if sharding else jnp.asarray(array))
+    finally:
+        reader.close()
     return jax.tree_util.tree_unflatten(treedef, leaves)

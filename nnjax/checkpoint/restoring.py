@@ -29,47 +29,44 @@ Piece = tuple[str, str, list[int], list[int]]
 
 
 class _Files:
-    """The checkpoint's array files: sizes and headers checked at once, sha256 on first read."""
+    """The checkpoint's array files: sizes and headers checked at once, sha256 as they are read."""
 
     def __init__(self, folder: str, meta: Mapping[str, Any], stack: contextlib.ExitStack):
         self.folder, self.meta = folder, meta
-        self.open: dict[str, Any] = {}
-        self.verified: set[str] = set()
+        self.readers: dict[str, arrayfile.Reader] = {}
         for name, info in meta["files"].items():
             file = os.path.join(folder, name)
             arrayfile.check_size(file, info["size"])
-            self.open[name] = stack.enter_context(arrayfile.open_file(file))
-            self._check_header(self.open[name], name, info["pieces"])
+            reader = arrayfile.Reader(file, info["sha256"])
+            stack.callback(reader.close)
+            self._check_header(reader, name, info["pieces"])
+            self.readers[name] = reader
 
-    def get(self, name: str) -> Any:
-        """The open file, its sha256 checked (reading it whole, once) before the first array."""
-        if name not in self.verified:
-            info = self.meta["files"][name]
-            arrayfile.verify(os.path.join(self.folder, name), info["size"], info["sha256"])
-            self.verified.add(name)
-        return self.open[name]
-
-    def _check_header(self, handle: Any, name: str, pieces: Mapping[str, Any]) -> None:
-        keys = set(handle.keys())
-        if keys != set(pieces):
+    def _check_header(self, reader: arrayfile.Reader, name: str, pieces: Mapping[str, Any]) -> None:
+        if set(reader.entries) != set(pieces):
             raise CheckpointError(
                 f"{self.folder}: metadata and {name} disagree on the paths: "
-                f"{sorted(keys ^ set(pieces))}"
+                f"{sorted(set(reader.entries) ^ set(pieces))}"
             )
         for key, piece in pieces.items():
-            dtype, shape = arrayfile.entry(handle, key, name)
+            entry = reader.entries[key]
             want = self.meta["leaves"][piece["path"]]["dtype"]
-            if dtype != want or shape != piece["shape"]:
+            if entry.dtype != want or list(entry.shape) != piece["shape"]:
                 raise CheckpointError(
                     f"{self.folder}: metadata says {key} is {want} {piece['shape']}, "
-                    f"but {name} holds {dtype} {shape}"
+                    f"but {name} holds {entry.dtype} {list(entry.shape)}"
                 )
+
+    def finish(self) -> None:
+        """Check the sha256 of every file (what was not read yet is hashed now)."""
+        for reader in self.readers.values():
+            reader.finish()
 
     def region(self, pieces: list[Piece], start: list[int], stop: list[int], dtype: str) -> Any:
         """The block ``[start, stop)`` of a leaf, read from the pieces that overlap it."""
         for name, key, p_start, p_shape in pieces:
             if p_start == start and [a + n for a, n in zip(p_start, p_shape, strict=True)] == stop:
-                return arrayfile.read(self.get(name), key, None, name)
+                return self.readers[name].tensor(key)
         out = np.empty([b - a for a, b in zip(start, stop, strict=True)], dtype)
         for name, key, p_start, p_shape in pieces:
             lo = [max(a, p) for a, p in zip(start, p_start, strict=True)]
@@ -78,7 +75,7 @@ class _Files:
                 continue
             src = tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, p_start, strict=True))
             dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start, strict=True))
-            out[dst] = arrayfile.read(self.get(name), key, src, name)
+            out[dst] = self.readers[name].block(key, src)
         return out
 
 
@@ -162,4 +159,5 @@ def restore(
             _place(files, pieces[p], leaf, sharding, meta["leaves"][p])
             for (p, leaf), sharding in zip(flat.items(), placements, strict=True)
         ]
+        files.finish()
     return jax.tree_util.tree_unflatten(treedef, leaves), dict(meta["extra"])
