@@ -9,7 +9,8 @@ abstract target (restore), resets its peak RSS (``/proc/self/clear_refs``), then
 times the operation and reads the peak (``VmHWM``). Extra RSS = the peak minus
 the RSS before, less the state itself for a restore.
 
-Formats: ``old`` (nnjax before streaming, :mod:`benchmarks.checkpoint_old_format`),
+Formats: ``old`` (nnjax before streaming: ``nnjax/checkpoint.py`` at commit
+c563c31, taken from git into a temporary module),
 ``nnjax`` (``nj.checkpoint.save`` / ``restore``, streamed), ``nnjax-async``
 (``blocking=False``: the time until ``save`` returns, then the total after
 ``wait``), ``orbax`` (``orbax.checkpoint.StandardCheckpointer``, its default
@@ -20,6 +21,7 @@ largest tensor; nnjax's time <= orbax's.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -29,12 +31,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 from benchmarks.report import fmt, machine_line, write_study
+from benchmarks.workloads import child_json
 
 __all__ = ["main", "state_shapes"]
 
 FORMATS = ("old", "nnjax", "nnjax-async", "orbax")
+OLD_COMMIT = "c563c31"  # the last commit with the one-bytes-object format
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _MB = 1e6
 
@@ -86,6 +91,25 @@ def _build(quick: bool, abstract: bool):
     return TrainState(scalar, params, {}, opt_state)
 
 
+def _old_format() -> Any:
+    """The pre-streaming module, from git, its two imports moved to today's floors."""
+    text = subprocess.run(
+        ["git", "show", f"{OLD_COMMIT}:nnjax/checkpoint.py"],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    text = text.replace("from nnjax.errors import", "from nnjax.core.errors import")
+    text = text.replace("from nnjax.paths import", "from nnjax.core.paths import")
+    path = pathlib.Path(tempfile.mkdtemp()) / "nnjax_old_checkpoint.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("nnjax_old_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _rss() -> tuple[int, int]:
     """``(VmRSS, VmHWM)`` of this process in bytes."""
     out = {}
@@ -102,11 +126,10 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _save(fmt_name: str, folder: str, ts) -> dict:
+def _save(fmt_name: str, folder: str, ts, old: Any) -> dict:
     import jax
 
     import nnjax as nj
-    from benchmarks import checkpoint_old_format as old
 
     t0 = time.perf_counter()
     row = {}
@@ -129,11 +152,10 @@ def _save(fmt_name: str, folder: str, ts) -> dict:
     return {"s": time.perf_counter() - t0, **row}
 
 
-def _restore(fmt_name: str, folder: str, target):
+def _restore(fmt_name: str, folder: str, target, old: Any):
     import jax
 
     import nnjax as nj
-    from benchmarks import checkpoint_old_format as old
 
     if fmt_name == "old":
         ts, _ = old.restore(folder, target)
@@ -155,14 +177,15 @@ def child(fmt_name: str, op: str, folder: str, quick: bool) -> dict:
     state = _build(quick, abstract=op == "restore")
     state_bytes = param_bytes(state)
     largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    old = _old_format() if fmt_name == "old" else None
     rss0, _ = _rss()
     _reset_peak()
     if op == "save":
-        row = _save(fmt_name, folder, state)
+        row = _save(fmt_name, folder, state, old)
         extra = _rss()[1] - rss0
     else:
         t0 = time.perf_counter()
-        got = _restore(fmt_name, folder, state)
+        got = _restore(fmt_name, folder, state, old)
         row = {"s": time.perf_counter() - t0}
         extra = _rss()[1] - rss0 - state_bytes
         want = _build(quick, abstract=False)  # the same seeds: a bit-exact round trip
@@ -178,23 +201,8 @@ def child(fmt_name: str, op: str, folder: str, quick: bool) -> dict:
 
 
 def _run_child(fmt_name: str, op: str, folder: str, quick: bool) -> dict:
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    argv = [sys.executable, "-m", "benchmarks.study_checkpoint", fmt_name, op, folder]
-    proc = subprocess.run(
-        argv + (["--quick"] if quick else []),
-        cwd=_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if proc.returncode:
-        raise RuntimeError(f"checkpoint child {fmt_name} {op} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    argv = ["benchmarks.study_checkpoint", fmt_name, op, folder] + (["--quick"] if quick else [])
+    return child_json(argv, f"checkpoint child {fmt_name} {op}", 1800, {"JAX_PLATFORMS": "cpu"})
 
 
 def main(args: argparse.Namespace, machine: dict) -> int:

@@ -22,13 +22,12 @@ import os
 import pathlib
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
 from benchmarks.report import fmt, machine_line, write_study
 from benchmarks.suite import FRAMEWORKS, available
-from benchmarks.workloads import Config, config, median_ms
+from benchmarks.workloads import Config, child_json, config, median_ms
 
 __all__ = ["NANOGPT", "main", "measure"]
 
@@ -63,24 +62,10 @@ def measure(name: str, cores: list[int], cfg: Config, steps: int, blocks: int) -
 
 def _child(name: str, cores: list[int], quick: bool) -> dict:
     """:func:`measure` in a fresh process (the affinity must precede the backend)."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    argv = [sys.executable, "-m", "benchmarks.study_cpu_cores", name, ",".join(map(str, cores))]
-    proc = subprocess.run(
-        argv + (["--quick"] if quick else []),
-        cwd=_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
+    argv = ["benchmarks.study_cpu_cores", name, ",".join(map(str, cores))]
+    return child_json(
+        argv + (["--quick"] if quick else []), f"cpu-cores child {name} on cores {cores}", 900
     )
-    if proc.returncode:
-        raise RuntimeError(
-            f"cpu-cores child {name} on cores {cores} failed:\n{proc.stderr[-2000:]}"
-        )
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main(args: argparse.Namespace, machine: dict) -> int:

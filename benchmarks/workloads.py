@@ -8,7 +8,12 @@ Every framework module builds each workload from a :class:`Config` and returns a
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import pathlib
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -23,6 +28,7 @@ __all__ = [
     "UnavailableError",
     "carry_bench",
     "median_ms",
+    "child_json",
     "lenet_flat_features",
     "config",
     "timing",
@@ -211,3 +217,30 @@ def median_ms(call: Callable[[], object], steps: int) -> float:
         call()
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def child_json(argv: list[str], what: str, timeout: float, env: dict | None = None) -> Any:
+    """Run ``python -m ARGV...`` from the checkout in a fresh process; the JSON on its last line.
+
+    Raises:
+        RuntimeError: the child failed (``what`` and the end of its stderr).
+    """
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", *argv],
+        cwd=_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,47 @@
+"""Smoke test of ``python -m benchmarks --study checkpoint --quick``: it runs and writes every row."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_checkpoint_study_quick_writes_every_format(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--study",
+            "checkpoint",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "quick-checkpoint.json").read_text())
+    formats = [r["format"] for r in payload["rows"]]
+    assert formats[:3] == ["old", "nnjax", "nnjax-async"]
+    for r in payload["rows"]:  # each child restored the values bit for bit, or it would fail
+        assert r["save s"] > 0 and r["restore s"] > 0
+        assert r["state_mb"] == pytest.approx(7.87, rel=0.01)
+    # The streamed save holds about one tensor beyond the state; the old format the whole state.
+    rows = {r["format"]: r for r in payload["rows"]}
+    assert rows["nnjax"]["save extra_mb"] < rows["nnjax"]["largest_mb"] * 1.2
+    assert rows["old"]["save extra_mb"] > rows["old"]["state_mb"]
+    assert "| nnjax |" in (tmp_path / "quick-checkpoint.md").read_text()
