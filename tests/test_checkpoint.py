@@ -510,3 +510,14 @@ def test_async_save_error_is_raised_once_and_keeps_previous_checkpoint(tmp_path,
     assert ckpt.latest(tmp_path) == first
     assert sorted(os.listdir(tmp_path)) == [".writer.lock", "step_000001"]
     _assert_bit_equal(ckpt.restore(tmp_path, ts)[0], ts)
+
+
+def test_extra_is_stored_as_json_gives_it_back(tmp_path):
+    """Int keys come back as JSON gives them (strings), and the checksum still holds."""
+    extra = {"table": {1: "a", 10: "b", 2: "c"}, "nan": float("inf"), "t": (1, 2)}
+    path = ckpt.save(tmp_path, {"w": jnp.ones(2)}, step=0, extra=extra)
+    extra["table"][3] = "changed after the save"
+    _, got = ckpt.restore(path, {"w": jnp.ones(2)})
+    assert got == {"table": {"1": "a", "10": "b", "2": "c"}, "nan": float("inf"), "t": [1, 2]}
+    with pytest.raises(TypeError, match="extra must be JSON-able"):
+        ckpt.save(tmp_path, {"w": jnp.ones(2)}, step=1, extra={"f": object()})

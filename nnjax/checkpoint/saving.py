@@ -80,8 +80,8 @@ def _plan(directory: str, ts: Any, step: int, extra: Any, keep: int | None) -> _
         "leaves": records,
         "extra": dict(extra or {}),
     }
-    try:
-        json.dumps(metadata.seal(meta), allow_nan=True)
+    try:  # a copy now: the caller may change ``extra`` while a background save runs
+        meta = json.loads(json.dumps(meta))
     except (TypeError, ValueError) as e:
         raise TypeError(f"save: extra must be JSON-able ({e})") from None
     tensors, sources, pieces = [], [], {}

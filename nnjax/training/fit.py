@@ -133,13 +133,15 @@ def _resume(checkpoint_dir: str | None, ts: Any, rng: jax.Array) -> _Run:
     return _Run(ts, rng, run["step"], run["data"], run["history"], found, run["step"])
 
 
-def _save(run: _Run, checkpoint_dir: str, keep: int | None) -> None:
+def _save(run: _Run, checkpoint_dir: str, keep: int | None, blocking: bool = True) -> None:
     """The one place fit writes a checkpoint: the train state and all it needs to resume."""
     if not bool(_all_finite(run.ts)):
         raise TrainingDiverged(run.step, run.last_ckpt, "non-finite values in the train state")
     fit_state = {"step": run.step, "data": run.pos, "rng": _rng_to_json(run.rng)}
     extra = {"fit": {**fit_state, "history": run.history}}
-    run.last_ckpt = checkpoint.save(checkpoint_dir, run.ts, step=run.step, extra=extra, keep=keep)
+    run.last_ckpt = checkpoint.save(
+        checkpoint_dir, run.ts, step=run.step, extra=extra, keep=keep, blocking=blocking
+    )
     run.saved_at = run.step
 
 
@@ -156,6 +158,7 @@ class _Plan(NamedTuple):
     checkpoint_dir: str | None
     checkpoint_every: int | None
     keep: int | None
+    async_checkpoint: bool
 
 
 def _evaluate(trainer: Any, run: _Run, eval_data: Any) -> dict[str, Any]:
@@ -177,7 +180,7 @@ def _evaluate(trainer: Any, run: _Run, eval_data: Any) -> dict[str, Any]:
 
 def _checkpoint(run: _Run, plan: _Plan, log: MetricLog) -> None:
     log.flush(run.step, run.last_ckpt)  # the history saved is complete, its losses checked
-    _save(run, plan.checkpoint_dir, plan.keep)
+    _save(run, plan.checkpoint_dir, plan.keep, blocking=not plan.async_checkpoint)
 
 
 def _loop(trainer: Any, run: _Run, plan: _Plan, calls: Iterator, log: MetricLog) -> None:
@@ -241,6 +244,7 @@ def fit(
     checkpoint_dir: str | None = None,
     checkpoint_every: int | None = None,
     keep: int | None = 3,
+    async_checkpoint: bool = False,
     rng: jax.Array | None = None,
     log_every: int = 50,
     progress: bool = True,
@@ -274,6 +278,10 @@ def fit(
         checkpoint_dir: resume from the newest checkpoint here, and save into it.
         checkpoint_every: save every this many steps (and at the end, and on Ctrl-C).
         keep: checkpoints to keep.
+        async_checkpoint: write checkpoints in a background thread while training
+            goes on (``nj.checkpoint.save(..., blocking=False)``: the state is
+            copied to host memory first); ``fit`` waits for the last one before
+            it returns or raises.
         rng: a PRNG key; default ``jax.random.key(0)``.
         log_every: fetch metrics, check for divergence and update the progress bar
             every this many steps.
@@ -319,7 +327,7 @@ def fit(
     total = stream.planned_steps(train_data, epochs, steps)
     plan = _Plan(
         steps, total, k, log_every, eval_data, eval_every, tuple(callbacks),
-        checkpoint_dir, checkpoint_every, keep,
+        checkpoint_dir, checkpoint_every, keep, async_checkpoint,
     )  # fmt: skip
     calls = stream.calls(stream.stream(train_data, epochs, run.pos), k, prefetch)
     log = MetricLog(run.history, k, total, run.step, progress)
@@ -332,4 +340,6 @@ def fit(
         raise
     finally:
         log.close()
+        if checkpoint_dir is not None:
+            checkpoint.wait(checkpoint_dir)  # a background save is complete (or raises)
     return run.ts, run.history
