@@ -3,36 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.test_benchmarks_smoke import _run as run_benchmarks
 
 
 @pytest.mark.slow
 def test_checkpoint_study_quick_writes_every_format(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--study",
-            "checkpoint",
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_benchmarks(tmp_path, "--study", "checkpoint", "--quick")
     assert proc.returncode == 0, proc.stderr[-3000:]
     payload = json.loads((tmp_path / "quick-checkpoint.json").read_text())
     formats = [r["format"] for r in payload["rows"]]
