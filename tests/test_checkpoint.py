@@ -6,6 +6,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -521,3 +522,41 @@ def test_extra_is_stored_as_json_gives_it_back(tmp_path):
     assert got == {"table": {"1": "a", "10": "b", "2": "c"}, "nan": float("inf"), "t": [1, 2]}
     with pytest.raises(TypeError, match="extra must be JSON-able"):
         ckpt.save(tmp_path, {"w": jnp.ones(2)}, step=1, extra={"f": object()})
+
+
+def test_version_1_checkpoints_still_restore(tmp_path):
+    """A checkpoint of the format before streaming, written with safetensors' own writer."""
+    import hashlib
+
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.ones(2, ml_dtypes.bfloat16)
+    folder = tmp_path / "step_000003"
+    folder.mkdir()
+    safetensors.numpy.save_file({"w": w, "b": b}, folder / "arrays.safetensors")
+    data = (folder / "arrays.safetensors").read_bytes()
+    meta = {
+        "format": "nnjax.checkpoint",
+        "version": 1,
+        "step": 3,
+        "arrays": "arrays.safetensors",
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "leaves": {
+            "w": {"shape": [2, 3], "dtype": "float32"},
+            "b": {"shape": [2], "dtype": "bfloat16"},
+        },
+        "extra": {"epoch": 1},
+    }
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    assert ckpt.latest(tmp_path) == str(folder)
+    got, extra = ckpt.restore(tmp_path, {"w": jnp.zeros((2, 3)), "b": jnp.zeros(2, jnp.bfloat16)})
+    _assert_bit_equal(got, {"w": w, "b": b})
+    assert extra == {"epoch": 1}
+
+
+def test_tampered_key_impl_is_a_checkpoint_error(tmp_path):
+    tree = {"rng": jax.random.key(5)}
+    path = ckpt.save(tmp_path, tree, step=1)
+    _rewrite_meta(path, lambda m: m["leaves"]["rng"].update(key_impl="no_such_prng"))
+    with pytest.raises(CheckpointError, match=r"cannot rebuild a key<fry> key"):
+        ckpt.restore(path, tree)

@@ -15,6 +15,7 @@ import math
 import os
 import struct
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import ml_dtypes
@@ -97,7 +98,9 @@ def write(path: str, tensors: list[Tensor]) -> Written:
     """
     digest = hashlib.sha256()
     size = 0
-    with open(path, "wb") as f:
+    # The hash of each tensor runs in a second thread while the tensor is written
+    # (both release the GIL): the save costs max(write, hash), not their sum.
+    with open(path, "wb") as f, ThreadPoolExecutor(1) as hasher:
         head = header(tensors)
         f.write(head)
         digest.update(head)
@@ -110,8 +113,9 @@ def write(path: str, tensors: list[Tensor]) -> Written:
                     f"got {array.dtype.name} {array.shape}"
                 )
             data = as_bytes(array)
+            hashed = hasher.submit(digest.update, data)
             f.write(data)
-            digest.update(data)
+            hashed.result()
             size += data.size
             del array, data  # one tensor on the host at a time
         f.flush()

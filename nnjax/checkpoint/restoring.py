@@ -101,7 +101,12 @@ def _place(files: _Files, pieces: list[Piece], like: Any, sharding: Any, info: A
 
     if info.get("key"):
         data = jax.device_put(whole(), sharding) if sharding is not None else jnp.asarray(whole())
-        return jax.random.wrap_key_data(data, impl=info.get("key_impl"))
+        try:
+            return jax.random.wrap_key_data(data, impl=info.get("key_impl"))
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(
+                f"cannot rebuild a {info['key']} key from the stored data ({e})"
+            ) from None
     if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
         if sharding is None:
             return jnp.asarray(whole())
