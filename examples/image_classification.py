@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         progress=not (args.smoke or args.no_progress),
     )
     seconds = time.perf_counter() - start
-    test = nj.evaluate_dataset(tr, ts, test_data.at(0))
+    test = nj.evaluate(tr, ts, test_data.at(0))
     print(f"trained {epochs} epochs in {seconds:.1f} s")
     print(f"test accuracy: {test['accuracy']:.4f} (loss {test['loss']:.4f})")
     return {"test_accuracy": test["accuracy"], "seconds": seconds}

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         progress=not (args.smoke or args.no_progress),
     )
     seconds = time.perf_counter() - start
-    result = nj.evaluate_dataset(tr, ts, test_data.at(0))
+    result = nj.evaluate(tr, ts, test_data.at(0))
     print(f"trained {args.epochs} epochs in {seconds:.1f} s")
     print(f"test accuracy: {result['accuracy']:.4f} (loss {result['loss']:.4f})")
     return {"test_accuracy": result["accuracy"], "seconds": seconds}

@@ -9,6 +9,7 @@ from nnjax.core import *
 from nnjax.core import paths
 from nnjax.layers import *
 from nnjax.training import losses, metrics
+from nnjax.training.evaluate import *
 from nnjax.training.fit import *
 from nnjax.training.trainer import *
 

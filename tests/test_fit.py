@@ -1,7 +1,10 @@
 """nj.fit: the loop against a hand-written loop, exact resumption, divergence, Ctrl-C, callbacks."""
 
 import functools
+import json
 import os
+import re
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -272,3 +275,160 @@ def test_lm_batches_resume(tmp_path):
     assert len(full["loss"]) == 7 and resumed["loss"] == full["loss"]
     with pytest.raises(ValueError, match="LMBatchIterator has no epochs; pass steps="):
         fit(tr, tr.init(params, state), data, epochs=1, progress=False)
+
+
+# --- Keras habits: arrays in, evaluate / predict over datasets, epoch lines, metric files --
+
+
+def test_arrays_go_straight_in_shuffled_seeded_and_resumable(tmp_path):
+    tr, init = _setup()
+    x, y = _data()
+    run = dict(batch_size=8, epochs=2, seed=1, log_every=1, progress=False)
+    _, got = fit(tr, _fresh(tr, init), (x, y), **run)
+    ts, rng, want = _fresh(tr, init), jax.random.key(0), []
+    for s, batch in enumerate(nd.batches((x, y), 8, seed=1, epochs=2)):  # the documented batching
+        ts, m = tr.step(ts, batch, jax.random.fold_in(rng, s))
+        want.append(float(m["loss"]))
+    assert got["loss"] == want and len(want) == 12
+    stop_at_5 = lambda step, ts, logs: step == 5
+    ckpt_run = dict(run, checkpoint_dir=tmp_path, checkpoint_every=4)
+    fit(tr, _fresh(tr, init), (x, y), callbacks=[stop_at_5], **ckpt_run)
+    _, resumed = fit(tr, _fresh(tr, init), (x, y), **ckpt_run)
+    assert resumed["loss"] == want
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs", "match"),
+    [
+        ("xy", {}, r"^train_data: got arrays without batch_size="),
+        ("list_of_arrays", {}, r"^train_data: expected batches \(inputs, targets\), got a ndarray"),
+        ("triples", {}, r"^train_data: expected batches \(inputs, targets\), got a tuple"),
+        (
+            "list_of_arrays",
+            {"batch_size": 8},
+            r"^fit\(batch_size=8\) takes arrays \(x, y\), got a list",
+        ),
+    ],
+)
+def test_data_that_is_not_batches_of_pairs_lists_the_accepted_forms(data, kwargs, match):
+    tr, init = _setup()
+    x, y = _data()
+    data = {"xy": (x, y), "list_of_arrays": [x, y], "triples": [(x, y, y)]}[data]
+    with pytest.raises(
+        nj.DataError, match=match + ".*accepted forms: arrays \\(x, y\\) with batch_size="
+    ):
+        fit(tr, _fresh(tr, init), data, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 5, "steps_per_call": 2}, r"^steps: expected a multiple of steps_per_call == 2"),
+        ({"epochs": 1.5}, r"^epochs: expected an int >= 0, got 1.5 \(float\)"),
+        ({"eval_every": 0}, r"^eval_every: expected an int >= 1, got 0"),
+        ({"log_every": 2.0}, r"^log_every: expected an int >= 1"),
+        ({"tensorboard": True}, r"tensorboard=True needs log_dir="),
+    ],
+)
+def test_bad_counts_name_the_argument_before_any_step(kwargs, match):
+    tr, init = _setup()
+    x, y = _data()
+    ts = _fresh(tr, init)
+    with pytest.raises(nj.ArgumentError, match=match):
+        fit(tr, ts, (x, y), batch_size=8, progress=False, **kwargs)
+    assert int(ts.step) == 0 and not ts.params["dense_0"]["kernel"].is_deleted()
+
+
+def _numpy_logits(params, x):
+    params = jax.tree.map(np.float64, params)
+    h = np.maximum(x @ params["dense_0"]["kernel"] + params["dense_0"]["bias"], 0)
+    return h @ params["dense_1"]["kernel"] + params["dense_1"]["bias"]
+
+
+def test_evaluate_and_predict_over_datasets_against_numpy():
+    tr, init = _setup()
+    ts = _fresh(tr, init)
+    x, y = _data(13, seed=2)
+    logits = _numpy_logits(init[0], x)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = {"loss": -logp[np.arange(13), y].mean(), "accuracy": (logits.argmax(-1) == y).mean()}
+    reusable = nd.batches((x, y), 5, shuffle=False, drop_remainder=False)
+    for data, kw in [
+        ((x, y), {"batch_size": 4}),
+        (reusable, {}),
+        (reusable, {}),
+        (lambda: [(x, y)], {}),
+    ]:
+        got = nj.evaluate(tr, ts, data, **kw)  # the same batches object twice: both full passes
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+        np.testing.assert_allclose(got["accuracy"], want["accuracy"], rtol=1e-6)
+    np.testing.assert_allclose(nj.predict(tr, ts, x, batch_size=4), logits, rtol=1e-5, atol=1e-6)
+    probs = np.exp(logp)
+    got = nj.predict(tr, ts, [x[:6], x[6:]], probabilities=True)
+    np.testing.assert_allclose(got, probs, rtol=1e-5, atol=1e-7)
+    with pytest.raises(nj.DataError, match="evaluate: got arrays without batch_size="):
+        nj.evaluate(tr, ts, (x, y))
+    with pytest.raises(ValueError, match="no batches"):
+        nj.evaluate(tr, ts, iter([]))
+
+
+def test_epoch_lines_and_metric_files(tmp_path, capsys):
+    tr, init = _setup()
+    x, y = _data()
+    xv, yv = _data(13, seed=1)
+    _, h = fit(
+        tr, _fresh(tr, init), (x, y), batch_size=8, epochs=2, eval_data=(xv, yv),
+        log_every=4, log_dir=tmp_path, progress=True,
+    )  # fmt: skip
+    err = capsys.readouterr().out  # the lines go where print's go; the bar to stderr
+    assert re.search(
+        r"epoch 1/2  loss [\d.]+  accuracy [\d.]+  val_loss [\d.]+  val_accuracy [\d.]+  [\d.]+ s",
+        err,
+    )
+    assert "epoch 2/2  loss" in err
+    assert [e["epoch"] for e in h["epoch"]] == [1, 2] and [e["step"] for e in h["eval"]] == [6, 12]
+    for e, losses in zip(h["epoch"], (h["loss"][:6], h["loss"][6:]), strict=True):
+        np.testing.assert_allclose(e["loss"], np.mean(losses), rtol=1e-12)
+    assert h["epoch"][0]["val_loss"] == h["eval"][0]["loss"]
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("kind", "time")}
+    by_kind = lambda kind: [strip(r) for r in records if r["kind"] == kind]
+    assert by_kind("train") == h["train"]  # log points at 4, 8, 12
+    assert by_kind("eval") == h["eval"]
+    assert by_kind("epoch") == h["epoch"]
+
+
+def _tfrecords(path):
+    """TFRecord framing (length, crc, data, crc), as TensorBoard's reader does."""
+    with open(path, "rb") as f:
+        data = f.read()
+    out, i = [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        out.append(data[i + 12 : i + 12 + n])
+        i += 12 + n + 4
+    return out
+
+
+def test_tensorboard_event_file_reads_back(tmp_path):
+    pytest.importorskip("tensorboardX")
+    from tensorboardX.proto import event_pb2
+
+    tr, init = _setup()
+    x, y = _data()
+    _, h = fit(
+        tr, _fresh(tr, init), (x, y), batch_size=8, log_every=2, log_dir=tmp_path,
+        tensorboard=True, progress=False,
+    )  # fmt: skip
+    (name,) = [n for n in os.listdir(tmp_path) if n.startswith("events.out.tfevents")]
+    scalars = {}
+    for record in _tfrecords(tmp_path / name):
+        event = event_pb2.Event.FromString(record)
+        for v in event.summary.value:
+            scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]
+    np.testing.assert_allclose(
+        [v for _, v in scalars["train/loss"]], [t["loss"] for t in h["train"]], rtol=1e-6
+    )
+    assert scalars["epoch/loss"][0][0] == 6

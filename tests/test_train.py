@@ -400,7 +400,7 @@ def test_check_finite_skips_the_update():
 # --- evaluation -----------------------------------------------------------------------
 
 
-def test_evaluate_predict_and_evaluate_dataset():
+def test_evaluate_predict_and_evaluate_over_batches():
     model, (x, y) = _mlp(), _data(12)
     params, state = model.init(jax.random.key(0), x)
     tr = train.trainer(
@@ -415,11 +415,11 @@ def test_evaluate_predict_and_evaluate_dataset():
     m = tr.evaluate(ts, (x[:5], y[:5]))
     np.testing.assert_allclose(m["loss"], nll[:5].mean(), rtol=1e-5)
     batches = [(x[:5], y[:5]), (x[5:10], y[5:10]), (x[10:], y[10:])]  # sizes 5, 5, 2
-    got = train.evaluate_dataset(tr, ts, batches)
+    got = nj.evaluate(tr, ts, batches)
     np.testing.assert_allclose(got["loss"], nll.mean(), rtol=1e-5)
     np.testing.assert_allclose(got["accuracy"], hits.mean(), rtol=1e-6)
     with pytest.raises(ValueError, match="no batches"):
-        train.evaluate_dataset(tr, ts, [])
+        nj.evaluate(tr, ts, [])
 
 
 def test_compiler_options_reach_only_the_train_step():

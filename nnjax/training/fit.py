@@ -16,6 +16,7 @@ same losses as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -26,11 +27,11 @@ import numpy as np
 
 from nnjax.checkpoint import state as checkpoint
 from nnjax.core.checks import check_int
-from nnjax.core.errors import CheckpointError, TrainingDiverged
-from nnjax.data.iterators import BatchIterator
+from nnjax.core.errors import ArgumentError, CheckpointError, DataError, TrainingDiverged
+from nnjax.data.iterators import BatchIterator, batches
 from nnjax.training import stream
-from nnjax.training.logs import MetricLog, jsonable
-from nnjax.training.trainer import evaluate_dataset
+from nnjax.training.evaluate import evaluate
+from nnjax.training.logs import Logger, MetricLog, jsonable, jsonl_logger, tensorboard_logger
 
 __all__ = ["fit", "TrainingDiverged", "early_stopping"]
 
@@ -153,6 +154,7 @@ class _Plan(NamedTuple):
     k: int
     log_every: int
     eval_data: Any
+    eval_batch_size: int | None  # arrays as eval_data are split by fit's batch_size
     eval_every: int | None
     callbacks: Sequence[Callback]
     checkpoint_dir: str | None
@@ -161,19 +163,12 @@ class _Plan(NamedTuple):
     async_checkpoint: bool
 
 
-def _evaluate(trainer: Any, run: _Run, eval_data: Any) -> dict[str, Any]:
+def _evaluate(trainer: Any, run: _Run, plan: _Plan, log: MetricLog) -> dict[str, Any]:
     """Metrics over one pass of ``eval_data``, added to the history; ``val_``-prefixed logs."""
-    try:
-        metrics = evaluate_dataset(trainer, run.ts, stream.eval_batches(eval_data))
-    except ValueError as e:
-        if "no batches" not in str(e):
-            raise
-        raise ValueError(
-            "eval_data gave no batches (a one-shot iterator is used up after one "
-            "evaluation: pass a list, a callable or nj.data.batches)"
-        ) from None
+    metrics = evaluate(trainer, run.ts, plan.eval_data, batch_size=plan.eval_batch_size)
     metrics = {n: jsonable(v) for n, v in metrics.items()}
     run.history["eval"].append({"step": run.step, **metrics})
+    log.write("eval", run.step, metrics)
     run.evaluated_at = run.step
     return {f"val_{n}": v for n, v in metrics.items()}
 
@@ -198,11 +193,12 @@ def _loop(trainer: Any, run: _Run, plan: _Plan, calls: Iterator, log: MetricLog)
         at_end = run.step == plan.total
         logs = log.flush(run.step, run.last_ckpt) if due(plan.log_every, first) or at_end else {}
         if plan.eval_data is not None and due(plan.eval_every, first):
-            logs.update(_evaluate(trainer, run, plan.eval_data))
+            logs.update(_evaluate(trainer, run, plan, log))
         # every callback sees the logs, even after one asked to stop
         stop = logs and any([bool(cb(run.step, run.ts, logs)) for cb in plan.callbacks])
         if plan.checkpoint_dir is not None and due(plan.checkpoint_every, first):
             _checkpoint(run, plan, log)
+        log.epochs.summarize(run.history)
         if stop:
             break
 
@@ -212,9 +208,10 @@ def _finish(trainer: Any, run: _Run, plan: _Plan, log: MetricLog, start_step: in
     log.flush(run.step, run.last_ckpt)
     if run.step > start_step:
         if plan.eval_data is not None and run.evaluated_at != run.step:
-            _evaluate(trainer, run, plan.eval_data)
+            _evaluate(trainer, run, plan, log)
         if plan.checkpoint_dir is not None and run.saved_at != run.step:
             _checkpoint(run, plan, log)
+    log.epochs.summarize(run.history)
 
 
 def _save_on_interrupt(run: _Run, plan: _Plan, log: MetricLog) -> None:
@@ -226,6 +223,44 @@ def _save_on_interrupt(run: _Run, plan: _Plan, log: MetricLog) -> None:
         _checkpoint(run, plan, log)
     except TrainingDiverged as e:
         warnings.warn(f"interrupted; no checkpoint saved: {e}", stacklevel=3)
+
+
+def _train_data(data: Any, batch_size: int | None, shuffle: bool, seed: int) -> Any:
+    """Arrays with ``batch_size`` as a ``nj.data.batches`` iterator; other forms as they are."""
+    if batch_size is not None:
+        if not stream.is_arrays(data):
+            raise DataError(
+                f"fit(batch_size={batch_size}) takes arrays (x, y), got a "
+                f"{type(data).__name__}; {stream.ACCEPTED}"
+            )
+        return batches(data, batch_size, shuffle=shuffle, seed=seed)
+    if stream.is_arrays(data):
+        raise DataError(f"train_data: got arrays without batch_size=; {stream.ACCEPTED}")
+    return data
+
+
+def _counts(steps: Any, epochs: Any, k: int, **every: Any) -> None:
+    """Step counts are ints in range, and ``steps`` a multiple of ``steps_per_call``."""
+    for name, value in (("steps", steps), ("epochs", epochs)):
+        if value is not None:
+            check_int(value, name, minimum=0)
+    for name, value in every.items():
+        if value is not None:
+            check_int(value, name)
+    if steps is not None and steps % k:
+        raise ArgumentError(
+            f"steps: expected a multiple of steps_per_call == {k} (each call runs {k} steps), "
+            f"got {steps}"
+        )
+
+
+def _loggers(log_dir: str | None, tensorboard: bool) -> tuple[Logger, ...]:
+    if log_dir is None:
+        if tensorboard:
+            raise ArgumentError("tensorboard=True needs log_dir= (where the event files go)")
+        return ()
+    jsonl = jsonl_logger(os.path.join(log_dir, "metrics.jsonl"))
+    return (jsonl, tensorboard_logger(log_dir)) if tensorboard else (jsonl,)
 
 
 # ---------------------------------------------------------------- fit
@@ -250,6 +285,11 @@ def fit(
     progress: bool = True,
     steps_per_call: int | None = None,
     prefetch: int = 2,
+    batch_size: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    log_dir: str | None = None,
+    tensorboard: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Train ``ts`` with ``trainer.step`` over ``train_data``; evaluate, checkpoint, resume.
 
@@ -260,17 +300,24 @@ def fit(
         trainer: a :class:`~nnjax.training.trainer.Trainer` (``step``, ``evaluate``).
         ts: the initial :class:`~nnjax.training.trainer.TrainState`; it is donated to the first
             step (with a checkpoint to resume from, it only gives the structure).
-        train_data: batches ``(inputs, targets)``: a :func:`nnjax.data.batches` or
+        train_data: arrays ``(x, y)`` (any pytree of arrays ``(N, ...)``) with
+            ``batch_size``, batched as :func:`nnjax.data.batches` does (shuffled by
+            ``seed``, last partial batch dropped, resumed exactly); or batches
+            ``(inputs, targets)``: a :func:`nnjax.data.batches` or
             :func:`nnjax.data.lm_batches` iterator (resumed at its exact batch), a
             callable ``epoch -> iterable``, or an iterable (a list is passed over
             once per epoch; on resume the batches already seen are skipped).
+            Anything else is a ``DataError`` that lists these forms.
         epochs: passes over ``train_data``; default: one pass, or the ``epochs`` of a
             ``batches`` iterator.
         steps: total steps of the run; training stops at whichever of ``steps``,
             ``epochs`` and the end of the data comes first.
-        eval_data: batches for ``trainer.evaluate``: an iterable that can be passed
-            over repeatedly (a list, a ``batches`` iterator) or a callable returning one.
+        eval_data: data for :func:`nnjax.evaluate`: arrays ``(x, y)`` (split by
+            ``batch_size``, nothing dropped), an iterable that can be passed over
+            repeatedly (a list, a ``batches`` iterator) or a callable returning one.
         eval_every: evaluate every this many steps; also at the end when ``eval_data``.
+            Default: once per epoch where the epoch length is known (arrays, a
+            ``batches`` iterator, a list), else only at the end.
         callbacks: ``callback(step, ts, logs)`` at each log or eval point; ``logs``
             holds the train metrics averaged since the last log (``loss``, ...) and,
             after an eval, ``val_loss``, ...; a truthy return stops training. ``ts`` is
@@ -285,15 +332,25 @@ def fit(
         rng: a PRNG key; default ``jax.random.key(0)``.
         log_every: fetch metrics, check for divergence and update the progress bar
             every this many steps.
-        progress: show a tqdm progress bar (loss, metrics, examples/s).
+        progress: show a tqdm progress bar (loss, metrics, examples/s) and, where the
+            epoch length is known, a summary line per epoch beside it (mean loss and
+            metrics over the epoch, the evaluation made in it, wall time).
         steps_per_call: defaults to ``trainer.steps_per_call`` ``K``: ``K`` batches are
             stacked into one call; ``steps`` should be a multiple of ``K``.
         prefetch: batches put on the device ahead of use (0: none).
+        batch_size: examples per step when ``train_data`` is arrays.
+        shuffle, seed: shuffle arrays anew each epoch, drawn from ``(seed, epoch)``.
+        log_dir: write every log point, evaluation and epoch summary to
+            ``log_dir/metrics.jsonl`` (one JSON object a line, appended on resume).
+        tensorboard: also write TensorBoard event files into ``log_dir``
+            (needs ``tensorboardX``: ``pip install 'nnjax[tensorboard]'``).
 
     Returns:
         ``(ts, history)``; ``history["loss"]`` has one float per step,
         ``history["train"]`` one ``{"step", "loss", ...}`` per log point and
-        ``history["eval"]`` one ``{"step", "loss", ...}`` per evaluation.
+        ``history["eval"]`` one ``{"step", "loss", ...}`` per evaluation, and
+        ``history["epoch"]`` one ``{"epoch", "step", "loss", ..., "val_loss", ...,
+        "seconds"}`` per finished epoch (where the epoch length is known).
 
     Raises:
         TrainingDiverged: a non-finite loss (found at the next log point or
@@ -318,6 +375,9 @@ def fit(
         steps_per_call = trainer.steps_per_call
     k = check_int(steps_per_call, "steps_per_call")
     log_every = check_int(log_every, "log_every")
+    _counts(steps, epochs, k, eval_every=eval_every, checkpoint_every=checkpoint_every)
+    train_data = _train_data(train_data, batch_size, shuffle, seed)
+    eval_batch_size = batch_size if stream.is_arrays(eval_data) else None
     run = _resume(checkpoint_dir, ts, jax.random.key(0) if rng is None else rng)
     if isinstance(train_data, BatchIterator):
         if steps is None and epochs is None and train_data.epochs is None:
@@ -326,11 +386,17 @@ def fit(
         epochs = 1
     total = stream.planned_steps(train_data, epochs, steps)
     plan = _Plan(
-        steps, total, k, log_every, eval_data, eval_every, tuple(callbacks),
+        steps, total, k, log_every, eval_data, eval_batch_size, eval_every, tuple(callbacks),
         checkpoint_dir, checkpoint_every, keep, async_checkpoint,
     )  # fmt: skip
     calls = stream.calls(stream.stream(train_data, epochs, run.pos), k, prefetch)
-    log = MetricLog(run.history, k, total, run.step, progress)
+    n_epochs = epochs if epochs is not None else getattr(train_data, "epochs", None)
+    per_epoch = (stream.steps_per_epoch(train_data), n_epochs)
+    if eval_data is not None and eval_every is None:  # as Keras: once per epoch
+        plan = plan._replace(eval_every=per_epoch[0])
+    log = MetricLog(
+        run.history, k, total, run.step, progress, _loggers(log_dir, tensorboard), per_epoch
+    )
     start_step = run.step
     try:
         _loop(trainer, run, plan, calls, log)

@@ -26,6 +26,27 @@ ACCEPTED = (
 )
 
 
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def is_arrays(data: Any) -> bool:
+    """``data`` is arrays (``x``, ``(x, y)``, ``{"ids": ..}``), not a sequence of batches.
+
+    A tuple or dict whose every element is an array, or a dict of arrays: iterating it
+    would give arrays (or rows), never ``(inputs, targets)`` pairs.
+    """
+    if _is_array(data):
+        return True
+    values = data.values() if isinstance(data, dict) else data if isinstance(data, tuple) else None
+    if not values:
+        return False
+    return all(
+        _is_array(v) or (isinstance(v, dict) and all(map(_is_array, jax.tree.leaves(v))))
+        for v in values
+    )
+
+
 def is_resumable(data: Any) -> bool:
     return hasattr(data, "at") and hasattr(data, "position")
 

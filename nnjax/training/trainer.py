@@ -26,24 +26,22 @@ selected ones) and their values are kept by ``jnp.where``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from nnjax.core import masks
 from nnjax.core.checks import check_int
 from nnjax.core.combinators import Layer
 from nnjax.training import guards
-from nnjax.training import metrics as metrics_lib
 from nnjax.training import step as parts
 from nnjax.training.step import TrainState
 
-__all__ = ["TrainState", "Trainer", "trainer", "evaluate_dataset", "ONEDNN_DOTS"]
+__all__ = ["TrainState", "Trainer", "trainer", "ONEDNN_DOTS"]
 
 Params = dict[str, Any]
 Batch = tuple[Any, Any]
@@ -219,28 +217,3 @@ def _init(
     held = {id(x) for x in jax.tree.leaves(params)}
     opt_state = jax.tree.map(lambda x: _copy(x) if id(x) in held else x, opt_state)
     return TrainState(jnp.zeros((), jnp.int32), params, state, opt_state)
-
-
-def evaluate_dataset(tr: Trainer, ts: TrainState, batches: Iterable[Batch]) -> dict[str, Any]:
-    """``tr.evaluate`` over ``batches``, each metric averaged weighted by batch size.
-
-    The weight of a batch is the leading axis of its first input array. (A loss
-    that is itself a mean over a varying number of tokens, with ``ignore_index``,
-    is still weighted per example.)
-
-    Returns:
-        ``{name: float}`` (arrays for non-scalar metrics).
-
-    Raises:
-        ValueError: ``batches`` is empty.
-    """
-    avg = metrics_lib.MetricsAverage()
-    for batch in batches:
-        n = np.shape(jax.tree.leaves(batch[0])[0])[0]
-        avg = metrics_lib.update(avg, tr.evaluate(ts, batch), n)
-    if not avg.sums:
-        raise ValueError("evaluate_dataset: no batches")
-    return {
-        k: float(v) if np.ndim(v) == 0 else np.asarray(v)
-        for k, v in jax.device_get(metrics_lib.compute(avg)).items()
-    }
