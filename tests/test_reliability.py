@@ -5,6 +5,7 @@ Each test provokes one bad input or fault and pins the error type and message. R
 guard and resume, Embedding ids, mask globs) are referenced there, not repeated here.
 """
 
+import os
 import re
 
 import jax
@@ -378,3 +379,63 @@ def test_random_stacks_reject_a_wrong_width_with_a_layer_error(case, extra):
         assert re.match(r"^\w+_\d+(/\w+_\d+)*: expected .*, got ", str(err)), str(err)
     else:
         assert not any(n in ("dense", "conv", "layernorm") for n in names[:1]), names
+
+
+# --- SIGTERM: fit saves as on Ctrl-C, then exits with the signal; the resume is exact -----
+
+_SIGTERM_SETUP = """
+import jax, jax.numpy as jnp, numpy as np, optax
+import nnjax as nj
+
+model = nj.serial(nj.Dense(8), jax.nn.relu, nj.Dropout(0.25), nj.Dense(3))
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 5)).astype(np.float32)
+y = (x[:, :3]).argmax(-1).astype(np.int32)
+params, state = model.init(jax.random.key(0), x[:1])
+tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adam(1e-2))
+RUN = dict(batch_size=8, epochs=5, seed=2, log_every=1, progress=False)  # 40 steps
+"""
+
+_SIGTERM_CHILD = """
+import sys, time
+def slow(step, ts, logs):  # the parent sends SIGTERM once step 3 is logged
+    with open(sys.argv[2], "w") as f:
+        f.write(str(step))
+    time.sleep(0.1)
+nj.fit(tr, tr.init(params, state), (x, y), checkpoint_dir=sys.argv[1], checkpoint_every=1000,
+       callbacks=[slow], **RUN)
+print("fit returned")
+"""
+
+
+def test_sigterm_saves_a_checkpoint_exits_with_the_signal_and_resumes_exactly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckpt, marker = tmp_path / "run", tmp_path / "step.txt"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SIGTERM_SETUP + _SIGTERM_CHILD, str(ckpt), str(marker)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (marker.exists() and marker.read_text() and int(marker.read_text()) >= 3):
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGTERM, err  # the usual status: killed by SIGTERM
+    assert "fit returned" not in out
+    saved = nj.checkpoint.latest(ckpt)
+    stopped_at = int(os.path.basename(saved).split("_")[1])
+    assert 3 <= stopped_at < 40  # after the step that saw the signal, not at the end
+
+    space: dict = {}
+    exec(_SIGTERM_SETUP, space)
+    tr, params, state, x, y, run = (space[k] for k in ("tr", "params", "state", "x", "y", "RUN"))
+    _, full = nj.fit(tr, tr.init(params, state), (x, y), **run)
+    _, resumed = nj.fit(tr, tr.init(params, state), (x, y), checkpoint_dir=str(ckpt), **run)
+    assert len(full["loss"]) == 40 and resumed["loss"] == full["loss"]

@@ -15,8 +15,11 @@ same losses as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -161,6 +164,7 @@ class _Plan(NamedTuple):
     checkpoint_every: int | None
     keep: int | None
     async_checkpoint: bool
+    signals: list[int] | None = None  # SIGTERMs received, appended by the handler
 
 
 def _evaluate(trainer: Any, run: _Run, plan: _Plan, log: MetricLog) -> dict[str, Any]:
@@ -199,6 +203,8 @@ def _loop(trainer: Any, run: _Run, plan: _Plan, calls: Iterator, log: MetricLog)
         if plan.checkpoint_dir is not None and due(plan.checkpoint_every, first):
             _checkpoint(run, plan, log)
         log.epochs.summarize(run.history)
+        if plan.signals:
+            raise _Terminated
         if stop:
             break
 
@@ -212,6 +218,26 @@ def _finish(trainer: Any, run: _Run, plan: _Plan, log: MetricLog, start_step: in
         if plan.checkpoint_dir is not None and run.saved_at != run.step:
             _checkpoint(run, plan, log)
     log.epochs.summarize(run.history)
+
+
+class _Terminated(Exception):  # noqa: N818 (an event, not an error)
+    """SIGTERM arrived: fit saves, then lets the signal end the process."""
+
+
+@contextlib.contextmanager
+def _sigterm_saves(checkpoint_dir: str | None) -> Iterator[list[int]]:
+    """While ``fit`` runs, SIGTERM (``kill``, schedulers) asks it to stop after the current
+    step and save, as Ctrl-C does; the handler before it is put back afterwards."""
+    received: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    if checkpoint_dir is None or not main or signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield received  # nothing to save, or signals belong to someone else
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _save_on_interrupt(run: _Run, plan: _Plan, log: MetricLog) -> None:
@@ -323,7 +349,9 @@ def fit(
             after an eval, ``val_loss``, ...; a truthy return stops training. ``ts`` is
             valid during the call only (the next step donates it).
         checkpoint_dir: resume from the newest checkpoint here, and save into it.
-        checkpoint_every: save every this many steps (and at the end, and on Ctrl-C).
+        checkpoint_every: save every this many steps (and at the end, and on Ctrl-C or
+            SIGTERM: ``fit`` stops after the current step, saves, then lets the signal
+            end the process with its usual status; resuming is exact).
         keep: checkpoints to keep.
         async_checkpoint: write checkpoints in a background thread while training
             goes on (``nj.checkpoint.save(..., blocking=False)``: the state is
@@ -398,14 +426,22 @@ def fit(
         run.history, k, total, run.step, progress, _loggers(log_dir, tensorboard), per_epoch
     )
     start_step = run.step
-    try:
-        _loop(trainer, run, plan, calls, log)
-        _finish(trainer, run, plan, log, start_step)
-    except KeyboardInterrupt:
-        _save_on_interrupt(run, plan, log)
-        raise
-    finally:
-        log.close()
-        if checkpoint_dir is not None:
-            checkpoint.wait(checkpoint_dir)  # a background save is complete (or raises)
+    terminated = False
+    with _sigterm_saves(checkpoint_dir) as signals:
+        plan = plan._replace(signals=signals)
+        try:
+            _loop(trainer, run, plan, calls, log)
+            _finish(trainer, run, plan, log, start_step)
+        except _Terminated:
+            _save_on_interrupt(run, plan, log)
+            terminated = True
+        except KeyboardInterrupt:
+            _save_on_interrupt(run, plan, log)
+            raise
+        finally:
+            log.close()
+            if checkpoint_dir is not None:
+                checkpoint.wait(checkpoint_dir)  # a background save is complete (or raises)
+    if terminated:  # the checkpoint is on disk: let SIGTERM do what it would have done
+        signal.raise_signal(signal.SIGTERM)
     return run.ts, run.history
