@@ -37,7 +37,8 @@ import numpy as np
 import optax
 
 import nnjax as nj
-from nnjax.models.gpt import GPT, GPTConfig, generate, weight_decay_mask
+from nnjax.models import generate
+from nnjax.models.gpt import GPT, GPTConfig, weight_decay_mask
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 

@@ -1,6 +1,7 @@
 import dataclasses
 import functools
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +10,11 @@ import optax
 import pytest
 
 import nnjax as nj
-from nnjax.models import gpt as gpt_lib
-from nnjax.models.gpt import GPT, GPTConfig, generate, make_generate, weight_decay_mask
+from nnjax.models import generate, make_generate
+from nnjax.models.gpt import GPT, GPTConfig, weight_decay_mask
 
+# the module (nj.models.generate is the function)
+generate_lib = sys.modules["nnjax.models.generate"]
 CFG = GPTConfig(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=8)
 
 
@@ -184,7 +187,7 @@ def test_generate_compiles_once_per_shape():
     b = gen(params, _ids((2, 3), seed=5))
     assert gen._cache_size() == 1
     assert not np.array_equal(a, b)
-    before = gpt_lib._generate_jit._cache_size()
+    before = generate_lib._generate_jit._cache_size()
     for seed in (6, 7, 8):
         generate(
             CFG,
@@ -195,7 +198,7 @@ def test_generate_compiles_once_per_shape():
             temperature=0.5 + seed,
             rng=jax.random.key(seed),
         )
-    assert gpt_lib._generate_jit._cache_size() == before + 1
+    assert generate_lib._generate_jit._cache_size() == before + 1
 
 
 def test_sampling_with_top_k_stays_in_the_top_k():
@@ -289,13 +292,16 @@ def test_errors():
         del bad["blocks"]["stacked"]["mlp"]
         model.apply(bad, {}, _ids((1, 3)))
     with pytest.raises(
-        nj.LayerError,
-        match=r"expected prompt_ids.shape\[1\] \+ max_new_tokens <= block_size \+ 1 == 17",
+        nj.ArgumentError,
+        match=r"prompt length \+ max_new_tokens - 1 <= max_position == 16 \(the learned position "
+        r"table\), got 10 \+ 8 - 1 == 17; keep only the last 9 prompt tokens",
     ):
         generate(CFG, params, _ids((1, 10)), 8, temperature=0)
     with pytest.raises(ValueError, match=r"pass rng=jax.random.key"):
         generate(CFG, params, _ids((1, 3)), 2)
-    with pytest.raises(nj.LayerError, match=r"expected integer prompt_ids of shape \(B, T\)"):
+    with pytest.raises(
+        nj.ArgumentError, match=r"prompt_ids: expected integer ids of shape \(B, T\)"
+    ):
         generate(CFG, params, _ids((3,)), 2, temperature=0)
     with pytest.raises(ValueError, match=r"n_embd \(10\) must be divisible by n_head \(4\)"):
         GPT(GPTConfig(n_embd=10, n_head=4))

@@ -171,8 +171,12 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
     ``blocks/*/attn/{q_norm,k_norm}/scale`` (Qwen3), ``blocks/*/ln_2/scale``,
     ``blocks/*/mlp/{gate,up,down}/kernel`` (gated) or ``blocks/*/mlp/{fc,proj}/kernel``
     (plain), ``ln_f/scale``, ``lm_head/kernel`` (untied). So LoRA on every attention
-    projection is ``nj.finetune.add_lora(params, "blocks/*/attn/*/kernel", ...)`` for
-    GPT-2 and Llama alike, and ``nj.sharding.tensor_parallel_rules()`` splits both. The
+    projection is ``nj.finetune.add_lora(params, key, "blocks/*/attn/*/kernel")`` and its
+    mask ``nj.finetune.mask(params, "blocks/*/attn/*/lora_*")`` for GPT-2 and Llama
+    alike. Tensor parallelism: ``nj.sharding.tensor_parallel_rules()`` for the plain MLP
+    (GPT-2), ``tensor_parallel_rules(column=nj.sharding.GATED_COLUMN,
+    row=nj.sharding.GATED_ROW, kv_heads=num_kv_heads)`` for the gated ones (grouped-query
+    k/v heads split when the model axis divides them, else replicated). The
     table with shapes is in :mod:`nnjax.models.causal_lm_config`.
 
     Args:

@@ -5,7 +5,8 @@ token and learned position embeddings, dropout, ``n_layer`` pre-LayerNorm blocks
 stacked by :func:`~nnjax.core.repeat` (one ``lax.scan``), a final LayerNorm, and an
 output head tied to the token table. It is ``CausalLM(causal_lm_config(config))``:
 the same params, paths and options. ``GPT(config, decode=True)`` takes the same
-params and keeps each block's key/value cache in ``state``; :func:`generate` uses it.
+params and keeps each block's key/value cache in ``state``; :func:`~nnjax.models.generate`
+uses it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from nnjax.core.checks import shape_str
 from nnjax.core.combinators import Layer
-from nnjax.core.errors import LayerError
 from nnjax.core.paths import flatten, unflatten
 from nnjax.layers.transformer import ACTIVATIONS
 from nnjax.models.causal_lm import CausalLM
@@ -31,8 +28,6 @@ __all__ = [
     "GPT",
     "ACTIVATIONS",
     "causal_lm_config",
-    "generate",
-    "make_generate",
     "weight_decay_mask",
 ]
 
@@ -167,169 +162,3 @@ def weight_decay_mask(params: Any) -> Any:
     with two or more axes; stacked biases have two, so the rule goes by leaf name.)
     """
     return unflatten({p: p.rpartition("/")[2] in ("kernel", "embedding") for p in flatten(params)})
-
-
-# --- generation ----------------------------------------------------------------------
-
-
-def _sample(logits: jax.Array, key: Any, temperature: Any, top_k: int | None, greedy: bool):
-    """One token id per row of ``logits (B, V)``."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-def _generate(params, prompt_ids, rng, temperature, *, config, max_new_tokens, top_k, greedy):
-    """``(B, T0)`` -> ``(B, T0 + max_new_tokens)``: prefill, then a scan over new tokens."""
-    b, t0 = prompt_ids.shape
-    model = GPT(config, decode=True)
-    cache_len = t0 + max_new_tokens - 1
-    spec = jax.ShapeDtypeStruct((b, cache_len), jnp.int32)
-    _, state_spec = jax.eval_shape(model.init, jax.random.key(0), spec)
-    state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), state_spec)
-    keys = None if greedy else jax.random.split(rng, max_new_tokens)
-    logits, state = model.apply(params, state, prompt_ids)  # (B, T0, V)
-    first = _sample(logits[:, -1], None if greedy else keys[0], temperature, top_k, greedy)
-
-    def step(carry, key):
-        state, token = carry
-        logits, state = model.apply(params, state, token[:, None])  # (B, 1, V)
-        nxt = _sample(logits[:, -1], key, temperature, top_k, greedy)
-        return (state, nxt), nxt
-
-    rest_keys = None if greedy else keys[1:]
-    _, rest = jax.lax.scan(step, (state, first), rest_keys, length=max_new_tokens - 1)
-    return jnp.concatenate([prompt_ids, first[:, None], rest.T.astype(jnp.int32)], axis=1)
-
-
-_generate_jit = jax.jit(_generate, static_argnames=("config", "max_new_tokens", "top_k", "greedy"))
-
-
-def _check_generate(config, prompt_ids, max_new_tokens, temperature, top_k, rng):
-    """Checked ``(prompt_ids as int32, greedy)``."""
-    if np.ndim(prompt_ids) != 2 or not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
-        raise LayerError(
-            f"expected integer prompt_ids of shape (B, T), got prompt_ids.shape == "
-            f"{shape_str(np.shape(prompt_ids))} and dtype {jnp.result_type(prompt_ids)}"
-        )
-    t0 = np.shape(prompt_ids)[1]
-    if max_new_tokens < 1 or t0 < 1:
-        raise ValueError(
-            f"generate: expected a non-empty prompt and max_new_tokens >= 1, got "
-            f"prompt_ids.shape == {shape_str(np.shape(prompt_ids))}, max_new_tokens == {max_new_tokens}"
-        )
-    if t0 + max_new_tokens - 1 > config.block_size:
-        raise LayerError(
-            f"expected prompt_ids.shape[1] + max_new_tokens <= block_size + 1 == "
-            f"{config.block_size + 1} (the KV cache does not slide), got prompt_ids.shape == "
-            f"{shape_str(np.shape(prompt_ids))} and max_new_tokens == {max_new_tokens}"
-        )
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"generate: top_k must be >= 1 or None, got {top_k}")
-    greedy = temperature == 0 or top_k == 1
-    if temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
-    if not greedy and rng is None:
-        raise ValueError(
-            "generate samples when temperature > 0 and top_k != 1: pass rng=jax.random.key(...)"
-        )
-    return jnp.asarray(prompt_ids, jnp.int32), greedy
-
-
-def generate(
-    config: GPTConfig,
-    params: Any,
-    prompt_ids: Any,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    rng: jax.Array | None = None,
-) -> jax.Array:
-    """Continue ``prompt_ids`` by ``max_new_tokens`` tokens with the KV cache.
-
-    The prompt is run in one call (prefill), then a ``lax.scan`` feeds one token at a
-    time. Each new token is sampled from ``softmax(logits / temperature)``, restricted
-    to the ``top_k`` most likely ids if given; ``temperature=0`` or ``top_k=1`` is
-    greedy (argmax, no ``rng`` needed). Compiled once per ``(config, prompt shape,
-    max_new_tokens, top_k)``; ``temperature`` and the prompt's contents do not recompile.
-
-    Args:
-        config: the model's :class:`GPTConfig`.
-        params: :func:`GPT` params (adapters beside the kernels are used).
-        prompt_ids: int ``(B, T0)``.
-        max_new_tokens: ``N >= 1``; ``T0 + N <= block_size + 1``.
-        temperature: softmax temperature, ``>= 0``.
-        top_k: sample among the ``top_k`` most likely tokens; ``None``: all.
-        rng: a PRNG key, needed unless greedy.
-
-    Returns:
-        int32 ``(B, T0 + N)``: the prompt followed by the new tokens.
-
-    Raises:
-        LayerError: a bad prompt or a sequence longer than the position table.
-        ValueError: sampling without ``rng``, bad ``temperature`` / ``top_k``.
-
-    Example:
-        >>> cfg = nj.models.GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_embd=32)
-        >>> params, _ = nj.models.GPT(cfg).init(key, jnp.zeros((1, 64), jnp.int32))
-        >>> out = nj.models.generate(cfg, params, jnp.array([[0]]), 10, top_k=10,
-        ...                          rng=jax.random.key(0))
-        >>> out.shape
-        (1, 11)
-    """
-    prompt, greedy = _check_generate(config, prompt_ids, max_new_tokens, temperature, top_k, rng)
-    return _generate_jit(
-        params,
-        prompt,
-        rng,
-        jnp.asarray(1.0 if greedy else temperature, jnp.float32),
-        config=config,
-        max_new_tokens=int(max_new_tokens),
-        top_k=None if greedy else top_k,
-        greedy=greedy,
-    )
-
-
-def make_generate(
-    config: GPTConfig,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-) -> Callable[..., jax.Array]:
-    """A jitted ``fn(params, prompt_ids, rng=None) -> (B, T0 + max_new_tokens)``, see :func:`generate`.
-
-    Its own compile cache: one compilation per prompt shape, whatever the contents.
-    """
-    sampling = not (temperature == 0 or top_k == 1)
-    _check_generate(
-        config,
-        np.zeros((1, 1), np.int32),
-        max_new_tokens,
-        temperature,
-        top_k,
-        jax.random.key(0) if sampling else None,
-    )
-
-    @jax.jit
-    def fn(params: Any, prompt_ids: Any, rng: jax.Array | None = None) -> jax.Array:
-        prompt, greedy = _check_generate(
-            config, prompt_ids, max_new_tokens, temperature, top_k, rng
-        )
-        return _generate(
-            params,
-            prompt,
-            rng,
-            jnp.asarray(1.0 if greedy else temperature, jnp.float32),
-            config=config,
-            max_new_tokens=max_new_tokens,
-            top_k=top_k,
-            greedy=greedy,
-        )
-
-    return fn

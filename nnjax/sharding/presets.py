@@ -22,10 +22,15 @@ __all__ = [
     "column_parallel",
     "row_parallel",
     "tensor_parallel_rules",
+    "GATED_COLUMN",
+    "GATED_ROW",
 ]
 
 COLUMN = ("attn/query", "attn/key", "attn/value", "mlp/fc")
 ROW = ("attn/out", "mlp/proj")
+GATED_COLUMN = ("attn/query", "attn/key", "attn/value", "mlp/gate", "mlp/up")
+GATED_ROW = ("attn/out", "mlp/down")
+"""The path tails of a gated-MLP decoder (Llama, Qwen, Mistral, Gemma: ``nj.models.CausalLM``)."""
 
 
 def data_parallel_rules() -> dict[str, Any]:
@@ -121,8 +126,20 @@ def row_parallel(axis: str = "model") -> Any:
     return functools.partial(_row, axis=axis)
 
 
+def _kv_column(path: str, shape: tuple[int, ...], mesh: Mesh, *, axis: str, kv_heads: int) -> P:
+    # Grouped-query attention with fewer k/v heads than devices (or not a multiple): each
+    # device keeps every k/v head (they are small) rather than a slice of one head's dims.
+    if kv_heads % axis_size(mesh, axis):
+        return P()
+    return _column(path, shape, mesh, axis=axis)
+
+
 def tensor_parallel_rules(
-    axis: str = "model", *, column: Iterable[str] = COLUMN, row: Iterable[str] = ROW
+    axis: str = "model",
+    *,
+    column: Iterable[str] = COLUMN,
+    row: Iterable[str] = ROW,
+    kv_heads: int | None = None,
 ) -> dict[str, Any]:
     """Megatron-style tensor parallelism for the GPT block; everything else replicated.
 
@@ -137,13 +154,20 @@ def tensor_parallel_rules(
         axis: the mesh axis for the model dimension.
         column: Dense layers (path tails) to split on their outputs.
         row: Dense layers (path tails) to split on their inputs.
+        kv_heads: the key/value head count of grouped-query attention: ``attn/key`` and
+            ``attn/value`` are split by heads when it is a multiple of the ``axis`` size,
+            else replicated. ``None``: split like ``query``.
 
     Returns:
         ``{"**/attn/query/*": column_parallel(axis), ..., "**/mlp/proj/*":
         row_parallel(axis), "**": P()}``. Each glob must match: for a model without
-        attention pass ``column=("mlp/fc",), row=("mlp/proj",)``.
+        attention pass ``column=("mlp/fc",), row=("mlp/proj",)``; for a gated MLP (Llama,
+        ``nj.models.CausalLM``) ``column=GATED_COLUMN, row=GATED_ROW``.
     """
     rules: dict[str, Any] = {f"**/{c}/*": column_parallel(axis) for c in column}
+    for kv in ("attn/key", "attn/value"):
+        if kv_heads is not None and f"**/{kv}/*" in rules:
+            rules[f"**/{kv}/*"] = functools.partial(_kv_column, axis=axis, kv_heads=kv_heads)
     rules.update({f"**/{r}/*": row_parallel(axis) for r in row})
     rules["**"] = P()
     return rules

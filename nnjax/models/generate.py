@@ -1,0 +1,320 @@
+"""KV-cache generation for :func:`~nnjax.models.CausalLM` and :func:`~nnjax.models.GPT`.
+
+One prefill call runs the (left-padded) prompts, then a ``lax.scan`` feeds one token
+per step; the whole loop is one XLA computation, compiled once per shape and static
+setting. Every argument is checked before anything is traced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nnjax.core.checks import check_int, shape_str
+from nnjax.core.errors import ArgumentError
+from nnjax.models.causal_lm import CausalLM
+from nnjax.models.causal_lm_config import CausalLMConfig
+from nnjax.models.gpt import GPTConfig, causal_lm_config
+from nnjax.models.sampling import sample
+
+__all__ = ["generate", "make_generate"]
+
+
+class _Static(NamedTuple):
+    """What a compiled generation depends on beyond the shapes (a jit static argument)."""
+
+    config: CausalLMConfig
+    max_new_tokens: int
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+    use_min_p: bool
+    eos: tuple[int, ...]
+    pad: int
+
+
+def _left_padding(lengths: jax.Array, t0: int) -> tuple[jax.Array, jax.Array]:
+    """``(positions, segment_ids)`` ``(B, T0)`` of right-aligned prompts of ``lengths``."""
+    start = (t0 - lengths)[:, None]
+    index = jnp.arange(t0)[None, :]
+    return jnp.maximum(index - start, 0).astype(jnp.int32), (index >= start).astype(jnp.int32)
+
+
+def _generate(params, prompt, lengths, rng, temperature, top_p, min_p, *, s: _Static):
+    """``(B, T0)`` -> ``(B, T0 + N)``: prefill, then a scan over the new tokens."""
+    b, t0 = prompt.shape
+    n = s.max_new_tokens
+    model = CausalLM(s.config, decode=True)
+    spec = jax.ShapeDtypeStruct((b, t0 + n - 1), jnp.int32)
+    _, state_spec = jax.eval_shape(model.init, jax.random.key(0), spec)
+    state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state_spec)
+    keys = [None] * n if s.greedy else list(jax.random.split(rng, n))
+    options = dict(
+        greedy=s.greedy,
+        temperature=temperature,
+        top_k=s.top_k,
+        top_p=top_p if s.use_top_p else None,
+        min_p=min_p if s.use_min_p else None,
+    )
+    eos = jnp.asarray(s.eos if s.eos else (-1,), jnp.int32)
+
+    positions, segments = _left_padding(lengths, t0)
+    x = {"ids": prompt, "positions": positions, "segment_ids": segments}
+    logits, state = model.apply(params, state, x)  # (B, T0, V)
+    first = sample(logits[:, -1], keys[0], **options)
+    done = jnp.isin(first, eos)
+
+    def step(carry, key):
+        state, token, position, done = carry
+        x = {
+            "ids": token[:, None],
+            "positions": position[:, None],
+            "segment_ids": jnp.ones_like(token)[:, None],
+        }
+        logits, state = model.apply(params, state, x)  # (B, 1, V)
+        token = jnp.where(done, s.pad, sample(logits[:, -1], key, **options))
+        return (state, token, position + 1, done | jnp.isin(token, eos)), token
+
+    rest_keys = None if s.greedy else jnp.stack(keys[1:]) if n > 1 else None
+    carry = (state, first, lengths.astype(jnp.int32), done)
+    _, rest = jax.lax.scan(step, carry, rest_keys, length=n - 1)
+    return jnp.concatenate([prompt, first[:, None], rest.T.astype(jnp.int32)], axis=1)
+
+
+_generate_jit = jax.jit(_generate, static_argnames="s")
+
+
+def _config(config: Any) -> CausalLMConfig:
+    if isinstance(config, GPTConfig):
+        return causal_lm_config(config)
+    if not isinstance(config, CausalLMConfig):
+        raise ArgumentError(
+            f"config: expected a CausalLMConfig or GPTConfig, got {type(config).__name__}"
+        )
+    return config
+
+
+def _token_ids(value: Any, name: str, vocab: int) -> tuple[int, ...]:
+    ids = (value,) if isinstance(value, int | np.integer) else tuple(value)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < vocab:
+            raise ArgumentError(f"{name}: expected token ids in [0, {vocab}), got {value!r}")
+    return tuple(int(i) for i in ids)
+
+
+def _check_prompt(prompt_ids: Any, prompt_lengths: Any, vocab: int) -> tuple[Any, Any]:
+    if np.ndim(prompt_ids) != 2 or not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
+        raise ArgumentError(
+            f"prompt_ids: expected integer ids of shape (B, T), got shape "
+            f"{shape_str(np.shape(prompt_ids))} and dtype {jnp.result_type(prompt_ids)}"
+        )
+    b, t0 = np.shape(prompt_ids)
+    if t0 < 1 or b < 1:
+        raise ArgumentError(f"prompt_ids: expected a non-empty (B, T), got {shape_str((b, t0))}")
+    if not isinstance(prompt_ids, jax.core.Tracer):
+        ids = np.asarray(prompt_ids)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ArgumentError(
+                f"prompt_ids: expected ids in [0, {vocab}) (vocab_size), got min {lo}, max {hi}"
+            )
+    if prompt_lengths is None:
+        return jnp.asarray(prompt_ids, jnp.int32), jnp.full((b,), t0, jnp.int32)
+    if tuple(np.shape(prompt_lengths)) != (b,):
+        raise ArgumentError(
+            f"prompt_lengths: expected shape ({b},) (one per prompt row), got "
+            f"{shape_str(np.shape(prompt_lengths))}"
+        )
+    if not isinstance(prompt_lengths, jax.core.Tracer):
+        lengths = np.asarray(prompt_lengths)
+        if not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 1 or lengths.max() > t0:
+            raise ArgumentError(
+                f"prompt_lengths: expected ints in [1, {t0}] (the prompts are left-padded to "
+                f"T == {t0}), got {lengths.tolist()}"
+            )
+    return jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32)
+
+
+def _check_length(c: CausalLMConfig, t0: int, n: int) -> None:
+    """The longest position must fit the model, unless its rotary scaling extrapolates."""
+    dynamic = c.position == "rope" and dict(c.rope_scaling or {}).get("rope_type") == "dynamic"
+    if t0 + n - 1 <= c.max_position or dynamic:
+        return
+    kind = "learned position table" if c.position == "learned" else "trained context"
+    raise ArgumentError(
+        f"generate: expected prompt length + max_new_tokens - 1 <= max_position == "
+        f"{c.max_position} (the {kind}), got {t0} + {n} - 1 == {t0 + n - 1}; keep only the "
+        f"last {max(c.max_position - n + 1, 1)} prompt tokens, or generate in chunks that "
+        "re-feed the last tokens as the next prompt"
+    )
+
+
+def _check_sampling(temperature, top_k, top_p, min_p, rng) -> bool:
+    """Checked sampling options; True when greedy."""
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.floating):
+        raise ArgumentError(f"temperature: expected a float >= 0, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ArgumentError(f"temperature: expected a finite float >= 0, got {temperature}")
+    if top_k is not None:
+        check_int(top_k, "top_k")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+        raise ArgumentError(f"top_p: expected a float in (0, 1], got {top_p!r}")
+    if min_p is not None and not (isinstance(min_p, int | float) and 0 <= min_p <= 1):
+        raise ArgumentError(f"min_p: expected a float in [0, 1], got {min_p!r}")
+    greedy = temperature == 0 or top_k == 1
+    if not greedy and rng is None:
+        raise ArgumentError(
+            "rng: generate samples when temperature > 0 and top_k != 1: pass rng=jax.random.key(...)"
+        )
+    return greedy
+
+
+def _static(
+    config, max_new_tokens, temperature, top_k, top_p, min_p, eos_token_id, pad_token_id, rng
+):
+    c = _config(config)
+    n = check_int(max_new_tokens, "max_new_tokens")
+    greedy = _check_sampling(temperature, top_k, top_p, min_p, rng)
+    eos_value = c.eos_token_id if eos_token_id is None else eos_token_id
+    eos = () if eos_value is None else _token_ids(eos_value, "eos_token_id", c.vocab_size)
+    pad_value = pad_token_id if pad_token_id is not None else c.pad_token_id
+    pad = _token_ids(
+        pad_value if pad_value is not None else (eos[0] if eos else 0), "pad_token_id", c.vocab_size
+    )[0]
+    return _Static(
+        c,
+        n,
+        greedy,
+        None if greedy else top_k,
+        not greedy and top_p is not None,
+        not greedy and min_p is not None,
+        eos,
+        pad,
+    )
+
+
+def generate(
+    config: CausalLMConfig | GPTConfig,
+    params: Any,
+    prompt_ids: Any,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    prompt_lengths: Any = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Continue ``prompt_ids`` by ``max_new_tokens`` tokens with the KV cache.
+
+    The prompts run in one call (prefill), then a ``lax.scan`` feeds one token at a time.
+    Each new token is the argmax (``temperature=0`` or ``top_k=1``: greedy, no ``rng``
+    needed) or a draw from ``softmax(logits / temperature)`` restricted by ``top_k``,
+    ``top_p`` and ``min_p`` (see :func:`~nnjax.models.filter_logits`).
+
+    Prompts of different lengths are left-padded to one width ``T0``, with
+    ``prompt_lengths[b]`` real tokens at the end of row ``b``: each row then gets its
+    own positions ``0 .. len - 1`` and its padding is never attended, so a row's tokens
+    are those it would get alone. A row that emits an ``eos_token_id`` is finished: its
+    later tokens are ``pad_token_id``.
+
+    Compiled once per prompt shape and static setting (config, ``max_new_tokens``,
+    ``top_k``, which filters are on, the eos/pad ids); the prompts' contents,
+    ``temperature``, ``top_p``, ``min_p`` and ``rng`` do not recompile.
+
+    Args:
+        config: the model's :class:`~nnjax.models.CausalLMConfig` or :class:`GPTConfig`.
+        params: the model's params (adapters beside the kernels are used).
+        prompt_ids: int ``(B, T0)``, ids in ``[0, vocab_size)``, left-padded.
+        max_new_tokens: ``N >= 1``; ``T0 + N - 1 <= max_position`` unless the rotary
+            scaling is ``dynamic`` (which extrapolates).
+        temperature: ``>= 0``, finite.
+        top_k: sample among the ``top_k`` most likely tokens; ``None``: all.
+        top_p: nucleus sampling mass in ``(0, 1]``; ``None``: off.
+        min_p: drop tokens below ``min_p`` times the top probability, ``[0, 1]``; ``None``: off.
+        eos_token_id: an id or ids that end a row; default ``config.eos_token_id``
+            (GPT: none).
+        pad_token_id: what finished rows emit; default ``config.pad_token_id``, else the
+            first eos id, else 0.
+        prompt_lengths: int ``(B,)`` real tokens per row (``1 .. T0``); ``None``: all ``T0``.
+        rng: a PRNG key, needed unless greedy.
+
+    Returns:
+        int32 ``(B, T0 + N)``: the prompts followed by the new tokens.
+
+    Raises:
+        ArgumentError: before any work, for ids outside the vocabulary, a NaN or infinite
+            temperature, ``top_p`` outside ``(0, 1]``, ``min_p`` outside ``[0, 1]``, bad
+            lengths, sampling without ``rng``, a sequence longer than the model allows.
+
+    Example:
+        >>> cfg = nj.models.CausalLMConfig(vocab_size=50, hidden_size=16, num_heads=2, mlp_hidden=32)
+        >>> params, _ = nj.models.CausalLM(cfg).init(key, jnp.zeros((1, 8), jnp.int32))
+        >>> prompts = jnp.array([[0, 0, 5, 7], [1, 2, 3, 4]])  # row 0: 2 tokens, left-padded
+        >>> out = nj.models.generate(cfg, params, prompts, 6, prompt_lengths=jnp.array([2, 4]),
+        ...                          top_p=0.9, min_p=0.05, rng=jax.random.key(0))
+        >>> out.shape
+        (2, 10)
+    """
+    s = _static(
+        config, max_new_tokens, temperature, top_k, top_p, min_p, eos_token_id, pad_token_id, rng
+    )
+    prompt, lengths = _check_prompt(prompt_ids, prompt_lengths, s.config.vocab_size)
+    _check_length(s.config, prompt.shape[1], s.max_new_tokens)
+    return _generate_jit(
+        params,
+        prompt,
+        lengths,
+        rng,
+        jnp.asarray(1.0 if s.greedy else temperature, jnp.float32),
+        jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
+        jnp.asarray(0.0 if min_p is None else min_p, jnp.float32),
+        s=s,
+    )
+
+
+def make_generate(
+    config: CausalLMConfig | GPTConfig,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> Callable[..., jax.Array]:
+    """A jitted ``fn(params, prompt_ids, rng=None, prompt_lengths=None)``, see :func:`generate`.
+
+    Its own compile cache: one compilation per prompt shape, whatever the contents.
+    The settings are checked here, once; under ``jit`` the prompt's ids cannot be checked.
+    """
+    key = None if temperature == 0 or top_k == 1 else jax.random.key(0)
+    s = _static(
+        config, max_new_tokens, temperature, top_k, top_p, min_p, eos_token_id, pad_token_id, key
+    )
+    scalars = (
+        jnp.asarray(1.0 if s.greedy else temperature, jnp.float32),
+        jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
+        jnp.asarray(0.0 if min_p is None else min_p, jnp.float32),
+    )
+
+    @jax.jit
+    def fn(
+        params: Any, prompt_ids: Any, rng: jax.Array | None = None, prompt_lengths: Any = None
+    ) -> jax.Array:
+        if not s.greedy and rng is None:
+            raise ArgumentError("rng: this generate function samples: pass rng=jax.random.key(...)")
+        prompt, lengths = _check_prompt(prompt_ids, prompt_lengths, s.config.vocab_size)
+        _check_length(s.config, prompt.shape[1], s.max_new_tokens)
+        return _generate(params, prompt, lengths, rng, *scalars, s=s)
+
+    return fn

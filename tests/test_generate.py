@@ -1,0 +1,221 @@
+"""generate and the sampling filters: against transformers' greedy generate and a NumPy reference."""
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nnjax as nj
+from nnjax.models import CausalLMConfig, filter_logits, generate, make_generate
+from tests.hf_reference import hf_model, nnjax_config, nnjax_params
+
+generate_lib = sys.modules["nnjax.models.generate"]  # nj.models.generate is the function
+
+
+@functools.cache
+def _llama():
+    # initializer_range 0.2: peaked logits, so argmax ties between the two sides cannot happen
+    model = hf_model("llama", initializer_range=0.2)
+    return model, nnjax_config(model), nnjax_params(model)
+
+
+@functools.cache
+def _gpt2():
+    import torch
+    import transformers as tr
+
+    torch.manual_seed(0)
+    hf = tr.GPT2Config(
+        vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2
+    )
+    model = tr.GPT2LMHeadModel(hf).eval()
+    cfg = nj.models.hf.gpt2_config(hf)
+    params = nj.models.hf.gpt2_to_params(model.state_dict(), cfg)
+    return model, cfg, params
+
+
+def _hf_greedy(torch, model, prompt, n):
+    ids = torch.from_numpy(np.asarray(prompt)).long()
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out.numpy()
+
+
+def _prompts(seed, lengths, vocab=64):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=(1, n)).astype(np.int32) for n in lengths]
+
+
+def _left_pad(rows):
+    t0 = max(r.shape[1] for r in rows)
+    out = np.zeros((len(rows), t0), np.int32)
+    for b, r in enumerate(rows):
+        out[b, t0 - r.shape[1] :] = r[0]
+    return out, np.array([r.shape[1] for r in rows], np.int32)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_equals_transformers_including_a_left_padded_batch(torch, family):
+    model, cfg, params = _llama() if family == "llama" else _gpt2()
+    rows = _prompts(1, [6, 3, 5])
+    n = 10
+    prompt, lengths = _left_pad(rows)
+    eos = model.config.eos_token_id if family == "llama" else None  # GPT-2's is past vocab 64
+    pad = 0 if eos is None else eos  # ours: the eos id when no pad id is given
+    out = generate(cfg, params, prompt, n, temperature=0, prompt_lengths=lengths, eos_token_id=eos)
+    out = np.asarray(out)
+    assert out.shape == (3, 6 + n)
+    np.testing.assert_array_equal(out[:, :6], prompt)
+    stopped = 0
+    for b, r in enumerate(rows):
+        expected = _hf_greedy(torch, model, r, n)[0, r.shape[1] :]  # shorter when eos came
+        np.testing.assert_array_equal(out[b, 6 : 6 + expected.size], expected, err_msg=f"row {b}")
+        np.testing.assert_array_equal(out[b, 6 + expected.size :], pad)
+        stopped += expected.size < n
+    assert family == "gpt2" or stopped  # the eos path is exercised against transformers
+
+
+def test_eos_ends_a_row_and_finished_rows_emit_padding():
+    _, cfg, params = _llama()
+    prompt, lengths = _left_pad(_prompts(2, [4, 4]))
+    free = np.asarray(generate(cfg, params, prompt, 8, temperature=0, prompt_lengths=lengths))
+    eos = int(free[0, 4 + 2])  # row 0's third new token
+    out = np.asarray(
+        generate(cfg, params, prompt, 8, temperature=0, eos_token_id=[63, eos], pad_token_id=7)
+    )
+    for b in range(2):
+        new = free[b, 4:]
+        hits = np.flatnonzero(np.isin(new, [63, eos]))
+        stop = hits[0] + 1 if hits.size else 8
+        np.testing.assert_array_equal(out[b, 4 : 4 + stop], new[:stop])
+        np.testing.assert_array_equal(out[b, 4 + stop :], 7)
+    assert (out[0, 7:] == 7).all()
+
+
+def test_compiled_once_per_shape():
+    _, cfg, params = _llama()
+    before = generate_lib._generate_jit._cache_size()
+    for seed in range(3):
+        prompt, lengths = _left_pad(_prompts(seed, [3, 5]))
+        generate(
+            cfg,
+            params,
+            prompt,
+            4,
+            top_k=5,
+            top_p=0.5 + 0.1 * seed,
+            min_p=0.01 * seed,
+            temperature=0.7 + seed,
+            prompt_lengths=lengths,
+            rng=jax.random.key(seed),
+        )
+    assert generate_lib._generate_jit._cache_size() == before + 1
+    gen = make_generate(cfg, 3, temperature=0)
+    gen(params, _left_pad(_prompts(5, [4]))[0])
+    gen(params, _left_pad(_prompts(6, [4]))[0])
+    assert gen._cache_size() == 1
+
+
+# --- the filters against NumPy ----------------------------------------------------------
+
+
+def _np_filter(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """transformers' warpers, written out in NumPy on one row: the kept ids and probabilities."""
+    x = logits.astype(np.float64) / temperature
+    keep = np.ones(x.shape, bool)
+    if top_k is not None:
+        keep &= x >= np.sort(x)[-top_k]
+    if top_p is not None:
+        p = np.where(keep, np.exp(x - x[keep].max()), 0)
+        p /= p.sum()
+        order = np.argsort(-p, kind="stable")
+        before = np.cumsum(p[order]) - p[order]
+        keep_sorted = before < top_p
+        keep &= np.isin(np.arange(x.size), order[keep_sorted])
+    if min_p is not None:
+        p = np.where(keep, np.exp(x - x[keep].max()), 0)
+        p /= p.sum()
+        keep &= p >= min_p * p.max()
+    p = np.where(keep, np.exp(x - x[keep].max()), 0)
+    return keep, p / p.sum()
+
+
+LOGITS = np.log(np.array([0.3, 0.05, 0.2, 0.01, 0.15, 0.12, 0.1, 0.07], np.float32))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(top_p=0.6),
+        dict(top_p=0.65, temperature=0.5),
+        dict(top_p=1.0),
+        dict(min_p=0.4),
+        dict(min_p=0.3, temperature=2.0),
+        dict(top_k=5, top_p=0.7),
+        dict(top_k=3, min_p=0.7),
+        dict(top_k=6, top_p=0.9, min_p=0.3, temperature=0.8),
+    ],
+)
+def test_filters_keep_the_numpy_set_with_renormalised_probabilities(options):
+    keep, probs = _np_filter(LOGITS, **options)
+    x = filter_logits(jnp.asarray(LOGITS)[None], **options)[0]
+    np.testing.assert_array_equal(np.isfinite(x), keep)
+    np.testing.assert_allclose(jax.nn.softmax(x), probs, rtol=1e-5, atol=1e-7)
+    assert 0 < keep.sum() < LOGITS.size or options == dict(top_p=1.0)
+
+
+def test_sample_counts_follow_the_filtered_distribution():
+    options = dict(top_k=6, top_p=0.8, temperature=0.9)
+    _, probs = _np_filter(LOGITS, **options)
+    n = 20000
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (n, LOGITS.size))
+    draws = nj.models.sample(logits, jax.random.key(0), greedy=False, **options)
+    counts = np.bincount(np.asarray(draws), minlength=LOGITS.size)
+    assert (counts[probs == 0] == 0).all()
+    kept = probs > 0
+    expected = n * probs[kept]
+    chi2 = float(np.sum((counts[kept] - expected) ** 2 / expected))
+    assert chi2 < 20.5  # chi-square, kept - 1 <= 4 degrees of freedom: p ~ 0.0004
+
+
+# --- bad arguments, refused before any work ------------------------------------------------
+
+
+def test_bad_arguments_are_refused_before_tracing(monkeypatch):
+    cfg = CausalLMConfig(vocab_size=16, hidden_size=16, num_heads=2, mlp_hidden=8, max_position=12)
+    params, _ = nj.models.CausalLM(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    monkeypatch.setattr(generate_lib, "_generate_jit", None)  # any call past the checks fails
+    ok = np.ones((2, 3), np.int32)
+    key = jax.random.key(0)
+    cases = [
+        (dict(prompt_ids=np.array([[1, 16]])), r"prompt_ids: expected ids in \[0, 16\).*max 16"),
+        (dict(prompt_ids=np.array([[-1, 2]])), r"prompt_ids: expected ids in \[0, 16\).*min -1"),
+        (dict(temperature=float("nan")), r"temperature: expected a finite float >= 0, got nan"),
+        (dict(temperature=float("inf")), r"temperature: expected a finite float >= 0, got inf"),
+        (dict(temperature=-1.0), r"temperature: expected a finite float >= 0"),
+        (dict(top_p=0.0), r"top_p: expected a float in \(0, 1\], got 0.0"),
+        (dict(top_p=1.5), r"top_p: expected a float in \(0, 1\]"),
+        (dict(min_p=-0.1), r"min_p: expected a float in \[0, 1\], got -0.1"),
+        (dict(top_k=0), r"top_k: expected an int >= 1, got 0"),
+        (dict(max_new_tokens=2.0), r"max_new_tokens: expected an int >= 1, got 2.0"),
+        (dict(prompt_lengths=np.array([3, 0])), r"prompt_lengths: expected ints in \[1, 3\]"),
+        (dict(prompt_lengths=np.array([3])), r"prompt_lengths: expected shape \(2,\)"),
+        (dict(eos_token_id=16), r"eos_token_id: expected token ids in \[0, 16\), got 16"),
+        (dict(rng=None), r"rng: generate samples when temperature > 0"),
+        (dict(max_new_tokens=11), r"got 3 \+ 11 - 1 == 13; keep only the last 2 prompt tokens"),
+    ]
+    for bad, pattern in cases:
+        kwargs = {"prompt_ids": ok, "max_new_tokens": 2, "rng": key, **bad}
+        with pytest.raises(nj.ArgumentError, match=pattern):
+            generate(cfg, params, **kwargs)
+    with pytest.raises(nj.ArgumentError, match=r"config: expected a CausalLMConfig or GPTConfig"):
+        generate({"vocab_size": 16}, params, ok, 2, temperature=0)
