@@ -412,8 +412,8 @@ def test_conv_transpose_same_is_input_times_stride(torch, ks, strides):
 
 
 def test_conv_transpose_kernel_shape_and_batch_axes():
-    layer = nj.ConvTranspose(5, 3, strides=2)
-    x = _rand((2, 3, 4, 2))  # 1D: (2, 3) batch axes, length 4
+    layer = nj.ConvTranspose(5, (3,), strides=2)
+    x = _rand((2, 3, 4, 2))  # 1D (the tuple says so): (2, 3) batch axes, length 4
     params, state = _init(layer, x)
     assert jax.tree.map(jnp.shape, params) == {"bias": (5,), "kernel": (3, 2, 5)}
     y = _run(layer, params, x)
@@ -479,18 +479,23 @@ def test_conv_constructor_errors():
         nj.Conv(6, (3, 3), padding="FULL")
     with pytest.raises(
         ValueError,
-        match=r"Conv: strides must be a positive int or 2 positive ints, got \(1, 2, 3\)",
+        match=r"Conv: the per-axis settings disagree on the number of spatial axes: "
+        r"\{'kernel_size': 2, 'strides': 3\}",
     ):
         nj.Conv(6, (3, 3), strides=(1, 2, 3))
     with pytest.raises(
         ValueError, match=r"Conv: padding must be a string, an int or 2 \(lo, hi\) int pairs"
     ):
-        nj.Conv(6, (3, 3), padding=((1, 1),))
+        nj.Conv(6, (3, 3), padding=((1, 1, 1), (1, 1)))
+    with pytest.raises(
+        ValueError, match=r"Conv: strides must be a positive int or 1 positive ints, got 0"
+    ):
+        nj.Conv(6, 3, strides=0)
     with pytest.raises(
         ValueError, match=r"ConvTranspose: padding must be one of \['SAME', 'VALID'\]"
     ):
         nj.ConvTranspose(6, (3, 3), padding="CIRCULAR")
-    with pytest.raises(ValueError, match=r"Conv: kernel_size must not be empty"):
+    with pytest.raises(ValueError, match=r"Conv: per-axis settings must not be empty"):
         nj.Conv(6, ())
 
 
@@ -515,3 +520,36 @@ def test_cpu_picks_im2col_for_few_input_channels(channels, expect_conv_op):
 
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
     assert ("convolution(" in hlo) is expect_conv_op
+
+
+@pytest.mark.parametrize(
+    ("shape", "torch_cls"),
+    [((2, 9, 3), "Conv1d"), ((2, 8, 7, 1), "Conv2d"), ((1, 4, 5, 6, 2), "Conv3d")],
+)
+def test_int_kernel_size_takes_the_spatial_rank_of_the_input(torch, shape, torch_cls):
+    """``Conv(5, 3, strides=2)`` is what Keras' ConvND(5, 3, strides=2) / torch's ConvNd are."""
+    x = _rand(shape)
+    nd = len(shape) - 2
+    layer = nj.Conv(5, 3, strides=2, padding="VALID")
+    params, _ = _init(layer, x)
+    assert params["kernel"].shape == (*(3,) * nd, shape[-1], 5)
+    ref = getattr(torch.nn, torch_cls)(shape[-1], 5, 3, stride=2)
+    with torch.no_grad():
+        k = np.asarray(params["kernel"])
+        ref.weight.copy_(torch.from_numpy(np.array(np.transpose(k, (nd + 1, nd, *range(nd))))))
+        ref.bias.copy_(torch.from_numpy(np.array(params["bias"])))
+        expected = _from_torch(ref(_to_torch(torch, x)))
+    np.testing.assert_allclose(_run(layer, params, x), expected, rtol=1e-5, atol=1e-5)
+    # ConvTranspose infers the same way
+    p_t, _ = _init(nj.ConvTranspose(5, 3), x)
+    assert p_t["kernel"].shape == (*(3,) * nd, shape[-1], 5)
+
+
+def test_int_kernel_size_on_input_without_spatial_axes_is_an_error():
+    with pytest.raises(
+        nj.LayerError,
+        match=r"expected x \(N, \*spatial, C\) with at least one spatial axis, got x.shape == "
+        r"\(2, 3\); an int kernel_size applies to every axis between the batch axis and the "
+        r"channels \(give a tuple for several batch axes\)",
+    ):
+        nj.Conv(4, 3).init(jax.random.key(0), jnp.zeros((2, 3)))

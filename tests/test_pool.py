@@ -242,3 +242,16 @@ def test_pool_errors():
         nj.MaxPool((2, 2), strides=(0, 1))
     with pytest.raises(ValueError, match=r"AvgPool: padding must be one of \['SAME', 'VALID'\]"):
         nj.AvgPool((2, 2), padding="CIRCULAR")
+
+
+@pytest.mark.parametrize("kind", ["MaxPool", "AvgPool"])
+@pytest.mark.parametrize("shape", [(2, 9, 3), (2, 8, 7, 3), (1, 4, 6, 5, 2)])
+def test_int_window_takes_the_spatial_rank_of_the_input(torch, kind, shape):
+    """``MaxPool(2)`` is Keras' MaxPoolingND(2) / torch's MaxPoolNd(2) for the input's N."""
+    x = _rand(shape)
+    nd = len(shape) - 2
+    ref = getattr(torch.nn, f"{kind}{nd}d")(2)
+    y = _run(getattr(nj, kind)(2), x)
+    np.testing.assert_allclose(y, _torch_pool(torch, ref, x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(nj.LayerError, match=r"an int window_shape applies to every axis"):
+        getattr(nj, kind)(2).apply({}, {}, jnp.zeros((2, 3)))

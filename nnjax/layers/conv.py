@@ -1,7 +1,7 @@
 """Convolutions on channels-last input: Conv (1D/2D/3D) and ConvTranspose.
 
-The window helpers here (``spatial_tuple``, ``window_tuple``, ``window_padding``,
-``layout``, ``batch_flat``) are shared with ``nnjax.layers.pool``: one normalisation
+The window helpers here (``spatial_tuple``, ``fixed_rank``, ``input_rank``,
+``window_padding``, ``layout``, ``batch_flat``) are shared with ``nnjax.layers.pool``: one normalisation
 of sizes, strides and padding for every windowed layer.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +39,37 @@ def spatial_tuple(value: int | Sequence[int], nd: int, what: str, owner: str) ->
     return tuple(int(v) for v in t)
 
 
-def window_tuple(window: int | Sequence[int], what: str, owner: str) -> tuple[int, ...]:
-    """A window size: an int is a 1D window, a sequence gives one size per spatial axis."""
-    n = 1 if isinstance(window, int) else len(window)
-    if n < 1:
-        raise ValueError(f"{owner}: {what} must not be empty, got {window!r}")
-    return spatial_tuple(window, n, what, owner)
+def fixed_rank(owner: str, **settings: Any) -> int | None:
+    """The number of spatial axes that the per-axis settings given as sequences fix.
+
+    None when every setting is an int (or a padding string): the input decides, so
+    ``Conv(32, 3)`` on ``(N, 28, 28, 1)`` is a 3x3 convolution, as Keras'
+    ``Conv2D(32, 3)`` and torch's ``Conv2d(1, 32, 3)``.
+    """
+    lengths = {
+        k: len(v) for k, v in settings.items() if v is not None and not isinstance(v, int | str)
+    }
+    if len(set(lengths.values())) > 1:
+        raise ValueError(
+            f"{owner}: the per-axis settings disagree on the number of spatial axes: {lengths}"
+        )
+    n = next(iter(lengths.values()), None)
+    if n == 0:
+        raise ValueError(f"{owner}: per-axis settings must not be empty, got {settings}")
+    return n
+
+
+def input_rank(x: Any, fixed: int | None, what: str = "kernel_size") -> int:
+    """``fixed``, or the spatial rank of ``(N, *spatial, C)`` input when settings are ints."""
+    if fixed is not None:
+        return fixed
+    if np.ndim(x) < 3:
+        raise LayerError(
+            f"expected x (N, *spatial, C) with at least one spatial axis, got x.shape == "
+            f"{shape_str(np.shape(x))}; an int {what} applies to every axis between the "
+            f"batch axis and the channels (give a tuple for several batch axes)"
+        )
+    return np.ndim(x) - 2
 
 
 def window_padding(
@@ -127,16 +152,23 @@ def Conv(
     param_dtype: Any = jnp.float32,
     name: str = "conv",
 ) -> Layer:
-    """An N-d convolution (N = ``len(kernel_size)``, usually 1 to 3) on channels-last input.
+    """An N-d convolution (usually N = 1 to 3) on channels-last input.
 
     Input ``(*batch, *spatial, in)`` with at least one batch axis (``(N, H, W, C)`` for
     2D); output ``(*batch, *out_spatial, features)``. Built on
     ``jax.lax.conv_general_dilated``.
 
+    The number of spatial axes N is the length of ``kernel_size`` (or of another
+    per-axis setting) given as a sequence. If they are all ints, it is the input's at
+    ``init``, every axis between the batch axis and the channels: ``Conv(32, 3)`` on
+    ``(N, 28, 28, 1)`` is a 3x3 convolution, as Keras' ``Conv2D(32, 3)`` and torch's
+    ``Conv2d(1, 32, 3)``; on ``(N, L, C)`` it is 1D. Give a tuple for input with
+    several batch axes.
+
     Args:
         features: output channels; divisible by ``feature_group_count``.
-        kernel_size: window size per spatial axis; an int means a 1D convolution.
-        strides: int or one per spatial axis.
+        kernel_size: window size per spatial axis; an int is the same on every spatial axis.
+        strides: int (every spatial axis) or one per spatial axis.
         padding: ``"SAME"``, ``"VALID"``, ``"CIRCULAR"`` (wrap-around, then VALID), an int
             ``p`` (``(p, p)`` on every axis), or ``(lo, hi)`` pairs per spatial axis.
         input_dilation: zeros inserted between input elements (transposed-conv style).
@@ -167,22 +199,37 @@ def Conv(
         {'bias': (16,), 'kernel': (3, 3, 3, 16)}
     """
     owner = "Conv"
-    ks = window_tuple(kernel_size, "kernel_size", owner)
-    nd = len(ks)
-    strides_ = spatial_tuple(strides, nd, "strides", owner)
-    in_dil = spatial_tuple(input_dilation, nd, "input_dilation", owner)
-    k_dil = spatial_tuple(kernel_dilation, nd, "kernel_dilation", owner)
-    pad = window_padding(padding, nd, owner, ("SAME", "VALID", "CIRCULAR"))
     groups = feature_group_count
     if features < 1 or groups < 1 or features % groups:
         raise ValueError(
             f"Conv: features ({features}) must be a positive multiple of feature_group_count ({groups})"
         )
-    dims = _dimension_numbers(nd)
-    keys = ["kernel", *(["bias"] if use_bias else [])]
-    eff = [(k - 1) * d + 1 for k, d in zip(ks, k_dil, strict=True)]  # dilated kernel size
+    fixed = fixed_rank(
+        owner,
+        kernel_size=kernel_size,
+        strides=strides,
+        input_dilation=input_dilation,
+        kernel_dilation=kernel_dilation,
+        padding=padding,
+    )
 
-    def check_groups(x):
+    def settings(nd: int) -> _Settings:
+        ks = spatial_tuple(kernel_size, nd, "kernel_size", owner)
+        k_dil = spatial_tuple(kernel_dilation, nd, "kernel_dilation", owner)
+        return _Settings(
+            nd,
+            ks,
+            spatial_tuple(strides, nd, "strides", owner),
+            spatial_tuple(input_dilation, nd, "input_dilation", owner),
+            k_dil,
+            window_padding(padding, nd, owner, ("SAME", "VALID", "CIRCULAR")),
+            [(k - 1) * d + 1 for k, d in zip(ks, k_dil, strict=True)],  # dilated kernel size
+        )
+
+    settings(fixed or 1)  # bad arguments fail here, not at init
+    keys = ["kernel", *(["bias"] if use_bias else [])]
+
+    def check_groups(x, nd):
         check_rank(x, nd + 2, layout(nd))
         if np.shape(x)[-1] % groups:
             raise LayerError(
@@ -191,52 +238,72 @@ def Conv(
             )
 
     def init(key, x):
-        check_groups(x)
+        st = settings(input_rank(x, fixed))
+        check_groups(x, st.nd)
         k_kernel, k_bias = jax.random.split(key)
-        params = {
-            "kernel": kernel_init(k_kernel, (*ks, np.shape(x)[-1] // groups, features), param_dtype)
-        }
+        shape = (*st.ks, np.shape(x)[-1] // groups, features)
+        params = {"kernel": kernel_init(k_kernel, shape, param_dtype)}
         if use_bias:
             params["bias"] = bias_init(k_bias, (features,), param_dtype)
         return params, {}
 
     def apply(params, state, x, *, rng=None, train=False):
         del rng, train
-        check_groups(x)
         check_keys(params, keys, KERNEL_KEYS)
-        _check_input(x, nd, params, (*ks, None, features), groups)
+        # The kernel says how many spatial axes init saw (its rank minus in and out).
+        st = settings(fixed or max(len(kernel_shape(params)) - 2, 1))
+        check_groups(x, st.nd)
+        _check_input(x, st.nd, params, (*st.ks, None, features), groups)
         dtype_ = compute_dtype(x, dtype, param_dtype)
-        kernel = adapted_kernel(params, dtype_)
-        x, batch = batch_flat(jnp.asarray(x, dtype_), nd)
-        pad_ = pad
-        if pad == "CIRCULAR":
-            x = jnp.pad(x, [(0, 0), *[((k - 1) // 2, k // 2) for k in eff], (0, 0)], mode="wrap")
-            pad_ = "VALID"
-        elif isinstance(pad, str) and in_dil != (1,) * nd:
-            # lax takes no string padding with input dilation: pad as for the zero-stuffed input.
-            stuffed = [(n - 1) * d + 1 for n, d in zip(x.shape[1:-1], in_dil, strict=True)]
-            pad_ = jax.lax.padtype_to_pads(stuffed, eff, strides_, pad)
-        if groups == 1 and in_dil == (1,) * nd:
-            if isinstance(pad_, str):
-                pad_ = jax.lax.padtype_to_pads(x.shape[1:-1], eff, strides_, pad_)
-            out = [
-                (n + lo + hi - e) // s + 1
-                for n, (lo, hi), e, s in zip(x.shape[1:-1], pad_, eff, strides_, strict=True)
-            ]
-            if min(out) < 1:
-                raise LayerError(_empty_output(eff, padding, x))
-            y = im2col.conv(x, kernel, strides_, pad_, k_dil, dims)
-        else:
-            y = jax.lax.conv_general_dilated(
-                x, kernel, strides_, pad_, in_dil, k_dil, dims, feature_group_count=groups
-            )
-        if 0 in y.shape[1:-1]:
-            raise LayerError(_empty_output(eff, padding, x))
+        x, batch = batch_flat(jnp.asarray(x, dtype_), st.nd)
+        y = _conv(x, adapted_kernel(params, dtype_), st, groups, padding)
         if use_bias:
             y = y + get_param(params, "bias", (features,)).astype(dtype_)
         return jnp.reshape(y, (*batch, *y.shape[1:])), state
 
     return Layer(init, apply, name)
+
+
+class _Settings(NamedTuple):
+    """A convolution's per-axis settings for ``nd`` spatial axes."""
+
+    nd: int
+    ks: tuple[int, ...]
+    strides: tuple[int, ...]
+    in_dil: tuple[int, ...]
+    k_dil: tuple[int, ...]
+    pad: Any
+    eff: list[int]
+
+
+def _conv(x: jax.Array, kernel: jax.Array, st: _Settings, groups: int, padding: Any) -> jax.Array:
+    """The convolution of ``x (N, *spatial, C)``: im2col where it is faster, else lax."""
+    nd, pad = st.nd, st.pad
+    dims = _dimension_numbers(nd)
+    if pad == "CIRCULAR":
+        x = jnp.pad(x, [(0, 0), *[((k - 1) // 2, k // 2) for k in st.eff], (0, 0)], mode="wrap")
+        pad = "VALID"
+    elif isinstance(pad, str) and st.in_dil != (1,) * nd:
+        # lax takes no string padding with input dilation: pad as for the zero-stuffed input.
+        stuffed = [(n - 1) * d + 1 for n, d in zip(x.shape[1:-1], st.in_dil, strict=True)]
+        pad = jax.lax.padtype_to_pads(stuffed, st.eff, st.strides, pad)
+    if groups == 1 and st.in_dil == (1,) * nd:
+        if isinstance(pad, str):
+            pad = jax.lax.padtype_to_pads(x.shape[1:-1], st.eff, st.strides, pad)
+        out = [
+            (n + lo + hi - e) // s + 1
+            for n, (lo, hi), e, s in zip(x.shape[1:-1], pad, st.eff, st.strides, strict=True)
+        ]
+        if min(out) < 1:
+            raise LayerError(_empty_output(st.eff, padding, x))
+        y = im2col.conv(x, kernel, st.strides, pad, st.k_dil, dims)
+    else:
+        y = jax.lax.conv_general_dilated(
+            x, kernel, st.strides, pad, st.in_dil, st.k_dil, dims, feature_group_count=groups
+        )
+    if 0 in y.shape[1:-1]:
+        raise LayerError(_empty_output(st.eff, padding, x))
+    return y
 
 
 def ConvTranspose(
@@ -262,7 +329,8 @@ def ConvTranspose(
 
     Args:
         features: output channels.
-        kernel_size: window size per spatial axis; an int means 1D.
+        kernel_size: window size per spatial axis; an int is the same on every spatial
+            axis, their number taken from the input at ``init`` as in :func:`Conv`.
         strides: the upsampling factor, int or one per spatial axis.
         padding: ``"SAME"``, ``"VALID"``, an int or ``(lo, hi)`` pairs. Pairs pad the
             stride-dilated input, as in ``jax.lax.conv_transpose``: PyTorch's
@@ -286,18 +354,31 @@ def ConvTranspose(
         {'bias': (4,), 'kernel': (2, 2, 3, 4)}
     """
     owner = "ConvTranspose"
-    ks = window_tuple(kernel_size, "kernel_size", owner)
-    nd = len(ks)
     if features < 1:
         raise ValueError(f"ConvTranspose: features must be >= 1, got {features}")
-    strides_ = spatial_tuple(strides, nd, "strides", owner)
-    k_dil = spatial_tuple(kernel_dilation, nd, "kernel_dilation", owner)
-    pad = window_padding(padding, nd, owner)
-    dims = _dimension_numbers(nd)
+    fixed = fixed_rank(
+        owner,
+        kernel_size=kernel_size,
+        strides=strides,
+        kernel_dilation=kernel_dilation,
+        padding=padding,
+    )
+
+    def settings(nd: int) -> tuple:
+        return (
+            spatial_tuple(kernel_size, nd, "kernel_size", owner),
+            spatial_tuple(strides, nd, "strides", owner),
+            spatial_tuple(kernel_dilation, nd, "kernel_dilation", owner),
+            window_padding(padding, nd, owner),
+        )
+
+    settings(fixed or 1)  # bad arguments fail here, not at init
     keys = ["kernel", *(["bias"] if use_bias else [])]
 
     def init(key, x):
+        nd = input_rank(x, fixed)
         check_rank(x, nd + 2, layout(nd))
+        ks = settings(nd)[0]
         k_kernel, k_bias = jax.random.split(key)
         params = {"kernel": kernel_init(k_kernel, (*ks, np.shape(x)[-1], features), param_dtype)}
         if use_bias:
@@ -307,10 +388,13 @@ def ConvTranspose(
     def apply(params, state, x, *, rng=None, train=False):
         del rng, train
         check_keys(params, keys, KERNEL_KEYS)
+        nd = fixed or max(len(kernel_shape(params)) - 2, 1)
+        ks, strides_, k_dil, pad = settings(nd)
         _check_input(x, nd, params, (*ks, None, features), 1)
         dtype_ = compute_dtype(x, dtype, param_dtype)
         x, batch = batch_flat(jnp.asarray(x, dtype_), nd)
-        y = jax.lax.conv_transpose(x, adapted_kernel(params, dtype_), strides_, pad, k_dil, dims)
+        kernel = adapted_kernel(params, dtype_)
+        y = jax.lax.conv_transpose(x, kernel, strides_, pad, k_dil, _dimension_numbers(nd))
         if use_bias:
             y = y + get_param(params, "bias", (features,)).astype(dtype_)
         return jnp.reshape(y, (*batch, *y.shape[1:])), state

@@ -7,7 +7,7 @@ padding are normalised by the same helpers as the convolutions.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -15,9 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_rank
-from nnjax.core.combinators import Layer
+from nnjax.core.layer import Layer
 from nnjax.layers.base import compute_dtype
-from nnjax.layers.conv import Padding, layout, spatial_tuple, window_padding, window_tuple
+from nnjax.layers.conv import (
+    Padding,
+    fixed_rank,
+    input_rank,
+    layout,
+    spatial_tuple,
+    window_padding,
+)
 
 __all__ = ["MaxPool", "AvgPool", "GlobalAvgPool", "GlobalMaxPool"]
 
@@ -29,12 +36,21 @@ def _no_params(key, x):
 
 def _window(
     owner: str, window_shape: int | Sequence[int], strides: Any, padding: Padding
-) -> tuple[int, tuple[int, ...], tuple[int, ...], Any]:
-    """``(nd, window, strides, padding)``; ``strides=None`` means ``window`` (non-overlapping)."""
-    window = window_tuple(window_shape, "window_shape", owner)
-    n = len(window)
-    strides_ = window if strides is None else spatial_tuple(strides, n, "strides", owner)
-    return n, window, strides_, window_padding(padding, n, owner)
+) -> Callable[[Any], tuple[int, tuple[int, ...], tuple[int, ...], Any]]:
+    """``settings(x) -> (nd, window, strides, padding)``; ``strides=None`` means ``window``.
+
+    With every setting an int, ``nd`` is the input's spatial rank (``x.ndim - 2``):
+    ``MaxPool(2)`` on ``(N, H, W, C)`` pools 2x2, as Keras' ``MaxPooling2D(2)``.
+    """
+    fixed = fixed_rank(owner, window_shape=window_shape, strides=strides, padding=padding)
+
+    def settings(nd):
+        window = spatial_tuple(window_shape, nd, "window_shape", owner)
+        strides_ = window if strides is None else spatial_tuple(strides, nd, "strides", owner)
+        return nd, window, strides_, window_padding(padding, nd, owner)
+
+    settings(fixed or 1)  # bad arguments fail here, not at apply
+    return lambda x: settings(input_rank(x, fixed, "window_shape"))
 
 
 def _pads(x: Any, nd: int, window: tuple, strides: tuple, padding: Any) -> list[tuple[int, int]]:
@@ -61,7 +77,9 @@ def MaxPool(
     """The maximum over each window of ``(*batch, *spatial, C)`` input, per channel.
 
     Args:
-        window_shape: window per spatial axis (an int means 1D).
+        window_shape: window per spatial axis; an int is the same on every spatial axis
+            of the input (``x.ndim - 2`` of them: ``MaxPool(2)`` on ``(N, H, W, C)`` pools
+            2x2, as Keras' ``MaxPooling2D(2)``); give a tuple for several batch axes.
         strides: int or one per spatial axis; ``None`` (default) means ``window_shape``,
             as in PyTorch and Keras (``flax.linen.max_pool`` defaults to 1).
         padding: ``"VALID"``, ``"SAME"``, an int or ``(lo, hi)`` pairs; padded cells never win.
@@ -73,10 +91,11 @@ def MaxPool(
         >>> y.shape
         (1, 4, 4, 3)
     """
-    nd, window, strides_, padding_ = _window("MaxPool", window_shape, strides, padding)
+    settings = _window("MaxPool", window_shape, strides, padding)
 
     def apply(params, state, x, *, rng=None, train=False):
         del params, rng, train
+        nd, window, strides_, padding_ = settings(x)
         check_rank(x, nd + 2, layout(nd))
         x = jnp.asarray(x)
         if jnp.issubdtype(x.dtype, jnp.floating):
@@ -112,10 +131,11 @@ def AvgPool(
         >>> y.shape
         (1, 4, 4, 3)
     """
-    nd, window, strides_, padding_ = _window("AvgPool", window_shape, strides, padding)
+    settings = _window("AvgPool", window_shape, strides, padding)
 
     def apply(params, state, x, *, rng=None, train=False):
         del params, rng, train
+        nd, window, strides_, padding_ = settings(x)
         check_rank(x, nd + 2, layout(nd))
         out_dtype = compute_dtype(x, None)
         x = jnp.asarray(x, jnp.promote_types(out_dtype, jnp.float32))
