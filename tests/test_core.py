@@ -275,3 +275,53 @@ def test_summary_lists_every_leaf_and_output():
     assert f"{32 * 64 + 64 + 64 * 10 + 10:,}" in text
     assert "relu_0    (8, 64) float32" in text
     assert "(output)  (8, 10) float32" in text
+
+
+def _layer(init=None, apply=None):
+    def good_init(key, x):
+        return {"w": jnp.ones(np.shape(x)[-1])}, {}
+
+    def good_apply(params, state, x, *, rng=None, train=False):
+        return x * params["w"], state
+
+    return nj.Layer(init or good_init, apply or good_apply, "mine")
+
+
+CONTRACT = r"; a layer's init\(key, x\) returns \(params, state\) and its apply\(params, state, x, \*, rng=None, train=False\) returns \(y, state\)"
+
+
+def test_a_layer_that_breaks_the_contract_gets_an_error_stating_it():
+    x = jnp.ones((2, 3))
+
+    def params_only(key, x):
+        return {"w": jnp.ones(3)}
+
+    def y_only(params, state, x, *, rng=None, train=False):
+        return x
+
+    def no_keywords(params, state, x):
+        return x, state
+
+    model = nj.serial(nj.Dense(3), body=nj.serial(_layer(init=params_only)))
+    with pytest.raises(
+        nj.LayerError,
+        match=r"^body/mine_0: test_a_layer_that_breaks_the_contract_gets_an_error_stating_it"
+        r".<locals>.params_only breaks the layer contract: init returned a dict, expected "
+        r"\(params, state\)" + CONTRACT,
+    ):
+        model.init(jax.random.key(0), x)
+    for apply, detail in [
+        (y_only, r"apply returned an array of shape \(2, 3\), expected \(y, state\)"),
+        (no_keywords, r"apply does not take the keyword arguments rng and train"),
+    ]:
+        layer = _layer(apply=apply)
+        params, state = _layer().init(jax.random.key(0), x)
+        for model in (nj.serial(layer), nj.residual(layer), nj.fan_out(layer)):
+            with pytest.raises(nj.LayerError, match=rf"^mine_0: .*{apply.__name__} .*{detail}"):
+                jax.jit(model.apply)({"mine_0": params}, {}, x)
+        with pytest.raises(nj.LayerError, match=rf"{apply.__name__} .*{detail}" + CONTRACT):
+            nj.repeat(layer, 2).init(jax.random.key(0), x)
+    # the well-behaved version passes through every combinator
+    good = _layer()
+    params, state = nj.repeat(good, 2).init(jax.random.key(0), x)
+    np.testing.assert_array_equal(nj.repeat(good, 2).apply(params, state, x)[0], x)

@@ -14,6 +14,7 @@ key, x)`` plans any model without FLOPs or memory.
 from __future__ import annotations
 
 import contextvars
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,8 @@ from nnjax.core.layer import (
     State,
     as_layer,
     call_child,
+    checked_apply,
+    checked_init,
     non_empty,
     output_shape,
 )
@@ -79,7 +82,7 @@ def _init_children(children, key, x, *, chain: bool):
     state: State = {}
     keys = jax.random.split(key, max(len(children), 1))
     for (name, child), k in zip(children, keys, strict=False):
-        params[name], state[name] = call_child(name, child.init, k, x)
+        params[name], state[name] = call_child(name, checked_init, child, k, x)
         if chain:
             x = call_child(name, output_shape, child, params[name], state[name], x)
     return non_empty(**params), non_empty(**state), x
@@ -94,12 +97,12 @@ def _apply_child(name, child, params, state, x, rng, train):
     args = (params.get(name, {}), state.get(name, {}), x)
     log = _OUTPUT_LOG.get()
     if log is None:
-        return call_child(name, child.apply, *args, rng=rng, train=train)
+        return call_child(name, checked_apply, child, *args, rng=rng, train=train)
     prefix, rows = log
     path = (*prefix, name)
     token = _OUTPUT_LOG.set((path, rows))
     try:
-        y, s = call_child(name, child.apply, *args, rng=rng, train=train)
+        y, s = call_child(name, checked_apply, child, *args, rng=rng, train=train)
     finally:
         _OUTPUT_LOG.reset(token)
     rows.append(("/".join(path), jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), y)))
@@ -206,7 +209,7 @@ def residual(
         k_body, k_short = jax.random.split(key)
         params, state = body.init(k_body, x)
         if short is not None:
-            p, s = call_child("shortcut", short.init, k_short, x)
+            p, s = call_child("shortcut", checked_init, short, k_short, x)
             params, state = {**params, **non_empty(shortcut=p)}, {**state, **non_empty(shortcut=s)}
         return params, state
 
@@ -290,7 +293,7 @@ def repeat(layer: Layer, n: int, *, unroll: int = 1, cpu_remat: bool = True) -> 
 
     def init(key, x):
         keys = jax.random.split(key, n)
-        p0, s0 = jax.eval_shape(layer.init, keys[0], x)
+        p0, s0 = jax.eval_shape(functools.partial(checked_init, layer), keys[0], x)
         out = output_shape(layer, p0, s0, x)
         x_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), x)
         if _signature(out) != _signature(x_spec):
@@ -310,7 +313,7 @@ def repeat(layer: Layer, n: int, *, unroll: int = 1, cpu_remat: bool = True) -> 
 
         def body(carry, xs):
             p, s, r = xs
-            y, s = layer.apply(p, s, carry, rng=r, train=train)
+            y, s = checked_apply(layer, p, s, carry, rng=r, train=train)
             return y, s
 
         def scan(body, x, xs):
@@ -335,7 +338,7 @@ def remat(layer: Layer, *, policy: Callable | None = None) -> Layer:
 
     def apply(params, state, x, *, rng=None, train=False):
         def forward(p, s, x, r):
-            return layer.apply(p, s, x, rng=r, train=train)
+            return checked_apply(layer, p, s, x, rng=r, train=train)
 
         return jax.checkpoint(forward, policy=policy)(params, state, x, rng)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.errors import CheckpointError
-from nnjax.core.layer import Layer, as_layer, call_child
+from nnjax.core.layer import Layer, as_layer, call_child, checked_init
 from nnjax.core.paths import STACKED, flatten, unflatten
 from nnjax.core.report import shorten
 from nnjax.finetune.masks import logical_copies
@@ -151,7 +151,7 @@ def replace_head(params: Any, key: jax.Array, layer: Layer, x: Any, *, path: str
     Raises:
         KeyError: ``path`` is not a sub-tree of ``params``.
     """
-    head_params, head_state = call_child(path, as_layer(layer).init, key, x)
+    head_params, head_state = call_child(path, checked_init, as_layer(layer), key, x)
     if jax.tree.leaves(head_state):
         raise ValueError(
             "replace_head: the new head has state; init the new model and use load_pretrained"

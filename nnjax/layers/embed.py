@@ -11,7 +11,16 @@ import numpy as np
 
 from nnjax.core.checks import check_float, check_keys, check_rank, get_param, shape_str
 from nnjax.core.errors import LayerError
-from nnjax.core.layer import Initializer, Layer, as_layer, call_child, non_empty, output_shape
+from nnjax.core.layer import (
+    Initializer,
+    Layer,
+    as_layer,
+    call_child,
+    checked_apply,
+    checked_init,
+    non_empty,
+    output_shape,
+)
 from nnjax.layers.base import compute_dtype, matmul_last
 
 __all__ = [
@@ -158,9 +167,9 @@ def tied_embedding(embedding_layer: Layer, body: Layer | Callable, *, name: str 
 
     def init(key, x):
         k_embed, k_body = jax.random.split(key)
-        p_embed, s_embed = call_child("embed", embed.init, k_embed, x)
+        p_embed, s_embed = call_child("embed", checked_init, embed, k_embed, x)
         h = call_child("embed", output_shape, embed, p_embed, s_embed, x)
-        p_body, s_body = call_child("body", body.init, k_body, h)
+        p_body, s_body = call_child("body", checked_init, body, k_body, h)
         return {"embed": p_embed, **non_empty(body=p_body)}, non_empty(embed=s_embed, body=s_body)
 
     def apply(params, state, x, *, rng=None, train=False):
@@ -169,11 +178,19 @@ def tied_embedding(embedding_layer: Layer, body: Layer | Callable, *, name: str 
         r_embed, r_body = (None, None) if rng is None else tuple(jax.random.split(rng))
         p_embed = params["embed"]
         h, s_embed = call_child(
-            "embed", embed.apply, p_embed, state.get("embed", {}), x, rng=r_embed, train=train
+            "embed",
+            checked_apply,
+            embed,
+            p_embed,
+            state.get("embed", {}),
+            x,
+            rng=r_embed,
+            train=train,
         )
         h, s_body = call_child(
             "body",
-            body.apply,
+            checked_apply,
+            body,
             params.get("body", {}),
             state.get("body", {}),
             h,

@@ -66,7 +66,6 @@ def _moments(x, axes):
 
 def _last_axis_norm(
     normalize: Callable[[jax.Array], jax.Array],
-    *,
     use_scale: bool,
     use_bias: bool,
     scale_init: Initializer,
@@ -129,14 +128,7 @@ def LayerNorm(
         return (x - mean) * jax.lax.rsqrt(var + epsilon)
 
     return _last_axis_norm(
-        normalize,
-        use_scale=use_scale,
-        use_bias=use_bias,
-        scale_init=scale_init,
-        bias_init=bias_init,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
+        normalize, use_scale, use_bias, scale_init, bias_init, dtype, param_dtype, name
     )
 
 
@@ -167,16 +159,7 @@ def RMSNorm(
     def normalize(x):
         return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + epsilon)
 
-    return _last_axis_norm(
-        normalize,
-        use_scale=use_scale,
-        use_bias=False,
-        scale_init=scale_init,
-        bias_init=None,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+    return _last_axis_norm(normalize, use_scale, False, scale_init, None, dtype, param_dtype, name)
 
 
 # --- BatchNorm -----------------------------------------------------------------------

@@ -38,7 +38,14 @@ import numpy as np
 
 from nnjax.core.checks import check_keys, get_param, shape_str
 from nnjax.core.errors import LayerError
-from nnjax.core.layer import Initializer, Layer, call_child, non_empty
+from nnjax.core.layer import (
+    Initializer,
+    Layer,
+    call_child,
+    checked_apply,
+    checked_init,
+    non_empty,
+)
 from nnjax.layers.adapters import KERNEL_KEYS, adapted_matmul, kernel_shape
 from nnjax.layers.base import compute_dtype
 
@@ -473,7 +480,7 @@ def Bidirectional(
 
     def init(key, x):
         keys = dict(zip(children, jax.random.split(key), strict=True))
-        out = {k: call_child(k, child.init, keys[k], x) for k, child in children.items()}
+        out = {k: call_child(k, checked_init, child, keys[k], x) for k, child in children.items()}
         return {k: p for k, (p, _) in out.items()}, non_empty(**{k: s for k, (_, s) in out.items()})
 
     def apply(params, state, x, *, rng=None, train=False):
@@ -504,7 +511,7 @@ def Bidirectional(
                 if carry0 is not None and k in carry0:
                     xk["initial_carry"] = carry0[k]
             y, states[k] = call_child(
-                k, child.apply, params[k], state.get(k, {}), xk, rng=rngs[k], train=train
+                k, checked_apply, child, params[k], state.get(k, {}), xk, rng=rngs[k], train=train
             )
             if isinstance(y, tuple):
                 y, carries[k] = y
