@@ -3,8 +3,7 @@
 ``import nnjax as nj``; ``nj.sharding.mesh(...)``. Nothing here replaces JAX: a
 mesh is a ``jax.sharding.Mesh``, rules give ``NamedSharding``s, and the trainer's
 jitted step runs unchanged on sharded inputs; XLA's SPMD partitioner inserts the
-collectives. (The module is ``sharding``, not ``parallel``: ``nj.parallel`` is the
-fan-out combinator.)
+collectives. (The fan-out combinator is ``nj.fan_out``.)
 
 Example (8 devices, FSDP; tensor parallel is ``mesh({"data": 2, "model": 4})``
 with ``tensor_parallel_rules()``)::
