@@ -200,12 +200,14 @@ class Reader:
             )
         self.digest = hashlib.sha256(struct.pack("<Q", n) + head)
         self.position = 8 + n  # the next byte the running hash expects
+        self.touched = False  # whether any tensor was read
         self.verified = sha256 is None
 
     def close(self) -> None:
         self.file.close()
 
     def _read(self, begin: int, array: np.ndarray) -> np.ndarray:
+        self.touched = True
         view = as_bytes(array) if array.size else np.empty(0, np.uint8)
         got = os.preadv(self.file.fileno(), [view], begin) if view.size else 0
         if got != view.size:

@@ -58,9 +58,13 @@ class _Files:
                 )
 
     def finish(self) -> None:
-        """Check the sha256 of every file (what was not read yet is hashed now)."""
+        """Check the sha256 of every file read from (what was not read yet is hashed now).
+
+        A file this process took nothing from (another process's shards) is not read at all.
+        """
         for reader in self.readers.values():
-            reader.finish()
+            if reader.touched:
+                reader.finish()
 
     def region(self, pieces: list[Piece], start: list[int], stop: list[int], dtype: str) -> Any:
         """The block ``[start, stop)`` of a leaf, read from the pieces that overlap it."""
