@@ -16,6 +16,7 @@ SMOKE = {
     "image_classification.py": ([], "test accuracy: "),
     "text_classification.py": ([], "test accuracy: "),
     "transfer_cnn.py": ([], "frozen backbone accuracy: "),
+    "custom_layer.py": ([], "final loss: "),
 }
 
 
