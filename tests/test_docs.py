@@ -1,4 +1,4 @@
-"""The documentation runs: every ``python`` block of ``docs/**/*.md`` and every docstring example.
+"""The documentation runs: every ``python`` block of the README and ``docs/**/*.md``, and every docstring example.
 
 Guides: each page's ```` ```python ```` blocks run in order in one namespace (a page is
 one test), from a temporary working directory, on the CPU. A block opts out only with
@@ -50,10 +50,10 @@ def code_blocks(text: str) -> list[tuple[int, str, str | None]]:
     return blocks
 
 
-PAGES = sorted(DOCS.rglob("*.md"))
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_guide_page_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": f"docs.{page.stem}"}
