@@ -1,3 +1,5 @@
-"""Hugging Face interop: checkpoints in and out of transformers' formats."""
+"""Hugging Face interop: model folders, tokenizers and PEFT adapters in and out of transformers' formats."""
 
 from nnjax.models.hf.gpt2 import *
+from nnjax.models.hf.pretrained import *
+from nnjax.models.hf.torch_state import *

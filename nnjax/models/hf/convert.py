@@ -1,0 +1,215 @@
+"""A family table applied one tensor at a time: HF tensors -> params, params -> HF tensors.
+
+Loading checks every name and shape against the table and the model's param
+shapes before reading any tensor; then each tensor is read, converted (layout,
+dtype) and placed on its device / sharding before the next. Per-layer tensors are
+written into their stacked leaf in place (a donated ``dynamic_update_index_in_dim``),
+so no second copy of a stacked leaf is ever built: peak memory is the result plus
+about one tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nnjax.core.errors import CheckpointError
+from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.finetune.adapters import merge_adapters
+from nnjax.layers.dense import ADAPTER_KEYS
+from nnjax.models.hf.files import Pending, TensorInfo
+from nnjax.models.hf.tables import Slot, Table, hf_shape, ignored, layout, to_hf, to_nnjax
+
+__all__ = ["tensors_to_params", "params_to_tensors", "split_adapters"]
+
+
+def _listing(names: list[str], n: int = 8) -> str:
+    return f"{names[:n]}{f' and {len(names) - n} more' if len(names) > n else ''}"
+
+
+def _copy_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One copy's shape of a (possibly stacked) leaf."""
+    return tuple(shape[path.split("/").count(STACKED) :])
+
+
+def _check_paths(slots: Mapping[str, Slot], template: Mapping[str, Any], family: str) -> None:
+    """The table and the model's params name the same leaves (a mismatch is a bug, said plainly)."""
+    covered = {p for s in slots.values() for p in s.entry.paths}
+    if covered != set(template):
+        raise CheckpointError(
+            f"the {family} table and the model's params disagree: params without a tensor "
+            f"{sorted(set(template) - covered)}, tensors for no param {sorted(covered - set(template))}"
+        )
+
+
+def _check_names(
+    infos: Mapping[str, TensorInfo], slots: Mapping[str, Slot], table: Table, config: Any
+) -> None:
+    missing = [n for n in slots if n not in infos]
+    extra = [n for n in infos if n not in slots and not ignored(table, n, config)]
+    if missing:
+        where = sorted({infos[n].file for n in infos}) or ["the checkpoint"]
+        raise CheckpointError(
+            f"{', '.join(where)}: missing tensor(s) {_listing(missing)} for a "
+            f"{config.family} model with {config.num_layers} layers"
+        )
+    if extra:
+        raise CheckpointError(
+            f"{infos[extra[0]].file}: unexpected tensor(s) {_listing(extra)}: no {config.family} "
+            "param takes them (is config.json the checkpoint's own?)"
+        )
+
+
+def _check_shapes(
+    infos: Mapping[str, TensorInfo], slots: Mapping[str, Slot], template: Mapping[str, Any]
+) -> None:
+    for name, slot in slots.items():
+        path = slot.entry.paths[0]
+        want = hf_shape(slot, _copy_shape(path, template[path].shape))
+        if infos[name].shape != want:
+            logical = path if slot.layer is None else path.replace(STACKED, str(slot.layer), 1)
+            raise CheckpointError(
+                f"{infos[name].file}: tensor {name!r} -> {logical}: expected shape {want}, "
+                f"got {infos[name].shape}"
+            )
+        if not jnp.issubdtype(infos[name].dtype, jnp.floating):
+            raise CheckpointError(
+                f"{infos[name].file}: tensor {name!r} has dtype {infos[name].dtype}; expected floats"
+            )
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_copy(stack: jax.Array, value: jax.Array, i: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), i, 0)
+
+
+def tensors_to_params(
+    infos: Mapping[str, TensorInfo],
+    read: Callable[[str], np.ndarray],
+    table: Table,
+    config: Any,
+    template: Any,
+    *,
+    dtype: Any = None,
+    shardings: Any = None,
+) -> dict[str, Any]:
+    """Params shaped as ``template`` from the tensors ``infos`` describes, read one at a time.
+
+    Args:
+        infos: ``{HF name: TensorInfo}`` (headers; nothing read yet).
+        read: ``read(name) -> np.ndarray`` reads one tensor.
+        table: the family's table.
+        config: a :class:`~nnjax.models.CausalLMConfig` (its fields pick the entries).
+        template: the model's params as ``ShapeDtypeStruct``s (``jax.eval_shape`` of init).
+        dtype: the params' dtype; ``None``: each tensor's own.
+        shardings: a tree like ``template`` of ``Sharding``s; ``None``: the default device.
+
+    Raises:
+        CheckpointError: missing, unexpected or wrongly shaped tensors, named with their
+            file, before any tensor is read.
+    """
+    slots = layout(table, config)
+    flat_t = flatten(template)
+    _check_paths(slots, flat_t, config.family)
+    _check_names(infos, slots, table, config)
+    _check_shapes(infos, slots, flat_t)
+    places = flatten(shardings) if shardings is not None else {}
+    out: dict[str, jax.Array] = {}
+    for name in infos:  # file order, then each file's order: each file is read front to back
+        if name not in slots:
+            continue
+        slot = slots[name]
+        for path, value in zip(slot.entry.paths, to_nnjax(slot, read(name)), strict=True):
+            target = np.dtype(dtype) if dtype is not None else value.dtype
+            where = places.get(path)
+            if slot.layer is None:
+                out[path] = jax.device_put(np.asarray(value, dtype=target), where)
+                continue
+            if path not in out:
+                out[path] = jnp.zeros(flat_t[path].shape, target, device=where)
+            out[path] = _set_copy(out[path], value, np.int32(slot.layer))
+    return unflatten(out)
+
+
+def split_adapters(params: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """``({path: leaf} without adapters, {kernel's parent path: {adapter name: leaf}})``."""
+    base, adapters = {}, {}
+    for path, leaf in flatten(params).items():
+        parent, _, name = path.rpartition("/")
+        if name in ADAPTER_KEYS:
+            adapters.setdefault(parent, {})[name] = leaf
+        else:
+            base[path] = leaf
+    return base, adapters
+
+
+def _host_copy(
+    base: Mapping[str, Any], adapters: Mapping[str, Mapping[str, Any]], path: str, layer: int | None
+) -> np.ndarray:
+    """One copy of a leaf on the host, with the adapters beside it merged in."""
+
+    def take(leaf):
+        return leaf if layer is None else leaf[layer]
+
+    parent, _, name = path.rpartition("/")
+    group = adapters.get(parent) if name == "kernel" else None
+    if group:
+        merged = merge_adapters(
+            {"kernel": take(base[path]), **{k: take(v) for k, v in group.items()}}
+        )
+        return np.asarray(jax.device_get(merged["kernel"]))
+    return np.asarray(jax.device_get(take(base[path])))
+
+
+def params_to_tensors(
+    params: Any, table: Table, config: Any, template: Any, *, merge: bool = True
+) -> list[Pending]:
+    """The HF tensors of ``params`` in table order, each produced only when written.
+
+    Args:
+        params: params for the model ``template`` describes (adapters allowed with ``merge``).
+        table, config: as :func:`tensors_to_params`.
+        template: the model's params (shapes only).
+        merge: fold LoRA / DoRA / IA3 adapters into their kernels as each is produced.
+
+    Raises:
+        CheckpointError: params that do not fit the model (missing, extra or wrongly
+            shaped leaves), or adapters with ``merge=False``.
+    """
+    base, adapters = split_adapters(params)
+    flat_t = flatten(template)
+    if adapters and not merge:
+        raise CheckpointError(
+            f"params hold adapters at {_listing(sorted(adapters))}; pass merge_adapters=True, "
+            "or write them with nj.models.hf.save_peft_adapter"
+        )
+    missing, extra = sorted(set(flat_t) - set(base)), sorted(set(base) - set(flat_t))
+    if missing or extra:
+        raise CheckpointError(
+            f"params do not fit the {config.family} model: missing {_listing(missing)}, "
+            f"not params of it {_listing(extra)}"
+        )
+    for path, leaf in base.items():
+        if tuple(np.shape(leaf)) != tuple(flat_t[path].shape):
+            raise CheckpointError(
+                f"param {path}: expected shape {tuple(flat_t[path].shape)}, got {np.shape(leaf)}"
+            )
+    slots = layout(table, config)
+    _check_paths(slots, flat_t, config.family)
+    out = []
+    for name, slot in slots.items():
+        paths = slot.entry.paths
+        shape = hf_shape(slot, _copy_shape(paths[0], flat_t[paths[0]].shape))
+
+        def produce(slot=slot):
+            return to_hf(
+                slot, [_host_copy(base, adapters, p, slot.layer) for p in slot.entry.paths]
+            )
+
+        out.append(Pending(name, shape, np.dtype(base[paths[0]].dtype), produce))
+    return out

@@ -1,0 +1,182 @@
+"""Hugging Face model folders in and out: Llama, Qwen2, Qwen3, Mistral, Gemma, GPT-2.
+
+``from_pretrained`` reads a ``save_pretrained`` folder (``config.json``, ``model.safetensors``
+or shards with ``model.safetensors.index.json``, ``generation_config.json``) into a
+:class:`~nnjax.models.CausalLMConfig` and params for :func:`nnjax.models.CausalLM`;
+``save_pretrained`` writes one that ``transformers.AutoModelForCausalLM`` loads. Both
+stream one tensor at a time (see :mod:`nnjax.models.hf.convert`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from nnjax.core.errors import CheckpointError
+from nnjax.core.paths import flatten
+from nnjax.models.causal_lm_config import CausalLMConfig
+from nnjax.models.hf.configs import config_from_hf, config_to_hf
+from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
+from nnjax.models.hf.files import model_files, read_headers, read_tensor, write_model
+from nnjax.models.hf.tables import check_family
+
+__all__ = ["from_pretrained", "save_pretrained", "load_config", "param_template"]
+
+
+def _read_json(path: str, *, required: bool) -> dict[str, Any] | None:
+    if not os.path.isfile(path):
+        if required:
+            raise CheckpointError(f"{path} does not exist (not a Hugging Face model folder?)")
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def load_config(path: str | os.PathLike) -> CausalLMConfig:
+    """The :class:`CausalLMConfig` of an HF folder's ``config.json`` (+ ``generation_config.json``).
+
+    Raises:
+        CheckpointError: no folder or ``config.json``, an unsupported ``model_type``.
+    """
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder!r} is not a folder")
+    file = os.path.join(folder, "config.json")
+    hf = _read_json(file, required=True)
+    generation = _read_json(os.path.join(folder, "generation_config.json"), required=False)
+    return config_from_hf(hf, generation, where=file)
+
+
+def param_template(config: CausalLMConfig) -> dict[str, Any]:
+    """``CausalLM(config)``'s params as ``ShapeDtypeStruct``s (no memory, no FLOPs)."""
+    from nnjax.models.causal_lm import CausalLM  # lazily: nnjax.models imports hf
+
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(CausalLM(config).init, jax.random.key(0), ids)[0]
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    mesh: Mesh | None = None,
+    rules: Mapping[str, Any] | None = None,
+) -> tuple[CausalLMConfig, dict[str, Any]]:
+    """Load a local Hugging Face model folder as ``(config, params)`` for ``nj.models.CausalLM``.
+
+    Names and layouts are mapped by the family's table
+    (:mod:`nnjax.models.hf.tables`); per-layer tensors fill the ``blocks/stacked/...``
+    leaves. One tensor is in host memory at a time, placed (cast to ``dtype``, put
+    on its sharding) before the next is read: peak host memory is about the params
+    plus the largest tensor.
+
+    Args:
+        path: a folder with ``config.json`` and ``model.safetensors`` (or
+            ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``);
+            ``model_type`` one of llama, mistral, qwen2, qwen3, gemma, gpt2.
+        dtype: the params' dtype (``jnp.bfloat16``); ``None``: the checkpoint's.
+        mesh: place each leaf on this mesh, by ``rules``.
+        rules: sharding rules (``nj.sharding.tensor_parallel_rules()``); default with a
+            mesh: replicated.
+
+    Returns:
+        ``(config, params)``; ``config.extra`` keeps the ``config.json`` fields for export.
+
+    Raises:
+        CheckpointError: no folder, no ``config.json`` or weights; an unsupported
+            ``model_type``; missing, unexpected or wrongly shaped tensors; a truncated
+            file; an index entry outside the folder (refused before reading anything).
+            Each names the file and the tensor.
+        ShardingError, GlobError: rules that do not fit the params.
+
+    Example:
+        >>> config, params = nj.models.hf.from_pretrained(folder)  # doctest: +SKIP
+        >>> logits, _ = nj.models.CausalLM(config).apply(params, {}, ids)  # doctest: +SKIP
+    """
+    if rules is not None and mesh is None:
+        raise ValueError("from_pretrained: rules= needs mesh=")
+    config = load_config(path)
+    files, weight_map = model_files(os.fspath(path))
+    infos = read_headers(files, weight_map)
+    template = param_template(config)
+    shardings = None
+    if mesh is not None:
+        from nnjax.sharding import param_shardings
+
+        shardings = param_shardings(template, mesh, rules or {"**": jax.sharding.PartitionSpec()})
+    params = tensors_to_params(
+        infos,
+        lambda n: read_tensor(n, infos[n]),
+        check_family(config.family, "config.json"),
+        config,
+        template,
+        dtype=dtype,
+        shardings=shardings,
+    )
+    return config, params
+
+
+def _generation_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: hf[k] for k in keys if hf.get(k) is not None}
+
+
+def save_pretrained(
+    path: str | os.PathLike,
+    config: CausalLMConfig,
+    params: Mapping[str, Any],
+    *,
+    max_shard_size: int | str = "5GB",
+    merge_adapters: bool = True,
+) -> list[str]:
+    """Write an HF model folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+    Writes ``config.json``, ``generation_config.json`` (when the config names special
+    ids) and ``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards of at
+    most ``max_shard_size`` plus ``model.safetensors.index.json``. Tensors are produced
+    and written one at a time (peak memory: about one tensor beyond the params,
+    whatever the shard size), in the params' dtype.
+
+    Args:
+        path: the folder (created; earlier weight files in it are replaced).
+        config: the model's config; ``config.family`` picks the HF architecture.
+        params: ``CausalLM(config)`` params.
+        max_shard_size: bytes, or ``"500MB"`` / ``"2GiB"``.
+        merge_adapters: fold LoRA / DoRA / IA3 adapters into the exported kernels
+            (``False``: adapters are an error; save them with :func:`save_peft_adapter`).
+
+    Returns:
+        The weight files written (names inside ``path``).
+
+    Raises:
+        CheckpointError: a family that cannot express the config, params that do not fit
+            it; nothing is written then.
+
+    Example:
+        >>> nj.models.hf.save_pretrained(out_dir, config, params)  # doctest: +SKIP
+        ['model.safetensors']
+    """
+    first = next(iter(flatten(params).values()))
+    hf = config_to_hf(config, dtype=str(np.dtype(first.dtype)))
+    table = check_family(config.family, "config.family")
+    tensors = params_to_tensors(params, table, config, param_template(config), merge=merge_adapters)
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    written = write_model(folder, tensors, max_shard_size)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    generation = _generation_config(hf)
+    if generation:
+        with open(os.path.join(folder, "generation_config.json"), "w") as f:
+            json.dump(generation, f, indent=2)
+    return written
