@@ -2,4 +2,5 @@
 
 from nnjax.models.hf.gpt2 import *
 from nnjax.models.hf.pretrained import *
+from nnjax.models.hf.tokenizer import *
 from nnjax.models.hf.torch_state import *

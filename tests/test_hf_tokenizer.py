@@ -1,0 +1,123 @@
+"""load_tokenizer against transformers' PreTrainedTokenizerFast on the same folder."""
+
+import json
+import sys
+
+import pytest
+
+import nnjax as nj
+from nnjax.models import hf
+
+tokenizers = pytest.importorskip("tokenizers")
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Large language models read tokens, not characters.",
+    "nnjax loads Hugging Face folders one tensor at a time.",
+    "Byte-level BPE merges frequent pairs of bytes into tokens.",
+] * 4
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What does the fox do?"},
+]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A byte-level BPE tokenizer trained here (no download), saved as a model folder has it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(SENTENCES, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    path = tmp_path_factory.mktemp("tok")
+    tok.save(str(path / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "chat_template": TEMPLATE,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def test_same_ids_text_and_special_tokens_as_transformers(folder, reference):
+    tok = hf.load_tokenizer(folder)
+    texts = ["The lazy fox reads tokens.", "Hugging Face folders, one tensor at a time!", ""]
+    for text in texts:
+        assert tok.encode(text) == reference.encode(text)
+        assert tok.encode(text, add_special_tokens=False) == reference.encode(
+            text, add_special_tokens=False
+        )
+    ids = tok.encode_batch(texts)
+    assert ids == reference(texts)["input_ids"]
+    assert ids[0][0] == 1  # the post-processor's <s>
+    assert tok.decode_batch(ids) == reference.batch_decode(ids, skip_special_tokens=True)
+    assert tok.decode(ids[1]) == reference.decode(ids[1], skip_special_tokens=True)
+    assert tok.decode(ids[1], skip_special_tokens=False) == reference.decode(ids[1])
+    assert (
+        (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        == (
+            reference.bos_token_id,
+            reference.eos_token_id,
+            reference.pad_token_id,
+        )
+        == (1, 2, 3)
+    )
+    assert tok.vocab_size == len(reference)
+
+
+def test_chat_template_as_transformers_renders_it(folder, reference):
+    pytest.importorskip("jinja2")
+    tok = hf.load_tokenizer(folder)
+    for gen in (False, True):
+        text = tok.apply_chat_template(CHAT, add_generation_prompt=gen, tokenize=False)
+        assert text == reference.apply_chat_template(
+            CHAT, add_generation_prompt=gen, tokenize=False
+        )
+        ids = tok.apply_chat_template(CHAT, add_generation_prompt=gen)
+        want = reference.apply_chat_template(CHAT, add_generation_prompt=gen, tokenize=True)
+        assert ids == list(getattr(want, "input_ids", want))
+    assert text.endswith("<|assistant|>\n") and text.startswith("<s><|system|>\nBe brief.</s>\n")
+
+
+def test_generation_config_ids_win_and_simple_template(folder, tmp_path):
+    for name in ("tokenizer.json",):
+        (tmp_path / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 3]}))
+    tok = hf.load_tokenizer(tmp_path)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, (2, 3), None)
+    assert tok.chat_template is None
+    text = tok.apply_chat_template(CHAT[1:], add_generation_prompt=True, tokenize=False)
+    assert text == "<|user|>\nWhat does the fox do?\n<|assistant|>\n"
+
+
+def test_errors(tmp_path, monkeypatch):
+    with pytest.raises(nj.CheckpointError, match=r"tokenizer\.json does not exist"):
+        hf.load_tokenizer(tmp_path)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match=r"pip install nnjax\[llm\]"):
+        hf.load_tokenizer(tmp_path)
