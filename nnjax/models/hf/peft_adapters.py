@@ -1,0 +1,290 @@
+"""LoRA (and DoRA) adapters in PEFT's folder format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+PEFT names an adapter by the module it adapts: the HF tensor ``model.layers.3.self_attn.q_proj.weight``
+gets ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`` ``(r, in)`` and
+``...lora_B.weight`` ``(out, r)`` (DoRA adds ``...lora_magnitude_vector`` ``(out,)``), and
+the update is ``scale * B @ A`` with ``scale = lora_alpha / r`` (``lora_alpha / sqrt(r)``
+with ``use_rslora``). nnjax keeps ``lora_a (in, r)``, ``lora_b (r, out)`` with the
+scale already folded into ``lora_a`` (:mod:`nnjax.finetune.adapters`), so an export
+writes ``lora_A = lora_a.T`` and ``lora_alpha = r`` (scale 1: exact, nothing to
+unfold), and an import folds the file's scale into ``lora_a``.
+
+The families with ``nn.Linear`` projections (Llama, Mistral, Qwen2, Qwen3, Gemma) are
+covered; GPT-2's fused ``c_attn`` has no per-projection PEFT module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nnjax.core.errors import CheckpointError
+from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.models.causal_lm_config import CausalLMConfig
+from nnjax.models.hf.convert import split_adapters
+from nnjax.models.hf.files import Pending, TensorInfo, read_headers, read_tensor, write_model
+from nnjax.models.hf.tables import Slot, check_family, layout
+
+__all__ = ["save_peft_adapter", "load_peft_adapter"]
+
+PREFIX = "base_model.model."
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+# PEFT options that change what the tensors mean beyond LoRA / DoRA on nn.Linear weights
+_UNSUPPORTED = (
+    "lora_bias",
+    "layer_replication",
+    "trainable_token_indices",
+    "target_parameters",
+    "use_qalora",
+    "use_bdlora",
+)
+_SUFFIXES = {
+    ".lora_A.weight": "lora_a",
+    ".lora_B.weight": "lora_b",
+    ".lora_magnitude_vector": "dora",
+}
+
+
+def _modules(config: CausalLMConfig) -> dict[str, tuple[str, Slot]]:
+    """``{kernel's parent path: ({layer-less HF module name}, slot)}`` of every ``nn.Linear``
+    (HF module name with ``{i}``: ``model.layers.{i}.self_attn.q_proj``)."""
+    table = check_family(config.family, "config.family")
+    out = {}
+    for slot in layout(table, config).values():
+        e = slot.entry
+        if e.transpose and len(e.paths) == 1 and e.paths[0].endswith("/kernel"):
+            out[e.paths[0].rpartition("/")[0]] = (e.hf.removesuffix(".weight"), slot)
+    return out
+
+
+def _by_module_name(config: CausalLMConfig) -> dict[str, tuple[str, int | None]]:
+    """``{HF module name: (kernel's parent path, layer)}`` for every ``nn.Linear`` of every layer."""
+    out = {}
+    for slot in layout(check_family(config.family, "config.family"), config).values():
+        e = slot.entry
+        if e.transpose and len(e.paths) == 1 and e.paths[0].endswith("/kernel"):
+            out[e.hf.format(i=slot.layer).removesuffix(".weight")] = (
+                e.paths[0].rpartition("/")[0],
+                slot.layer,
+            )
+    return out
+
+
+def _copy(leaf: Any, layer: int | None) -> np.ndarray:
+    return np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
+
+
+def save_peft_adapter(
+    path: str | os.PathLike,
+    config: CausalLMConfig,
+    params: Mapping[str, Any],
+    *,
+    base_model_name_or_path: str | None = None,
+) -> list[str]:
+    """Write the params' LoRA / DoRA adapters as a PEFT LoRA adapter folder.
+
+    ``peft.PeftModel.from_pretrained(model, path)`` on the transformers model of the
+    same weights gives the same outputs as nnjax with the adapters. ``target_modules``
+    are the module names that carry adapters (``q_proj``, ``v_proj``, ...),
+    ``lora_alpha = r`` (nnjax's ``lora_a`` already holds the scale).
+
+    Args:
+        path: the folder (created).
+        config: the model's config (its family names the modules).
+        params: ``CausalLM(config)`` params with adapters (``nj.finetune.add_lora``).
+        base_model_name_or_path: recorded in ``adapter_config.json``.
+
+    Returns:
+        The files written.
+
+    Raises:
+        CheckpointError: no LoRA adapters, IA3 adapters (PEFT's IA3 is another
+            format: merge them), DoRA on only some modules, ranks that differ between
+            modules, or a family / module PEFT cannot name (GPT-2's fused ``c_attn``).
+    """
+    base, adapters = split_adapters(params)
+    modules = _modules(config)
+    if not adapters:
+        raise CheckpointError("save_peft_adapter: params hold no adapters (nj.finetune.add_lora)")
+    bad = [
+        p for p, g in adapters.items() if p not in modules or "lora_a" not in g or "ia3_scale" in g
+    ]
+    if bad:
+        raise CheckpointError(
+            f"save_peft_adapter: adapters at {sorted(bad)} have no PEFT LoRA form (IA3, a module "
+            f"PEFT cannot name in a {config.family} model, or DoRA without LoRA); merge them "
+            "with nj.finetune.merge_adapters and save_pretrained instead"
+        )
+    ranks = {p: int(np.shape(g["lora_a"])[-1]) for p, g in adapters.items()}
+    doras = {"dora_magnitude" in g for g in adapters.values()}
+    if len(set(ranks.values())) > 1 or len(doras) > 1:
+        raise CheckpointError(
+            f"save_peft_adapter: one rank and one kind per adapter file; got ranks {ranks}, "
+            f"DoRA on some modules only: {len(doras) > 1}"
+        )
+    r = next(iter(ranks.values()))
+    tensors = []
+    for parent, group in sorted(adapters.items()):
+        name, slot = modules[parent]
+        layers = range(config.num_layers) if slot.layer is not None else [None]
+        for layer in layers:
+            key = PREFIX + (name.format(i=layer) if layer is not None else name)
+            a, b = group["lora_a"], group["lora_b"]
+            n_in, n_out = np.shape(a)[-2], np.shape(b)[-1]
+            tensors += [
+                Pending(f"{key}.lora_A.weight", (r, n_in), np.dtype(a.dtype),
+                        lambda a=a, layer=layer: _copy(a, layer).T),
+                Pending(f"{key}.lora_B.weight", (n_out, r), np.dtype(b.dtype),
+                        lambda b=b, layer=layer: _copy(b, layer).T),
+            ]  # fmt: skip
+            if "dora_magnitude" in group:
+                m = group["dora_magnitude"]
+                tensors.append(
+                    Pending(f"{key}.lora_magnitude_vector", (n_out,), np.dtype(m.dtype),
+                            lambda m=m, layer=layer: _copy(m, layer))
+                )  # fmt: skip
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    write_model(folder, tensors, 2**62)
+    os.replace(os.path.join(folder, "model.safetensors"), os.path.join(folder, WEIGHTS))
+    targets = sorted({modules[p][0].rpartition(".")[2] for p in adapters})
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": r,  # scale 1: nnjax's lora_a holds alpha / r already
+        "target_modules": targets,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": doras == {True},
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    with open(os.path.join(folder, CONFIG), "w") as f:
+        json.dump(adapter_config, f, indent=2)
+    del base
+    return [CONFIG, WEIGHTS]
+
+
+def _pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a module name's tail."""
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", module):
+            return value
+    return default
+
+
+def _read_config(folder: str) -> dict[str, Any]:
+    file = os.path.join(folder, CONFIG)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file} does not exist (not a PEFT adapter folder?)")
+    with open(file) as f:
+        cfg = json.load(f)
+    checks = {
+        "peft_type": ("LORA", cfg.get("peft_type")),
+        "bias": ("none", cfg.get("bias", "none")),
+        "fan_in_fan_out": (False, bool(cfg.get("fan_in_fan_out", False))),
+        "modules_to_save": (None, cfg.get("modules_to_save") or None),
+    }
+    for key in _UNSUPPORTED:
+        if cfg.get(key):
+            checks[key] = (None, cfg[key])
+    for key, (want, got) in checks.items():
+        if got != want:
+            raise CheckpointError(f"{file}: {key}={got!r} is not supported (only {want!r})")
+    return cfg
+
+
+def _group_tensors(infos: Mapping[str, TensorInfo], modules: Mapping[str, Any], where: str):
+    """``{(kernel parent, layer): {"lora_a" | "lora_b" | "dora": HF key}}``."""
+    groups: dict[tuple[str, int | None], dict[str, str]] = {}
+    for key in infos:
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        module = key.removeprefix(PREFIX).removesuffix(suffix or "")
+        if suffix is None or not key.startswith(PREFIX) or module not in modules:
+            raise CheckpointError(
+                f"{where}: tensor {key!r} is not a LoRA tensor of a module of this model"
+            )
+        groups.setdefault(modules[module], {})[_SUFFIXES[suffix]] = key
+    for (parent, layer), g in groups.items():
+        if "lora_a" not in g or "lora_b" not in g:
+            raise CheckpointError(f"{where}: {parent} (layer {layer}) lacks lora_A or lora_B")
+    return groups
+
+
+def load_peft_adapter(
+    path: str | os.PathLike, config: CausalLMConfig, params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``params`` with the LoRA (or DoRA) adapters of a PEFT adapter folder beside their kernels.
+
+    The file's scale (``lora_alpha / r``, ``alpha_pattern`` / ``rank_pattern`` per module,
+    ``lora_alpha / sqrt(r)`` with ``use_rslora``) is folded into ``lora_a``. A stacked
+    kernel gets adapters for every layer: layers the file does not adapt get zeros
+    (and, with DoRA, their kernel's column norms), so they change nothing; ranks that
+    differ between layers are zero-padded to the largest. Train them with
+    ``nj.finetune.adapter_mask(params)``.
+
+    Raises:
+        CheckpointError: a missing folder / file, a PEFT option nnjax does not model
+            (``bias`` training, ``fan_in_fan_out``, ``modules_to_save``, a non-LoRA type),
+            a tensor for no module of the model, or a shape that does not fit.
+    """
+    folder = os.fspath(path)
+    cfg = _read_config(folder)
+    weights = os.path.join(folder, WEIGHTS)
+    if not os.path.isfile(weights):
+        raise CheckpointError(f"{weights} does not exist")
+    infos = read_headers([weights], None)
+    modules = _by_module_name(config)
+    groups = _group_tensors(infos, modules, weights)
+    flat = flatten(params)
+    by_parent: dict[str, dict[int | None, dict[str, str]]] = {}
+    for (parent, layer), g in groups.items():
+        by_parent.setdefault(parent, {})[layer] = g
+    for parent, layers in by_parent.items():
+        kernel = flat[f"{parent}/kernel"]
+        stacked = STACKED in parent.split("/")
+        n_in, n_out = np.shape(kernel)[-2:]
+        rank = max(infos[g["lora_a"]].shape[0] for g in layers.values())
+        lead = (np.shape(kernel)[0],) if stacked else ()
+        a = np.zeros((*lead, n_in, rank), np.float32)
+        b = np.zeros((*lead, rank, n_out), np.float32)
+        dora = any("dora" in g for g in layers.values())
+        m = np.array(jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=-2)))
+        for layer, g in layers.items():
+            ta, tb = (
+                read_tensor(g["lora_a"], infos[g["lora_a"]]),
+                read_tensor(g["lora_b"], infos[g["lora_b"]]),
+            )
+            r = ta.shape[0]
+            if ta.shape != (r, n_in) or tb.shape != (n_out, r):
+                raise CheckpointError(
+                    f"{weights}: {g['lora_a']} {ta.shape} / {g['lora_b']} {tb.shape} do not fit "
+                    f"{parent}/kernel ({n_in}, {n_out})"
+                )
+            module = g["lora_a"].removeprefix(PREFIX).removesuffix(".lora_A.weight")
+            alpha = _pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
+            scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+            idx = (layer,) if stacked else ()
+            a[(*idx, slice(None), slice(0, r))] = scale * ta.astype(np.float32).T
+            b[(*idx, slice(0, r), slice(None))] = tb.astype(np.float32).T
+            if "dora" in g:
+                m[idx] = read_tensor(g["dora"], infos[g["dora"]]).astype(np.float32)
+        dtype = kernel.dtype
+        flat[f"{parent}/lora_a"] = jnp.asarray(a, dtype)
+        flat[f"{parent}/lora_b"] = jnp.asarray(b, dtype)
+        if dora:
+            flat[f"{parent}/dora_magnitude"] = jnp.asarray(m, dtype)
+    return unflatten(flat)
