@@ -1,0 +1,155 @@
+"""Bad HF folders: each refused with a CheckpointError naming the file and the tensor."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import nnjax as nj
+from nnjax.models import hf
+from nnjax.models.hf import pretrained
+from tests import hf_tiny
+
+pytest.importorskip("transformers", reason="transformers writes the folders")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good")
+    hf_tiny.build("llama", folder)
+    return folder
+
+
+def _copy(good, tmp_path, name="m"):
+    dst = tmp_path / name
+    shutil.copytree(good, dst)
+    return dst
+
+
+def _rewrite(folder, change):
+    file = folder / "model.safetensors"
+    tensors = safetensors_numpy.load_file(file)
+    change(tensors)
+    safetensors_numpy.save_file(tensors, file, metadata={"format": "pt"})
+
+
+@pytest.fixture
+def no_reads(monkeypatch):
+    """Fail the test if any tensor is read (the checks must come first)."""
+
+    def read(name, info):
+        raise AssertionError(f"read {name} before refusing the folder")
+
+    monkeypatch.setattr(pretrained, "read_tensor", read)
+
+
+def test_folder_config_and_model_type(good, tmp_path, no_reads):
+    with pytest.raises(nj.CheckpointError, match=r"'.*nowhere' is not a folder"):
+        hf.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(nj.CheckpointError, match=r"config.json does not exist"):
+        hf.from_pretrained(tmp_path)
+    folder = _copy(good, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    with pytest.raises(
+        nj.CheckpointError,
+        match=r"config.json: model_type 'bert' is not supported; supported: \['gemma', 'gpt2', 'llama', 'mistral', 'qwen2', 'qwen3'\]",
+    ):
+        hf.from_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    os.rename(folder / "model.safetensors", folder / "pytorch_model.bin")
+    with pytest.raises(
+        nj.CheckpointError, match=r"no model.safetensors .*pytorch_model.bin.*safe_serialization"
+    ):
+        hf.from_pretrained(folder)
+
+
+def test_missing_extra_and_wrong_shape_tensors(good, tmp_path, no_reads):
+    folder = _copy(good, tmp_path, "missing")
+    _rewrite(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(
+        nj.CheckpointError,
+        match=r"model.safetensors: missing tensor\(s\) \['model.layers.1.mlp.up_proj.weight'\] for a llama model with 2 layers",
+    ):
+        hf.from_pretrained(folder)
+    folder = _copy(good, tmp_path, "extra")
+    _rewrite(
+        folder,
+        lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((64, 32), np.float32)}),
+    )
+    with pytest.raises(
+        nj.CheckpointError,
+        match=r"model.safetensors: unexpected tensor\(s\) \['model.layers.2.mlp.up_proj.weight'\]",
+    ):
+        hf.from_pretrained(folder)
+    folder = _copy(good, tmp_path, "shape")
+    _rewrite(
+        folder,
+        lambda t: t.update(
+            {"model.layers.0.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)}
+        ),
+    )
+    with pytest.raises(
+        nj.CheckpointError,
+        match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' -> "
+        r"blocks/0/attn/key/kernel: expected shape \(16, 32\), got \(32, 32\)",
+    ):
+        hf.from_pretrained(folder)
+
+
+def test_truncated_file(good, tmp_path, no_reads):
+    folder = _copy(good, tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(
+        nj.CheckpointError, match=r"model.safetensors: not a complete safetensors file"
+    ):
+        hf.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "where", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors", "link"]
+)
+def test_index_entries_outside_the_folder_are_refused_before_reading(
+    good, tmp_path, where, no_reads, monkeypatch
+):
+    folder = _copy(good, tmp_path)
+    os.rename(folder / "model.safetensors", folder / "model-00001-of-00001.safetensors")
+    (tmp_path / "outside.safetensors").write_bytes(
+        (folder / "model-00001-of-00001.safetensors").read_bytes()
+    )
+    os.symlink(tmp_path / "outside.safetensors", folder / "link")
+    names = safetensors_numpy.load_file(folder / "model-00001-of-00001.safetensors")
+    weight_map = dict.fromkeys(names, "model-00001-of-00001.safetensors")
+    weight_map["model.norm.weight"] = where
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    monkeypatch.setattr(pretrained, "read_headers", lambda *a: pytest.fail("read a header"))
+    with pytest.raises(
+        nj.CheckpointError,
+        match=rf"index.json: weight file '{where}' (is not a file name inside|links outside) the folder; refusing it",
+    ):
+        hf.from_pretrained(folder)
+
+
+def test_index_that_does_not_match_its_files(good, tmp_path, no_reads):
+    folder = _copy(good, tmp_path)
+    os.rename(folder / "model.safetensors", folder / "model-00001-of-00002.safetensors")
+    names = safetensors_numpy.load_file(folder / "model-00001-of-00002.safetensors")
+    weight_map = dict.fromkeys(names, "model-00001-of-00002.safetensors")
+    weight_map["model.norm.weight"] = "model-00002-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(
+        nj.CheckpointError, match=r"lists 'model-00002-of-00002.safetensors', which does not exist"
+    ):
+        hf.from_pretrained(folder)
+    safetensors_numpy.save_file(
+        {"x": np.zeros(2, np.float32)}, folder / "model-00002-of-00002.safetensors"
+    )
+    with pytest.raises(
+        nj.CheckpointError,
+        match=r"puts tensor 'model.norm.weight' in '.*model-00002-of-00002.safetensors', which does not hold it",
+    ):
+        hf.from_pretrained(folder)
