@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,8 @@ import numpy as np
 from nnjax.core.errors import CheckpointError
 from nnjax.core.paths import STACKED, flatten, unflatten
 from nnjax.finetune.adapters import merge_adapters
-from nnjax.layers.dense import ADAPTER_KEYS
+from nnjax.layers import quantized
+from nnjax.layers.adapters import ADAPTER_KEYS
 from nnjax.models.hf.files import Pending, TensorInfo
 from nnjax.models.hf.tables import Slot, Table, hf_shape, ignored, layout, to_hf, to_nnjax
 
@@ -136,34 +137,48 @@ def tensors_to_params(
     return unflatten(out)
 
 
-def split_adapters(params: Any) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """``({path: leaf} without adapters, {kernel's parent path: {adapter name: leaf}})``."""
-    base, adapters = {}, {}
+def split_adapters(
+    params: Any,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+    """``({path: leaf} of the plain leaves, {kernel's parent: {adapter name: leaf}},
+    {kernel path: its quantization scale})``."""
+    base, adapters, scales = {}, {}, {}
     for path, leaf in flatten(params).items():
         parent, _, name = path.rpartition("/")
         if name in ADAPTER_KEYS:
             adapters.setdefault(parent, {})[name] = leaf
+        elif name == quantized.SCALE:
+            scales[f"{parent}/kernel"] = leaf
         else:
             base[path] = leaf
-    return base, adapters
+    return base, adapters, scales
 
 
-def _host_copy(
-    base: Mapping[str, Any], adapters: Mapping[str, Mapping[str, Any]], path: str, layer: int | None
-) -> np.ndarray:
-    """One copy of a leaf on the host, with the adapters beside it merged in."""
+class _Source(NamedTuple):
+    """The params an export reads, split as :func:`split_adapters` splits them."""
+
+    base: dict[str, Any]
+    adapters: dict[str, dict[str, Any]]
+    scales: dict[str, Any]
+    dtype: np.dtype  # the float dtype a quantized kernel is written in
+
+
+def _host_copy(src: _Source, path: str, layer: int | None) -> np.ndarray:
+    """One copy of a leaf on the host: dequantized, with the adapters beside it merged in."""
 
     def take(leaf):
         return leaf if layer is None else leaf[layer]
 
+    value = take(src.base[path])
+    if path in src.scales:
+        value = quantized.dequantize(value, take(src.scales[path])).astype(src.dtype)
     parent, _, name = path.rpartition("/")
-    group = adapters.get(parent) if name == "kernel" else None
+    group = src.adapters.get(parent) if name == "kernel" else None
     if group:
-        merged = merge_adapters(
-            {"kernel": take(base[path]), **{k: take(v) for k, v in group.items()}}
-        )
-        return np.asarray(jax.device_get(merged["kernel"]))
-    return np.asarray(jax.device_get(take(base[path])))
+        value = merge_adapters({"kernel": value, **{k: take(v) for k, v in group.items()}})[
+            "kernel"
+        ]
+    return np.asarray(jax.device_get(value))
 
 
 def params_to_tensors(
@@ -181,7 +196,7 @@ def params_to_tensors(
         CheckpointError: params that do not fit the model (missing, extra or wrongly
             shaped leaves), or adapters with ``merge=False``.
     """
-    base, adapters = split_adapters(params)
+    base, adapters, scales = split_adapters(params)
     flat_t = flatten(template)
     if adapters and not merge:
         raise CheckpointError(
@@ -195,10 +210,15 @@ def params_to_tensors(
             f"not params of it {_listing(extra)}"
         )
     for path, leaf in base.items():
-        if tuple(np.shape(leaf)) != tuple(flat_t[path].shape):
+        shape = quantized.logical_shape(leaf, scales.get(path))
+        if shape != tuple(flat_t[path].shape):
             raise CheckpointError(
-                f"param {path}: expected shape {tuple(flat_t[path].shape)}, got {np.shape(leaf)}"
+                f"param {path}: expected shape {tuple(flat_t[path].shape)}, got {shape}"
             )
+    embed = base.get("tok_embed/embedding")
+    src = _Source(
+        base, adapters, scales, np.dtype(embed.dtype if embed is not None else np.float32)
+    )
     slots = layout(table, config)
     _check_paths(slots, flat_t, config.family)
     out = []
@@ -207,9 +227,8 @@ def params_to_tensors(
         shape = hf_shape(slot, _copy_shape(paths[0], flat_t[paths[0]].shape))
 
         def produce(slot=slot):
-            return to_hf(
-                slot, [_host_copy(base, adapters, p, slot.layer) for p in slot.entry.paths]
-            )
+            return to_hf(slot, [_host_copy(src, p, slot.layer) for p in slot.entry.paths])
 
-        out.append(Pending(name, shape, np.dtype(base[paths[0]].dtype), produce))
+        dtype = src.dtype if paths[0] in scales else np.dtype(base[paths[0]].dtype)
+        out.append(Pending(name, shape, dtype, produce))
     return out

@@ -28,6 +28,7 @@ import numpy as np
 
 from nnjax.core.errors import CheckpointError
 from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.layers import quantized
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.hf.convert import split_adapters
 from nnjax.models.hf.files import Pending, TensorInfo, read_headers, read_tensor, write_model
@@ -111,7 +112,7 @@ def save_peft_adapter(
             format: merge them), DoRA on only some modules, ranks that differ between
             modules, or a family / module PEFT cannot name (GPT-2's fused ``c_attn``).
     """
-    base, adapters = split_adapters(params)
+    _, adapters, _ = split_adapters(params)
     modules = _modules(config)
     if not adapters:
         raise CheckpointError("save_peft_adapter: params hold no adapters (nj.finetune.add_lora)")
@@ -174,7 +175,6 @@ def save_peft_adapter(
     }
     with open(os.path.join(folder, CONFIG), "w") as f:
         json.dump(adapter_config, f, indent=2)
-    del base
     return [CONFIG, WEIGHTS]
 
 
@@ -254,15 +254,16 @@ def load_peft_adapter(
     for (parent, layer), g in groups.items():
         by_parent.setdefault(parent, {})[layer] = g
     for parent, layers in by_parent.items():
-        kernel = flat[f"{parent}/kernel"]
+        kernel, scale = flat[f"{parent}/kernel"], flat.get(f"{parent}/{quantized.SCALE}")
+        w = kernel if scale is None else quantized.dequantize(kernel, scale)
         stacked = STACKED in parent.split("/")
-        n_in, n_out = np.shape(kernel)[-2:]
+        n_in, n_out = np.shape(w)[-2:]
         rank = max(infos[g["lora_a"]].shape[0] for g in layers.values())
-        lead = (np.shape(kernel)[0],) if stacked else ()
+        lead = (np.shape(w)[0],) if stacked else ()
         a = np.zeros((*lead, n_in, rank), np.float32)
         b = np.zeros((*lead, rank, n_out), np.float32)
         dora = any("dora" in g for g in layers.values())
-        m = np.array(jnp.sqrt(jnp.sum(jnp.square(kernel.astype(jnp.float32)), axis=-2)))
+        m = np.array(jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=-2)))
         for layer, g in layers.items():
             ta, tb = (
                 read_tensor(g["lora_a"], infos[g["lora_a"]]),
@@ -282,7 +283,7 @@ def load_peft_adapter(
             b[(*idx, slice(0, r), slice(None))] = tb.astype(np.float32).T
             if "dora" in g:
                 m[idx] = read_tensor(g["dora"], infos[g["dora"]]).astype(np.float32)
-        dtype = kernel.dtype
+        dtype = jnp.float32 if scale is not None else kernel.dtype  # as nj.finetune.add_lora
         flat[f"{parent}/lora_a"] = jnp.asarray(a, dtype)
         flat[f"{parent}/lora_b"] = jnp.asarray(b, dtype)
         if dora:

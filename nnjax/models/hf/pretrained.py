@@ -20,7 +20,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from nnjax.core.errors import CheckpointError
-from nnjax.core.paths import flatten
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.hf.configs import config_from_hf, config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
@@ -166,8 +165,7 @@ def save_pretrained(
         >>> nj.models.hf.save_pretrained(out_dir, config, params)  # doctest: +SKIP
         ['model.safetensors']
     """
-    first = next(iter(flatten(params).values()))
-    hf = config_to_hf(config, dtype=str(np.dtype(first.dtype)))
+    hf = config_to_hf(config, dtype=str(np.dtype(params["tok_embed"]["embedding"].dtype)))
     table = check_family(config.family, "config.family")
     tensors = params_to_tensors(params, table, config, param_template(config), merge=merge_adapters)
     folder = os.fspath(path)
