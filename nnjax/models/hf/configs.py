@@ -164,6 +164,14 @@ def config_from_hf(
 
     Raises:
         CheckpointError: an unsupported ``model_type`` or option, a missing field.
+
+    Example:
+        >>> c = nj.models.hf.config_from_hf({"model_type": "mistral", "vocab_size": 32000,
+        ...     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        ...     "num_attention_heads": 32, "num_key_value_heads": 8, "sliding_window": 4096,
+        ...     "rope_theta": 1e6, "eos_token_id": 2})
+        >>> c.num_kv_heads, c.head_dim, c.sliding_window, c.rope_theta, c.eos_token_id
+        (8, 128, 4096, 1000000.0, 2)
     """
     family = str(hf.get("model_type"))
     check_family(family, where)
@@ -253,6 +261,14 @@ def config_to_hf(config: CausalLMConfig, dtype: str | None = None) -> dict[str, 
         CheckpointError: ``config.family`` is unsupported, or the family cannot express
             an option of ``config`` (e.g. Qwen2 without q/k/v biases); the message
             names the fields.
+
+    Example:
+        >>> c = nj.models.hf.config_from_hf({"model_type": "gemma", "vocab_size": 100,
+        ...     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        ...     "num_attention_heads": 4, "head_dim": 8})
+        >>> hf = nj.models.hf.config_to_hf(c)
+        >>> hf["architectures"], hf["tie_word_embeddings"], hf["num_key_value_heads"]
+        (['GemmaForCausalLM'], True, 4)
     """
     family = config.family
     check_family(family, "config.family")

@@ -111,6 +111,15 @@ def save_peft_adapter(
         CheckpointError: no LoRA adapters, IA3 adapters (PEFT's IA3 is another
             format: merge them), DoRA on only some modules, ranks that differ between
             modules, or a family / module PEFT cannot name (GPT-2's fused ``c_attn``).
+
+    Example:
+        >>> config = nj.models.hf.config_from_hf({"model_type": "llama", "vocab_size": 100,
+        ...     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        ...     "num_attention_heads": 4})
+        >>> params, _ = nj.models.CausalLM(config).init(key, jnp.zeros((1, 1), jnp.int32))
+        >>> params, mask = nj.finetune.add_lora(params, key, ["**/query/kernel", "**/value/kernel"])
+        >>> nj.models.hf.save_peft_adapter("adapter", config, params)
+        ['adapter_config.json', 'adapter_model.safetensors']
     """
     _, adapters, _ = split_adapters(params)
     modules = _modules(config)
@@ -240,6 +249,17 @@ def load_peft_adapter(
         CheckpointError: a missing folder / file, a PEFT option nnjax does not model
             (``bias`` training, ``fan_in_fan_out``, ``modules_to_save``, a non-LoRA type),
             a tensor for no module of the model, or a shape that does not fit.
+
+    Example:
+        >>> config = nj.models.hf.config_from_hf({"model_type": "qwen3", "vocab_size": 100,
+        ...     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        ...     "num_attention_heads": 4, "head_dim": 8})
+        >>> base, _ = nj.models.CausalLM(config).init(key, jnp.zeros((1, 1), jnp.int32))
+        >>> params, _ = nj.finetune.add_lora(base, key, "**/mlp/*/kernel", rank=4)
+        >>> files = nj.models.hf.save_peft_adapter("adapter", config, params)
+        >>> back = nj.models.hf.load_peft_adapter("adapter", config, base)
+        >>> back["blocks"]["stacked"]["mlp"]["down"]["lora_a"].shape
+        (2, 64, 4)
     """
     folder = os.fspath(path)
     cfg = _read_config(folder)

@@ -99,8 +99,18 @@ def from_pretrained(
         ShardingError, GlobError: rules that do not fit the params.
 
     Example:
-        >>> config, params = nj.models.hf.from_pretrained(folder)  # doctest: +SKIP
-        >>> logits, _ = nj.models.CausalLM(config).apply(params, {}, ids)  # doctest: +SKIP
+        A tiny random Llama saved by transformers stands in for a downloaded one:
+
+        >>> import transformers
+        >>> c = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> transformers.LlamaForCausalLM(c).save_pretrained("llama-tiny")
+        >>> config, params = nj.models.hf.from_pretrained("llama-tiny")
+        >>> config.num_kv_heads, params["blocks"]["stacked"]["attn"]["key"]["kernel"].shape
+        (2, (2, 32, 16))
+        >>> logits, _ = nj.models.CausalLM(config).apply(params, {}, jnp.array([[1, 2, 3]]))
+        >>> logits.shape
+        (1, 3, 100)
     """
     if rules is not None and mesh is None:
         raise ValueError("from_pretrained: rules= needs mesh=")
@@ -162,8 +172,12 @@ def save_pretrained(
             it; nothing is written then.
 
     Example:
-        >>> nj.models.hf.save_pretrained(out_dir, config, params)  # doctest: +SKIP
-        ['model.safetensors']
+        >>> config = nj.models.hf.config_from_hf({"model_type": "qwen2", "vocab_size": 100,
+        ...     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        ...     "num_attention_heads": 4, "num_key_value_heads": 2})
+        >>> params, _ = nj.models.CausalLM(config).init(key, jnp.zeros((1, 1), jnp.int32))
+        >>> nj.models.hf.save_pretrained("qwen2-tiny", config, params, max_shard_size="64KB")
+        ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
     """
     hf = config_to_hf(config, dtype=str(np.dtype(params["tok_embed"]["embedding"].dtype)))
     table = check_family(config.family, "config.family")

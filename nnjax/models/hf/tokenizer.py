@@ -140,9 +140,19 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         CheckpointError: no ``tokenizer.json`` in the folder.
 
     Example:
-        >>> tok = nj.models.hf.load_tokenizer(folder)  # doctest: +SKIP
-        >>> tok.decode(tok.encode("Hello world"))  # doctest: +SKIP
-        'Hello world'
+        A tokenizer trained here stands in for a model folder's:
+
+        >>> from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        >>> t = Tokenizer(models.BPE())
+        >>> t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        >>> t.decoder = decoders.ByteLevel()
+        >>> t.train_from_iterator(["hello world", "hello there"], trainers.BpeTrainer(
+        ...     special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        >>> t.save("tokenizer.json")
+        >>> tok = nj.models.hf.load_tokenizer(".")
+        >>> ids = tok.encode("hello world")
+        >>> tok.decode(ids), tok.vocab_size > 256
+        ('hello world', True)
     """
     try:
         from tokenizers import Tokenizer as Backend
