@@ -67,36 +67,32 @@ def test_folder_config_and_model_type(good, tmp_path, no_reads):
         hf.from_pretrained(folder)
 
 
-def test_missing_extra_and_wrong_shape_tensors(good, tmp_path, no_reads):
-    folder = _copy(good, tmp_path, "missing")
-    _rewrite(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(
-        nj.CheckpointError,
-        match=r"model.safetensors: missing tensor\(s\) \['model.layers.1.mlp.up_proj.weight'\] for a llama model with 2 layers",
-    ):
-        hf.from_pretrained(folder)
-    folder = _copy(good, tmp_path, "extra")
-    _rewrite(
-        folder,
+BAD_TENSORS = {
+    "missing": (
+        lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+        r"model.safetensors: missing tensor\(s\) \['model.layers.1.mlp.up_proj.weight'\] "
+        r"for a llama model with 2 layers",
+    ),
+    "extra": (
         lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((64, 32), np.float32)}),
-    )
-    with pytest.raises(
-        nj.CheckpointError,
-        match=r"model.safetensors: unexpected tensor\(s\) \['model.layers.2.mlp.up_proj.weight'\]",
-    ):
-        hf.from_pretrained(folder)
-    folder = _copy(good, tmp_path, "shape")
-    _rewrite(
-        folder,
+        r"model.safetensors: unexpected tensor\(s\) \['model.layers.2.mlp.up_proj.weight'\]",
+    ),
+    "shape": (
         lambda t: t.update(
             {"model.layers.0.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)}
         ),
-    )
-    with pytest.raises(
-        nj.CheckpointError,
-        match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' -> "
+        r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' -> "
         r"blocks/0/attn/key/kernel: expected shape \(16, 32\), got \(32, 32\)",
-    ):
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TENSORS))
+def test_missing_extra_and_wrong_shape_tensors(good, tmp_path, no_reads, kind):
+    change, message = BAD_TENSORS[kind]
+    folder = _copy(good, tmp_path)
+    _rewrite(folder, change)
+    with pytest.raises(nj.CheckpointError, match=message):
         hf.from_pretrained(folder)
 
 

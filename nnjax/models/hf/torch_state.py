@@ -111,26 +111,14 @@ def _entry(name: str, value: Any) -> tuple[str, str]:
     return path, transform
 
 
-def _to_jax_layout(arr: np.ndarray, path: str, transform: str) -> np.ndarray:
-    """torch ``Linear (out, in)`` / ``Conv (out, in, *window)`` -> ``(in, out)`` / ``(*window, in, out)``."""
-    if transform == "none" or (transform == "auto" and not path.endswith("kernel")):
-        return arr
-    if arr.ndim < 2:
-        return arr
-    if transform == "transpose":
-        return arr.T
-    return np.transpose(arr, (*range(2, arr.ndim), 1, 0))
-
-
-def _to_torch_layout(arr: np.ndarray, path: str, transform: str) -> np.ndarray:
-    if transform == "none" or (transform == "auto" and not path.endswith("kernel")):
-        return arr
-    if arr.ndim < 2:
+def _layout(arr: np.ndarray, path: str, transform: str, *, to_jax: bool) -> np.ndarray:
+    """torch ``Linear (out, in)`` / ``Conv (out, in, *window)`` <-> ``(in, out)`` / ``(*window, in, out)``."""
+    if transform == "none" or (transform == "auto" and not path.endswith("kernel")) or arr.ndim < 2:
         return arr
     if transform == "transpose":
         return arr.T
     nd = arr.ndim
-    return np.transpose(arr, (nd - 1, nd - 2, *range(nd - 2)))
+    return np.transpose(arr, (*range(2, nd), 1, 0) if to_jax else (nd - 1, nd - 2, *range(nd - 2)))
 
 
 def load_torch_state_dict(
@@ -187,7 +175,7 @@ def load_torch_state_dict(
         path, transform = _entry(name, value)
         if path in values:
             raise ValueError(f"name_map maps both {sources[path]!r} and {name!r} to {path!r}")
-        values[path] = _to_jax_layout(to_numpy(state_dict[name]), path, transform)
+        values[path] = _layout(to_numpy(state_dict[name]), path, transform, to_jax=True)
         sources[path] = name
     return _assemble(params, values, sources, strict=strict)
 
@@ -206,5 +194,5 @@ def to_torch_state_dict(
         path, transform = _entry(name, value)
         if path not in logical:
             raise CheckpointError(f"name_map[{name!r}] = {path!r} is not a param path")
-        out[name] = np.ascontiguousarray(_to_torch_layout(logical[path], path, transform))
+        out[name] = np.ascontiguousarray(_layout(logical[path], path, transform, to_jax=False))
     return out
