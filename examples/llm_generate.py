@@ -62,7 +62,9 @@ def load(args: argparse.Namespace):
         n = nj.core.paths.count_params(params)
         print(f"loaded {config.family} ({n / 1e6:.1f}M params) in {time.perf_counter() - t:.1f} s")
         return config, params, hf.load_tokenizer(args.model)
-    config = tiny_config(args.family, width=32 if args.smoke else 128, layers=2 if args.smoke else 4)
+    config = tiny_config(
+        args.family, width=32 if args.smoke else 128, layers=2 if args.smoke else 4
+    )
     model = nj.models.CausalLM(config)
     params, _ = model.init(jax.random.key(args.seed), jnp.zeros((1, 1), jnp.int32))
     params = jax.tree.map(lambda p: p.astype(dtype), params)

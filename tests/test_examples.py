@@ -17,7 +17,6 @@ SMOKE = {
     "text_classification.py": ([], "test accuracy: "),
     "transfer_cnn.py": ([], "frozen backbone accuracy: "),
     "custom_layer.py": ([], "final loss: "),
-    "llm_generate.py": (["--family", "qwen3"], "generated: "),
 }
 
 

@@ -53,24 +53,6 @@ def test_same_logits_as_transformers(family, models, loaded):
 
 
 @pytest.mark.parametrize("family", hf_tiny.FAMILIES)
-def test_greedy_generate_same_tokens_as_transformers(family, models, loaded):
-    model, _ = models[family]
-    config, params = loaded[family]
-    prompt = hf_tiny.ids((2, 5), seed=1)
-    with torch.no_grad():
-        want = model.generate(
-            torch.from_numpy(prompt).long(),
-            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
-            max_new_tokens=10,
-            min_new_tokens=10,  # no early stop at eos: both sides run all 10 steps
-            do_sample=False,
-            pad_token_id=0,
-        ).numpy()
-    got = nj.models.generate(config, params, prompt, 10, temperature=0.0)
-    np.testing.assert_array_equal(np.asarray(got)[:, : want.shape[1]], want)
-
-
-@pytest.mark.parametrize("family", hf_tiny.FAMILIES)
 def test_export_loads_in_transformers_to_the_same_logits(family, models, loaded, tmp_path):
     import transformers
 
@@ -84,8 +66,8 @@ def test_export_loads_in_transformers_to_the_same_logits(family, models, loaded,
     for name, value in again.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), want[name], err_msg=name)
     token_ids = hf_tiny.ids((1, hf_tiny.SEQ), seed=2)
-    np.testing.assert_array_equal(
-        hf_tiny.logits(again, token_ids), hf_tiny.logits(model, token_ids)
+    np.testing.assert_allclose(  # the reference runs eager attention, the reload sdpa
+        hf_tiny.logits(again, token_ids), hf_tiny.logits(model, token_ids), rtol=1e-5, atol=1e-5
     )
     back_config, back = hf.from_pretrained(tmp_path)  # and nnjax reads its own export
     assert back_config == config
@@ -120,7 +102,7 @@ def test_config_mapping(loaded):
 
 
 def test_config_rope_scaling_and_windows_from_config_json():
-    base = hf_tiny.config("llama").to_dict()
+    base = hf_tiny.build("llama").config.to_dict()
     scaled = {
         **base,
         "rope_parameters": {
@@ -152,7 +134,9 @@ def test_config_rope_scaling_and_windows_from_config_json():
     assert hf.config_from_hf(hf.config_to_hf(c)) == c  # written back both ways, read the same
     gen = hf.config_from_hf(base, {"eos_token_id": [2, 7]})
     assert gen.eos_token_id == (2, 7)
-    qwen = hf_tiny.config("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    qwen = hf_tiny.build(
+        "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0
+    ).config
     assert hf.config_from_hf(qwen.to_dict()).sliding_window == 4
     mixed = {**qwen.to_dict(), "layer_types": ["full_attention", "sliding_attention"]}
     with pytest.raises(nj.CheckpointError, match=r"sliding-window attention on only some layers"):
