@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.models.causal_lm_config import CausalLMConfig
-from nnjax.models.gpt import GPT, GPTConfig
+from nnjax.models.gpt import GPT, GPTConfig, causal_lm_config
 from nnjax.models.hf.configs import config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
 from nnjax.models.hf.files import TensorInfo, model_files, read_headers, read_tensor, write_model
@@ -75,26 +75,7 @@ def _causal(c: GPTConfig) -> CausalLMConfig:
     """The GPT-2 family's :class:`CausalLMConfig` of a :class:`GPTConfig` (the same weights)."""
     if not isinstance(c.activation, str):
         raise ValueError("GPT-2 export: the config's activation must be a name (gelu_new, ...)")
-    return CausalLMConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.n_embd,
-        num_layers=c.n_layer,
-        num_heads=c.n_head,
-        mlp_hidden=c.mlp_ratio * c.n_embd,
-        max_position=c.block_size,
-        norm="layer",
-        norm_eps=c.epsilon,
-        norm_bias=c.bias,
-        position="learned",
-        mlp="plain",
-        activation=c.activation,
-        qkv_bias=c.bias,
-        out_bias=c.bias,
-        mlp_bias=c.bias,
-        tie_embeddings=True,
-        dropout=c.dropout,
-        family="gpt2",
-    )
+    return causal_lm_config(c)
 
 
 def _template(config: GPTConfig) -> Any:
