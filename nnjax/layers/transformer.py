@@ -137,7 +137,7 @@ def pre_norm_block(
     State: ``{"attn": ...}`` (a KV cache) when the attention has state.
 
     Example:
-        >>> block = nj.pre_norm_block(nj.MultiHeadAttention(4, causal=True), nj.MLP(64), nj.RMSNorm())
+        >>> block = nj.pre_norm_block(nj.MultiHeadAttention(4, causal=True), nj.layers.MLP(64), nj.RMSNorm())
         >>> params, _ = block.init(key, jnp.zeros((2, 8, 32)))
         >>> sorted(params), sorted(params["mlp"])
         (['attn', 'ln_1', 'ln_2', 'mlp'], ['fc', 'proj'])
@@ -208,7 +208,7 @@ def MLP(
         ``(hidden, d)`` (Dense params; adapters beside the kernels are used).
 
     Example:
-        >>> params, _ = nj.MLP(16, gated=True).init(key, jnp.zeros((2, 8)))
+        >>> params, _ = nj.layers.MLP(16, gated=True).init(key, jnp.zeros((2, 8)))
         >>> jax.tree.map(jnp.shape, params["down"])
         {'bias': (8,), 'kernel': (16, 8)}
     """
