@@ -110,3 +110,19 @@ def test_shape_errors():
         losses.softmax_cross_entropy(jnp.zeros((4, 3)), jnp.zeros((4, 3), jnp.int32))
     with pytest.raises(nj.ShapeError, match="expected integer labels"):
         losses.softmax_cross_entropy(jnp.zeros((4, 3)), jnp.zeros(4))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_labels_outside_the_classes_error_eagerly_and_give_nan_under_jit(bad, smoothing):
+    """optax alone reads label -1 as the last class and, smoothed, gives 3 a finite loss."""
+    logits, labels = jnp.zeros((4, 3)), jnp.array([0, 1, bad, 2])
+    loss = functools.partial(losses.softmax_cross_entropy, label_smoothing=smoothing)
+    match = rf"^expected labels in \[0, 3\) \(logits.shape\[-1\] == 3\), got {bad} at labels\[2\]"
+    with pytest.raises(nj.ShapeError, match=match):
+        loss(logits, labels)
+    assert np.isnan(float(jax.jit(loss)(logits, labels)))
+    # positions that do not count may hold anything (padding): log(3) for uniform logits
+    np.testing.assert_allclose(loss(logits, labels, ignore_index=bad), np.log(3), rtol=1e-6)
+    masked = jax.jit(lambda lg, lb, w: loss(lg, lb, where=w))(logits, labels, labels != bad)
+    np.testing.assert_allclose(masked, np.log(3), rtol=1e-6)

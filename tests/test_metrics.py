@@ -77,3 +77,24 @@ def test_label_shape_error():
         nj.ShapeError, match=r"expected labels.shape == logits.shape\[:-1\] == \(4,\)"
     ):
         metrics.accuracy(jnp.zeros((4, 3)), jnp.zeros((3,), jnp.int32))
+
+
+@pytest.mark.parametrize("metric", [metrics.accuracy, metrics.top_k(2)])
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_labels_outside_the_classes_agree_with_the_loss(metric, bad):
+    """As nj.losses.softmax_cross_entropy: an error eagerly, NaN under jit."""
+    logits = jnp.array([[2.0, 1.0, 0.0]] * 4)
+    labels = jnp.array([0, 1, bad, 2])
+    with pytest.raises(
+        nj.ShapeError, match=rf"^expected labels in \[0, 3\) .*got {bad} at labels\[2\]"
+    ):
+        metric(logits, labels)
+    assert np.isnan(float(jax.jit(metric)(logits, labels)))
+    keep = labels != bad  # a position that does not count may hold anything
+    want = {"accuracy": 1 / 3, "top2_accuracy": 2 / 3}[metric.__name__]
+    got = (
+        metrics.accuracy(logits, labels, where=keep)
+        if metric is metrics.accuracy
+        else (metrics.top_k_accuracy(logits, labels, 2, where=keep))
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -439,3 +439,39 @@ def test_sigterm_saves_a_checkpoint_exits_with_the_signal_and_resumes_exactly(tm
     _, full = nj.fit(tr, tr.init(params, state), (x, y), **run)
     _, resumed = nj.fit(tr, tr.init(params, state), (x, y), checkpoint_dir=str(ckpt), **run)
     assert len(full["loss"]) == 40 and resumed["loss"] == full["loss"]
+
+
+def test_labels_outside_the_classes_in_a_jitted_step_give_nan_and_no_update():
+    """Eagerly the loss raises (tests/test_losses.py); in the step the loss is NaN and
+    ``check_finite`` keeps the state, as for Embedding ids."""
+    model, _, params, state, (x, y) = _setup()
+    loss = nj.losses.softmax_cross_entropy  # (the raw optax loss here would train on class 3)
+    tr = nj.trainer(model, loss, optax.sgd(0.1), check_finite=True)
+    ts = tr.init(params, state)
+    before = _numpy(ts.params)
+    ts, m = tr.step(ts, (x, y.at[0].set(-1)))
+    assert np.isnan(float(m["loss"])) and not bool(m["finite"]) and int(ts.step) == 0
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(_numpy(ts.params)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_uint8_inputs_warn_and_are_cast_unscaled():
+    """Documented behaviour: layers cast uint8 to float as is; the step warns once per compile."""
+    model = nj.serial(nj.Dense(3))
+    x = np.arange(24, dtype=np.uint8).reshape(8, 3) * 10
+    y = np.arange(8, dtype=np.int32) % 3
+    params, state = model.init(jax.random.key(0), x.astype(np.float32))
+    tr = nj.trainer(model, _ce, optax.sgd(0.1), donate=False)
+    ts = tr.init(params, state)
+    with pytest.warns(UserWarning, match=r"inputs of dtype uint8: .*x.astype\(np.float32\) / 255"):
+        _, m8 = tr.step(ts, (x, y))
+    _, m32 = tr.step(ts, (x.astype(np.float32), y))
+    assert float(m8["loss"]) == float(m32["loss"])  # the cast, no scaling
+
+
+def test_a_batch_without_examples_is_a_data_error():
+    _, tr, params, state, (x, y) = _setup()
+    _raises_before_running(
+        tr, tr.init(params, state), (x[:0], y[:0]), DataError,
+        r"^expected a batch with at least one example, got x.shape == \(0, 5\)",
+    )  # fmt: skip

@@ -9,12 +9,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core.errors import ArgumentError, LayerError
+from nnjax.core.errors import ArgumentError, LayerError, ShapeError
 
-__all__ = ["shape_str", "check_rank", "check_float", "check_keys", "get_param", "check_int"]
+__all__ = [
+    "shape_str",
+    "check_rank",
+    "check_float",
+    "check_keys",
+    "get_param",
+    "check_int",
+    "labels_in_range",
+]
 
 
 def shape_str(shape: Iterable[int]) -> str:
@@ -79,3 +88,36 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
     if value < minimum:
         raise ArgumentError(f"{name}: expected an int >= {minimum}, got {value}")
     return int(value)
+
+
+def labels_in_range(labels: Any, num_classes: int, counted: Any = None) -> Any:
+    """Class labels must lie in ``[0, num_classes)`` where they count, as ``Embedding``'s ids.
+
+    Concrete labels (an eager call) are checked here: a :class:`ShapeError` names the
+    first bad label and its index. Traced labels (inside ``jit``, a train step) cannot
+    be: the result is then a bool array, True where the label is in range or does not
+    count, and the caller makes the other positions NaN, so a bad label shows up as a
+    NaN loss (which ``check_finite`` and ``fit`` refuse), never as a wrong class.
+
+    Args:
+        labels: integer labels ``(...)``.
+        num_classes: ``C``.
+        counted: optional bool ``(...)``: only True positions are checked.
+
+    Returns:
+        None for concrete labels that pass, else the bool array ``(...)``.
+    """
+    if isinstance(labels, jax.core.Tracer) or isinstance(counted, jax.core.Tracer):
+        ok = (labels >= 0) & (labels < num_classes)
+        return ok if counted is None else ok | ~jnp.asarray(counted, bool)
+    values = np.asarray(labels)
+    bad = (values < 0) | (values >= num_classes)
+    if counted is not None:
+        bad &= np.asarray(counted, bool)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ShapeError(
+            f"expected labels in [0, {num_classes}) (logits.shape[-1] == {num_classes}), "
+            f"got {int(values[where])} at labels{list(where)}"
+        )
+    return None

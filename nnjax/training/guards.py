@@ -6,6 +6,7 @@ a plan), so it costs nothing per step and the donated train state survives it.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -56,6 +57,7 @@ def check_batch(batch: Any) -> None:
     if not (isinstance(batch, tuple | list) and len(batch) == 2):
         raise DataError(f"expected a batch (inputs, targets), got a {type(batch).__name__}")
     inputs, targets = batch
+    _warn_uint8(inputs)
     xs = [a for a in jax.tree.leaves(inputs) if np.ndim(a) >= 1]
     ys = [a for a in jax.tree.leaves(targets) if np.ndim(a) >= 1]
     if not xs:
@@ -72,6 +74,21 @@ def check_batch(batch: Any) -> None:
                 f"got x.shape == {shape_str(np.shape(xs[0]))} (inputs) and "
                 f"{shape_str(np.shape(other))} ({what})"
             )
+
+
+def _warn_uint8(inputs: Any) -> None:
+    """uint8 inputs are almost always images as stored: layers cast them to float as they are.
+
+    Not an error (a uint8 array may hold ids or flags on purpose); a warning, raised
+    once per compile (it runs while the step is traced), so it costs nothing per step.
+    """
+    if any(np.result_type(a) == np.uint8 for a in jax.tree.leaves(inputs)):
+        warnings.warn(
+            "inputs of dtype uint8: float layers cast them to float unscaled (0..255, not 0..1); "
+            "for images pass x.astype(np.float32) / 255, for ids cast to int32",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _plan_key() -> jax.ShapeDtypeStruct:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nnjax.core.checks import shape_str
+from nnjax.core.checks import labels_in_range, shape_str
 from nnjax.core.errors import ShapeError
 
 __all__ = [
@@ -71,8 +71,14 @@ def softmax_cross_entropy(
     Returns:
         The mean over counted positions, a float scalar (0 if none counts).
 
+    Labels must lie in ``[0, C)`` at every counted position (not ``ignore_index``, not
+    outside ``where``): eagerly a label outside is a ``ShapeError``; under ``jit``
+    (a train step) the loss is NaN, which ``check_finite`` and ``fit`` refuse (as
+    ``Embedding`` treats ids). ``optax`` alone would take label -1 as the last class.
+
     Raises:
-        ShapeError: ``labels.shape != logits.shape[:-1]`` or non-integer labels.
+        ShapeError: ``labels.shape != logits.shape[:-1]``, non-integer labels, or
+            (eagerly) a counted label outside ``[0, C)``.
     """
     if np.ndim(logits) < 1 or np.shape(labels) != np.shape(logits)[:-1]:
         raise ShapeError(
@@ -88,12 +94,16 @@ def softmax_cross_entropy(
     if ignore_index is not None:
         keep = labels != ignore_index
         mask = keep if mask is None else mask & keep
+    in_range = labels_in_range(labels, np.shape(logits)[-1], mask)
+    if ignore_index is not None:
         labels = jnp.where(keep, labels, 0)
     if label_smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
         per_position = optax.losses.softmax_cross_entropy(logits, targets)
     else:
         per_position = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
+    if in_range is not None:  # traced: a label outside [0, C) makes the loss NaN
+        per_position = jnp.where(in_range, per_position, jnp.nan)
     return _masked_mean(per_position, mask)
 
 

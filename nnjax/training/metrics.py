@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core.checks import shape_str
+from nnjax.core.checks import labels_in_range, shape_str
 from nnjax.core.errors import ShapeError
 
 __all__ = [
@@ -47,8 +47,10 @@ def _class_ids(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return labels
 
 
-def _mean(hits: jax.Array, where: jax.Array | None) -> jax.Array:
+def _mean(hits: jax.Array, where: jax.Array | None, in_range: Any = None) -> jax.Array:
     hits = hits.astype(jnp.float32)
+    if in_range is not None:  # traced labels outside [0, C): NaN, as the losses give
+        hits = jnp.where(in_range, hits, jnp.nan)
     if where is None:
         return jnp.mean(hits)
     w = jnp.asarray(where, jnp.float32)
@@ -67,7 +69,8 @@ def accuracy(logits: jax.Array, labels: jax.Array, *, where: jax.Array | None = 
         A float32 scalar in [0, 1].
     """
     labels = _class_ids(logits, labels)
-    return _mean(jnp.argmax(logits, axis=-1) == labels, where)
+    in_range = labels_in_range(labels, np.shape(logits)[-1], where)
+    return _mean(jnp.argmax(logits, axis=-1) == labels, where, in_range)
 
 
 def top_k_accuracy(
@@ -85,9 +88,10 @@ def top_k_accuracy(
         where: optional bool ``(...)``: only True positions count.
     """
     labels = _class_ids(logits, labels)
+    in_range = labels_in_range(labels, np.shape(logits)[-1], where)
     label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)
     rank = jnp.sum(logits > label_logit, axis=-1)
-    return _mean(rank < k, where)
+    return _mean(rank < k, where, in_range)
 
 
 def top_k(k: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
