@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import nnjax as nj
-from nnjax.models import hf
-from nnjax.models.gpt import GPT, GPTConfig, generate
+from nnjax.models import generate, hf
+from nnjax.models.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(vocab_size=100, block_size=64, n_layer=2, n_head=2, n_embd=32)
 
