@@ -472,3 +472,17 @@ def test_onednn_dots_train_a_transformer_like_the_default():
     assert l_default[-1] < l_default[0]
     np.testing.assert_allclose(l_onednn, l_default, rtol=1e-5)
     _allclose(p_onednn, p_default, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps_per_call": 2.0}, r"^steps_per_call: expected an int >= 1, got 2.0 \(float\)"),
+        ({"steps_per_call": 0}, r"^steps_per_call: expected an int >= 1, got 0"),
+        ({"accumulate": -1}, r"^accumulate: expected an int >= 1, got -1"),
+        ({"accumulate": True}, r"^accumulate: expected an int >= 1, got True \(bool\)"),
+    ],
+)
+def test_counts_that_are_not_positive_ints_name_the_argument(kwargs, match):
+    with pytest.raises(nj.ArgumentError, match=match):
+        train.trainer(_mlp(), losses.mse, optax.sgd(0.1), **kwargs)

@@ -57,6 +57,7 @@ def early_stopping(
     """
     if mode not in ("min", "max"):
         raise ValueError(f"expected mode 'min' or 'max', got {mode!r}")
+    patience = check_int(patience, "patience")
     best: float | None = None
     bad = 0
 
@@ -404,6 +405,7 @@ def fit(
     k = check_int(steps_per_call, "steps_per_call")
     log_every = check_int(log_every, "log_every")
     _counts(steps, epochs, k, eval_every=eval_every, checkpoint_every=checkpoint_every)
+    prefetch = check_int(prefetch, "prefetch", minimum=0)
     train_data = _train_data(train_data, batch_size, shuffle, seed)
     eval_batch_size = batch_size if stream.is_arrays(eval_data) else None
     run = _resume(checkpoint_dir, ts, jax.random.key(0) if rng is None else rng)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core.checks import labels_in_range, shape_str
+from nnjax.core.checks import check_int, labels_in_range, shape_str
 from nnjax.core.errors import ShapeError
 
 __all__ = [
@@ -103,8 +103,7 @@ def top_k(k: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
         >>> top2.__name__, float(top2(logits, jnp.array([2, 1])))
         ('top2_accuracy', 0.5)
     """
-    if k < 1:
-        raise ValueError(f"top_k: k must be >= 1, got {k}")
+    k = check_int(k, "k")
 
     def metric(logits, labels):
         return top_k_accuracy(logits, labels, k)
