@@ -90,3 +90,33 @@ def test_cli_help_is_truthful():
         assert words in help_text
     for flag in ["--quick", "--out", "--seeds", "--no-text", "--no-progress"]:
         assert flag in help_text
+
+
+@pytest.mark.slow  # about 40 s of CPU: two compiled LM trainers
+def test_language_model_story_fine_tuning_lowers_docs_perplexity(tmp_path):
+    import nnjax as nj
+    from nnjax.app import demo, demo_lm
+
+    if not hasattr(nj.models, "CausalLM"):
+        pytest.skip("nj.models.CausalLM has not landed")
+    cfg = demo.DemoConfig(out=str(tmp_path), progress=False)
+    sizes = demo_lm.LMSizes(code_bytes=60_000, pretrain_steps=60, finetune_steps=30)
+    lines = []
+    rows = demo_lm.run(cfg, lines.append, sizes)
+    before, full, lora = rows[:3]
+    assert [r["method"] for r in rows[:3]] == [
+        "pretrained, not fine-tuned",
+        "full fine-tune",
+        "LoRA r=8",
+    ]
+    # counted by hand: d = 64, 2 blocks, MLP 170 wide, vocab 256, untied head
+    d, m, v = 64, 170, 256
+    block = 2 * d + 4 * d * d + 3 * d * m
+    assert full["trainable"] == 2 * v * d + 2 * block + d
+    # LoRA r=8 on q, k, v, out (d -> d) and gate, up (d -> m), down (m -> d), both blocks
+    assert lora["trainable"] == 2 * 8 * (4 * 2 * d + 3 * (d + m))
+    for r in rows[1:]:
+        assert r["opt_state_bytes"] == 2 * 4 * r["trainable"] + 4
+        assert r["doc_ppl"] < before["doc_ppl"], r["method"]
+    assert 1 < before["code_ppl"] < before["doc_ppl"] < 256  # pretrained on code, not on docs
+    assert any(li.startswith("LoRA r=8  ") for li in "\n".join(lines).splitlines())
