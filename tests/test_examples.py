@@ -17,6 +17,7 @@ SMOKE = {
     "text_classification.py": ([], "test accuracy: "),
     "transfer_cnn.py": ([], "frozen backbone accuracy: "),
     "custom_layer.py": ([], "final loss: "),
+    "finetune_llm.py": ([], "held-out perplexity: before "),
 }
 
 

@@ -36,6 +36,12 @@ def test_prompt_response_mask_is_exactly_the_response_and_eos():
     ids, learn = nd.tokenize({"prompt": "a", "response": "b"}, TOK, eos_id=None)
     assert ids.tolist() == [97, 98] and learn.tolist() == [False, True]
 
+    class SeveralEos(nd.ByteTokenizer):
+        eos_token_id = (7, 8)  # as nj.models.hf.load_tokenizer gives for several stop ids
+
+    ids, _ = nd.tokenize({"prompt": "a", "response": "b"}, SeveralEos())
+    assert ids.tolist() == [97, 98, 7]
+
 
 def test_simple_chat_template_learns_every_assistant_turn():
     msgs = [

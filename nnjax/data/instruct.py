@@ -204,7 +204,9 @@ def _resolve_template(template: str | Template, tokenizer: Any) -> Template:
 def _eos(tokenizer: Any, eos_id: int | str | None) -> int | None:
     if eos_id != "auto":
         return eos_id  # type: ignore[return-value]
-    return getattr(tokenizer, "eos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    # nj.models.hf.load_tokenizer gives a tuple when the model stops at any of several
+    return eos[0] if isinstance(eos, tuple | list) else eos
 
 
 def tokenize(
@@ -230,7 +232,7 @@ def tokenize(
         template: ``"auto"``, ``"simple"``, ``"tokenizer"``, or a callable
             ``messages -> [(text, learn), ...]``.
         eos_id: the id appended after the response; ``"auto"``: the tokenizer's
-            ``eos_token_id`` if it has one; ``None``: none.
+            ``eos_token_id`` if it has one (the first, if several); ``None``: none.
 
     Returns:
         ``(ids, loss_mask)``: int32 ``(n,)`` and bool ``(n,)``.
