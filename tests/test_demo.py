@@ -120,3 +120,5 @@ def test_language_model_story_fine_tuning_lowers_docs_perplexity(tmp_path):
         assert r["doc_ppl"] < before["doc_ppl"], r["method"]
     assert 1 < before["code_ppl"] < before["doc_ppl"] < 256  # pretrained on code, not on docs
     assert any(li.startswith("LoRA r=8  ") for li in "\n".join(lines).splitlines())
+    for name in ["results_lm.md", "perplexity.png", "stdlib_code.bin"]:
+        assert os.path.getsize(tmp_path / name) > 0

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 import nnjax as nj
 from nnjax import finetune
-from nnjax.core.report import human_bytes, param_bytes, table
+from nnjax.app.demo_common import COST_HEADER, cost_cells, pyplot, saved_bytes
+from nnjax.core.report import param_bytes, table
 
 __all__ = ["DemoConfig", "run", "cnn", "format_table", "noisy_scan"]
 
@@ -244,16 +245,6 @@ def _step_ms(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _saved_bytes(m: Method, params: Any, path: str) -> int:
-    """What a user would save: the whole params, or only the trained leaves."""
-    if not m.train:
-        return 0
-    if m.mask is None:
-        nj.checkpoint.save_params(path, params)
-        return os.path.getsize(path)
-    return finetune.save_adapters(path, params, trainable=m.mask)
-
-
 def _run_method(m: Method, pool, test, cfg: DemoConfig, index: int) -> tuple[dict, Any]:
     runs = len(cfg.shots) * cfg.seeds * cfg.finetune_steps if m.train else 0
     bar = tqdm(total=runs, desc=f"fine-tune: {m.name}", disable=not (cfg.progress and m.train))
@@ -268,13 +259,12 @@ def _run_method(m: Method, pool, test, cfg: DemoConfig, index: int) -> tuple[dic
             rests.append(rest)
     bar.close()
     mask = m.mask if m.mask is not None else finetune.mask(ts.params)
+    out = os.path.join(cfg.out, f"finetune_{index}.safetensors")
     row = {
         "method": m.name,
         "trainable": finetune.trainable_count(ts.params, mask) if m.train else 0,
         "opt_state_bytes": param_bytes(ts.opt_state) if m.train else 0,
-        "checkpoint_bytes": _saved_bytes(
-            m, ts.params, os.path.join(cfg.out, f"finetune_{index}.safetensors")
-        ),
+        "checkpoint_bytes": saved_bytes(ts.params, m.mask, out) if m.train else 0,
         "compile_s": firsts[0],
         "train_s": statistics.median(rests),
         "accuracy": acc,
@@ -341,24 +331,10 @@ def _mean_std(values: list[float]) -> str:
 def format_table(rows: list[dict]) -> str:
     """The image story's table: one row per method, an accuracy column per label count."""
     labels = list(rows[0]["accuracy"])
-    header = [
-        "method",
-        "trainable",
-        "optimizer state",
-        "saved file",
-        "compile s",
-        "step ms",
-        *[f"acc @ {n} labels" for n in labels],
-    ]
-    dash = lambda r, text: text if r["trainable"] else "-"
+    header = [*COST_HEADER, "compile s", "step ms", *[f"acc @ {n} labels" for n in labels]]
     body = [
         [
-            r["method"],
-            f"{r['trainable']:,}",
-            dash(r, human_bytes(r["opt_state_bytes"])),
-            dash(r, human_bytes(r["checkpoint_bytes"])),
-            dash(r, f"{r['compile_s']:.2f}"),
-            dash(r, f"{r['step_ms']:.2f}"),
+            *cost_cells(r, f"{r['compile_s']:.2f}", f"{r['step_ms']:.2f}"),
             *[_mean_std(r["accuracy"][n]) for n in labels],
         ]
         for r in rows
@@ -372,12 +348,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _plot(rows: list[dict], path: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for r in rows:

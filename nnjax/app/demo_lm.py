@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 import nnjax as nj
 from nnjax import finetune
-from nnjax.core.report import human_bytes, param_bytes, table
+from nnjax.app.demo_common import COST_HEADER, cost_cells, pyplot, saved_bytes
+from nnjax.core.report import param_bytes, table
 
 __all__ = ["LMSizes", "code_corpus", "doc_records", "run"]
 
@@ -211,12 +212,9 @@ def run(
         )
         ts, times = _train(tr, ts, docs, sz.finetune_steps, f"fine-tune LM: {m.name}", cfg.progress)
         doc1, code1 = ppl(ts.params)
-        path = os.path.join(cfg.out, f"lm_finetune_{k}.safetensors")
-        if m.mask is None:
-            nj.checkpoint.save_params(path, ts.params)
-            saved = os.path.getsize(path)
-        else:
-            saved = finetune.save_adapters(path, ts.params, trainable=m.mask)
+        saved = saved_bytes(
+            ts.params, m.mask, os.path.join(cfg.out, f"lm_finetune_{k}.safetensors")
+        )
         mask = m.mask if m.mask is not None else finetune.mask(ts.params)
         rows.append(
             {
@@ -233,31 +231,15 @@ def run(
     print_fn(text)
     with open(os.path.join(cfg.out, "results_lm.md"), "w") as f:
         f.write("```\n" + text + "\n```\n")
+    _plot(rows, os.path.join(cfg.out, "perplexity.png"))
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     """The text story's table."""
-    header = [
-        "method",
-        "trainable",
-        "optimizer state",
-        "saved file",
-        "step ms",
-        "docs ppl",
-        "code ppl",
-    ]
-    dash = lambda r, text: text if r["trainable"] else "-"
+    header = [*COST_HEADER, "step ms", "docs ppl", "code ppl"]
     body = [
-        [
-            r["method"],
-            f"{r['trainable']:,}",
-            dash(r, human_bytes(r["opt_state_bytes"])),
-            dash(r, human_bytes(r["checkpoint_bytes"])),
-            dash(r, f"{r['step_ms']:.1f}"),
-            f"{r['doc_ppl']:.2f}",
-            f"{r['code_ppl']:.2f}",
-        ]
+        [*cost_cells(r, f"{r['step_ms']:.1f}"), f"{r['doc_ppl']:.2f}", f"{r['code_ppl']:.2f}"]
         for r in rows
     ]
     note = (
@@ -265,3 +247,20 @@ def format_table(rows: list[dict]) -> str:
         "(code); lower is better"
     )
     return table(header, body, align="lrrrrrr") + "\n" + note
+
+
+def _plot(rows: list[dict], path: str) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r["doc_ppl"] for r in rows], 0.4, label="held-out docs (the new domain)")
+    ax.bar(x + 0.2, [r["code_ppl"] for r in rows], 0.4, label="held-out code (pretraining)")
+    ax.set_xticks(x, [r["method"] for r in rows], rotation=10, fontsize=8)
+    ax.set(ylabel="perplexity per byte", title="byte-level LM: pretrained on code, taught docs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
