@@ -140,7 +140,11 @@ def read_data(args, tokenizer):
 
 
 def held_out(tr, ts, held_batches) -> tuple[float, float]:
-    loss = float(nj.evaluate_dataset(tr, ts, held_batches)["loss"])
+    """Mean loss per response token over the held-out rows, and its perplexity."""
+    # each batch's loss is a mean over its response tokens: weigh it by their number
+    counts = [int((b[1] != nj.data.IGNORE_INDEX).sum()) for b in held_batches]
+    losses = [float(tr.evaluate(ts, b)["loss"]) for b in held_batches]
+    loss = float(np.average(losses, weights=counts))
     return loss, math.exp(loss)
 
 
