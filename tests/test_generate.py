@@ -84,6 +84,19 @@ def test_greedy_equals_transformers_including_a_left_padded_batch(torch, family)
     assert family == "gpt2" or stopped  # the eos path is exercised against transformers
 
 
+def test_sliding_window_model_generates_past_max_position_like_transformers(torch):
+    model = hf_model("mistral", max_position_embeddings=8, initializer_range=0.2)
+    cfg, params = nnjax_config(model), nnjax_params(model)
+    assert cfg.sliding_window == 4 and cfg.max_position == 8
+    prompt = _prompts(7, [6])[0]
+    eos = model.config.eos_token_id
+    out = np.asarray(generate(cfg, params, prompt, 10, temperature=0, eos_token_id=eos))
+    expected = _hf_greedy(torch, model, prompt, 10)[0]  # shorter if eos came
+    assert expected.size > 9  # past max_position == 8
+    np.testing.assert_array_equal(out[0, : expected.size], expected)
+    np.testing.assert_array_equal(out[0, expected.size :], eos)
+
+
 def test_eos_ends_a_row_and_finished_rows_emit_padding():
     _, cfg, params = _llama()
     prompt, lengths = _left_pad(_prompts(2, [4, 4]))

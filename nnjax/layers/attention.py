@@ -36,7 +36,7 @@ from nnjax.layers.base import compute_dtype
 from nnjax.layers.dense import Dense
 from nnjax.layers.rope import Rotary, apply_rotary
 
-__all__ = ["MultiHeadAttention", "CACHE_KEYS", "IMPLEMENTATIONS"]
+__all__ = ["MultiHeadAttention"]
 
 
 CACHE_KEYS = ("cached_key", "cached_value", "cached_segment_ids", "cache_index")

@@ -32,7 +32,6 @@ __all__ = [
     "MLP",
     "on_hidden",
     "scale_plus_one",
-    "ACTIVATIONS",
 ]
 
 

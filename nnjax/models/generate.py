@@ -141,9 +141,11 @@ def _check_prompt(prompt_ids: Any, prompt_lengths: Any, vocab: int) -> tuple[Any
 
 
 def _check_length(c: CausalLMConfig, t0: int, n: int) -> None:
-    """The longest position must fit the model, unless its rotary scaling extrapolates."""
+    """The longest position must fit the model, unless it attends a sliding window or its
+    rotary scaling extrapolates (``dynamic``)."""
     dynamic = c.position == "rope" and dict(c.rope_scaling or {}).get("rope_type") == "dynamic"
-    if t0 + n - 1 <= c.max_position or dynamic:
+    windowed = c.position == "rope" and c.sliding_window is not None
+    if t0 + n - 1 <= c.max_position or dynamic or windowed:
         return
     kind = "learned position table" if c.position == "learned" else "trained context"
     raise ArgumentError(
@@ -234,8 +236,10 @@ def generate(
         config: the model's :class:`~nnjax.models.CausalLMConfig` or :class:`GPTConfig`.
         params: the model's params (adapters beside the kernels are used).
         prompt_ids: int ``(B, T0)``, ids in ``[0, vocab_size)``, left-padded.
-        max_new_tokens: ``N >= 1``; ``T0 + N - 1 <= max_position`` unless the rotary
-            scaling is ``dynamic`` (which extrapolates).
+        max_new_tokens: ``N >= 1``; ``T0 + N - 1 <= max_position`` unless the model
+            attends a sliding window (Mistral: each token sees the last ``sliding_window``
+            positions whatever its own; the cache still holds every position, so memory
+            grows with ``T0 + N``) or its rotary scaling is ``dynamic`` (which extrapolates).
         temperature: ``>= 0``, finite.
         top_k: sample among the ``top_k`` most likely tokens; ``None``: all.
         top_p: nucleus sampling mass in ``(0, 1]``; ``None``: off.
