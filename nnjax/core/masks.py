@@ -27,6 +27,7 @@ __all__ = [
     "split",
     "merge",
     "select_copies",
+    "require_frozen_quantized",
 ]
 
 Resolved = dict[str, "bool | np.ndarray"]
@@ -141,3 +142,24 @@ def select_copies(resolved: Resolved, new: Any, old: Any | None) -> dict:
             n = jnp.where(m.reshape(m.shape + (1,) * (n.ndim - m.ndim)), n, o)
         out[path] = n
     return merge(new, {}, out)
+
+
+def require_frozen_quantized(resolved: Resolved, params: Mapping[str, Any]) -> None:
+    """Refuse a mask that trains a quantized leaf: an integer ``kernel`` or its ``kernel_scale``.
+
+    A quantized kernel (``nj.finetune.quantize``) has no gradient; train adapters on
+    top of it, or ``nj.finetune.dequantize`` it first.
+    """
+    flat = flatten(params)
+    is_int = lambda p: p in flat and jnp.issubdtype(jnp.result_type(flat[p]), jnp.integer)
+    bad = [
+        p
+        for p, v in resolved.items()
+        if v is not False and (is_int(p) or (p.endswith("_scale") and is_int(p[: -len("_scale")])))
+    ]
+    if bad:
+        raise MaskError(
+            f"the trainable mask trains quantized (frozen) leaves {bad}; a quantized kernel and "
+            "its scale are frozen: train adapters on top of it (nj.finetune.add_lora) or "
+            "nj.finetune.dequantize the params first"
+        )

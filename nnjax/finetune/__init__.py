@@ -28,4 +28,5 @@ from nnjax.finetune.cost import *
 from nnjax.finetune.groups import *
 from nnjax.finetune.masks import *
 from nnjax.finetune.presets import *
+from nnjax.finetune.quantization import *
 from nnjax.finetune.surgery import *

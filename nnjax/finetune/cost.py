@@ -11,7 +11,7 @@ saving of a mask can be read off and tested::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -19,7 +19,7 @@ import jax
 from nnjax.core.report import human_bytes, param_bytes, table
 from nnjax.finetune.masks import trainable_bytes
 
-__all__ = ["StepCost", "step_cost", "count_primitives"]
+__all__ = ["memory_table", "StepCost", "step_cost", "count_primitives"]
 
 
 def _subjaxprs(value: Any):
@@ -60,8 +60,10 @@ class StepCost(NamedTuple):
         flops: XLA's FLOP estimate for the step.
         dot_generals: matmul (``dot_general``) and convolution equations in the step's jaxpr.
         param_bytes: all params.
-        gradient_bytes: the trainable params (the gradient the step forms).
+        gradient_bytes: the trainable params (the gradient the step forms, as many
+            bytes as the trainable weights).
         opt_state_bytes: the optimizer state's arrays.
+        frozen_bytes: the frozen params (quantized kernels count their stored bytes).
     """
 
     temp_bytes: int
@@ -74,6 +76,7 @@ class StepCost(NamedTuple):
     param_bytes: int
     gradient_bytes: int
     opt_state_bytes: int
+    frozen_bytes: int = 0
 
     def __str__(self) -> str:
         rows = [
@@ -83,6 +86,7 @@ class StepCost(NamedTuple):
             ("aliased (donated)", human_bytes(self.alias_bytes)),
             ("peak (XLA estimate)", human_bytes(self.peak_bytes)),
             ("params", human_bytes(self.param_bytes)),
+            ("frozen params", human_bytes(self.frozen_bytes)),
             ("gradients (trainable)", human_bytes(self.gradient_bytes)),
             ("optimizer state", human_bytes(self.opt_state_bytes)),
             ("FLOPs", f"{self.flops:,.0f}"),
@@ -136,4 +140,34 @@ def step_cost(
         param_bytes=param_bytes(params) if ts is not None else 0,
         gradient_bytes=grads if ts is not None else 0,
         opt_state_bytes=param_bytes(getattr(ts, "opt_state", None)),
+        frozen_bytes=param_bytes(params) - grads if ts is not None else 0,
     )
+
+
+def memory_table(costs: Mapping[str, StepCost]) -> str:
+    """Steps' memory side by side: frozen and trainable weights, optimizer state, temporaries.
+
+    Weights and optimizer state are the arrays' bytes; temporaries and the peak are
+    XLA's ``memory_analysis`` of the compiled step (per device).
+
+    Example:
+        >>> import optax
+        >>> model = nj.serial(nj.Dense(64), head=nj.Dense(4))
+        >>> params, _ = model.init(key, jnp.zeros((8, 32)))
+        >>> batch = (jnp.zeros((8, 32)), jnp.zeros((8, 4)))
+        >>> costs = {}
+        >>> for name, p, m in [("full", params, None), ("head", params, nj.finetune.head_only(params))]:
+        ...     tr = nj.trainer(model, nj.losses.mse, optax.adam(1e-3), trainable=m)
+        ...     costs[name] = nj.finetune.step_cost(tr.step, tr.init(p), batch, trainable=m)
+        >>> print(nj.finetune.memory_table(costs).splitlines()[2])
+        frozen weights            0 B   8.2 KiB
+    """
+    rows = [
+        ("frozen weights", "frozen_bytes"),
+        ("trainable weights", "gradient_bytes"),
+        ("optimizer state", "opt_state_bytes"),
+        ("temporaries (XLA)", "temp_bytes"),
+        ("peak (XLA estimate)", "peak_bytes"),
+    ]
+    body = [(label, *(human_bytes(getattr(c, f)) for c in costs.values())) for label, f in rows]
+    return table(("", *costs), body, align="l" + "r" * len(costs))

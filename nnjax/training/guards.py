@@ -116,7 +116,8 @@ def check_params(model: Layer, params: dict[str, Any], inputs: Any) -> None:
                 f"missing param {leaf!r} (expected shape {shape_str(spec.shape)}); got keys {keys}",
                 tuple(parent),
             )
-        if tuple(np.shape(got[path])) != tuple(spec.shape):
+        quantized = f"{path}_scale" in got  # stored packed: its layer checks its shape
+        if not quantized and tuple(np.shape(got[path])) != tuple(spec.shape):
             raise LayerError(
                 f"expected param {leaf!r} with shape {shape_str(spec.shape)}, "
                 f"got {shape_str(np.shape(got[path]))}",

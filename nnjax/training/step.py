@@ -40,9 +40,11 @@ class TrainState(NamedTuple):
 
 
 def trainable_mask(trainable: Any, params: Params) -> masks.Resolved:
-    """The mask resolved against ``params``; one that freezes everything is refused."""
+    """The mask resolved against ``params``; one that freezes everything, or trains a
+    quantized leaf, is refused."""
     resolved = masks.resolve(trainable, params)
     masks.require_trainable(resolved)
+    masks.require_frozen_quantized(resolved, params)
     return resolved
 
 

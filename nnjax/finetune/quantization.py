@@ -1,0 +1,130 @@
+"""Quantized frozen kernels by path glob: int8 per output channel or 4-bit NF4 (QLoRA).
+
+``nj.finetune.quantize(params, "**/kernel", bits=4)`` stores each selected kernel as
+the ``kernel`` leaf in an integer dtype with its scales beside it in
+``kernel_scale``, so every path (masks, sharding rules, checkpoints) stays what it
+was; the layer dequantizes inside its matmul. The formats are
+:mod:`nnjax.layers.quantized`'s:
+
+- ``bits=8``: ``kernel`` int8 (the kernel's shape), ``kernel_scale (*stack, out)``
+  float32, symmetric per output channel (``absmax / 127``).
+- ``bits=4``: NF4 as QLoRA defines it: blocks of ``block_size`` consecutive values of
+  each copy's row-major kernel, ``kernel_scale (*stack, size // block_size)`` their
+  absmax, codes packed two per byte (first in the high nibble): ``kernel`` uint8
+  ``(*stack, ..., out // 2)``.
+
+A quantized kernel is frozen: the trainer refuses a mask that trains it or its
+scale. LoRA / DoRA / IA3 adapters sit on top of it (``add_lora`` after ``quantize``),
+which is QLoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from nnjax.core.errors import ArgumentError, GlobError
+from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.finetune.masks import mask
+from nnjax.layers import quantized
+
+__all__ = ["quantize", "dequantize"]
+
+
+def _sibling(path: str, name: str) -> str:
+    parent = path.rpartition("/")[0]
+    return f"{parent}/{name}" if parent else name
+
+
+def quantize(
+    params: Any,
+    include: str | Iterable[str] = "**/kernel",
+    exclude: str | Iterable[str] = (),
+    *,
+    bits: int = 8,
+    block_size: int = 64,
+) -> Any:
+    """``params`` with the selected kernels stored quantized (see the module docstring).
+
+    Args:
+        params: the params tree (float kernels).
+        include: globs over logical paths; the ``kernel`` leaves they select are
+            quantized (other leaves they select are left as they are).
+        exclude: globs taken out of ``include`` (``"head/**"``).
+        bits: 8 (int8 per output channel) or 4 (NF4, block-wise).
+        block_size: values per NF4 block (``bits=4``); QLoRA uses 64.
+
+    Returns:
+        New params; the selected ``kernel`` leaves int8 / uint8 with a float32
+        ``kernel_scale`` beside each.
+
+    Raises:
+        ArgumentError: ``bits`` not 4 or 8, or a ``block_size`` that is not a positive
+            even int.
+        GlobError: a glob that matches nothing, a selection with no kernel in it, or
+            one that takes only some copies of a stacked kernel (one array, one format).
+        ValueError: a kernel whose size does not divide into blocks (named by path), or
+            one already quantized.
+
+    Example:
+        >>> model = nj.serial(nj.Dense(64), jax.nn.relu, head=nj.Dense(10))
+        >>> params, _ = model.init(key, jnp.zeros((1, 128)))
+        >>> q = nj.finetune.quantize(params, "**/kernel", exclude="head/**", bits=4)
+        >>> jax.tree.map(lambda a: (a.shape, str(a.dtype)), q["dense_0"])
+        {'bias': ((64,), 'float32'), 'kernel': ((128, 32), 'uint8'), 'kernel_scale': ((128,), 'float32')}
+    """
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise ArgumentError(f"quantize: bits must be 4 or 8, got {bits!r}")
+    if not isinstance(block_size, int) or block_size < 2 or block_size % 2:
+        raise ArgumentError(f"quantize: block_size must be a positive even int, got {block_size!r}")
+    chosen = flatten(mask(params, include, exclude))
+    flat = flatten(params)
+    out = dict(flat)
+    picked = []
+    for path, m in chosen.items():
+        if m is False or path.rpartition("/")[2] != "kernel":
+            continue
+        if m is not True:
+            raise GlobError(
+                f"quantize: the globs select only some copies of the stacked kernel {path!r} "
+                f"({int(np.sum(m))} of {np.size(m)}); one array has one format"
+            )
+        kernel = flat[path]
+        if quantized.is_quantized(kernel) or _sibling(path, quantized.SCALE) in flat:
+            raise ValueError(f"quantize: {path!r} is already quantized")
+        depth = path.split("/").count(STACKED)
+        if np.ndim(kernel) - depth < 2:
+            continue  # not a layer kernel
+        try:
+            q, scale = quantized.quantize(kernel, bits, depth=depth, block_size=block_size)
+        except ValueError as err:
+            raise ValueError(f"quantize: {path!r}: {err}") from None
+        out[path], out[_sibling(path, quantized.SCALE)] = q, scale
+        picked.append(path)
+    if not picked:
+        raise GlobError(
+            f"quantize: include {include!r} (exclude {exclude!r}) selects no kernel with 2 or "
+            "more axes per copy"
+        )
+    return unflatten(out)
+
+
+def dequantize(params: Any, dtype: Any = jnp.float32) -> Any:
+    """``params`` with every quantized kernel back in float (``dtype``) and no ``kernel_scale``.
+
+    Dequantizing loses what quantizing rounded off: ``dequantize(quantize(p))`` is
+    the kernel the quantized model computes with, not ``p``.
+    """
+    flat = flatten(params)
+    out = {}
+    for path, value in flat.items():
+        if path.rpartition("/")[2] == quantized.SCALE:
+            continue
+        scale = flat.get(_sibling(path, quantized.SCALE))
+        if path.rpartition("/")[2] == "kernel" and scale is not None:
+            value = quantized.dequantize(value, scale, dtype)
+        out[path] = value
+    return unflatten(out)
