@@ -32,6 +32,7 @@ STUDIES = {
     "cpu-matmul": "benchmarks.study_cpu_matmul",
     "cpu-cores": "benchmarks.study_cpu_cores",
     "checkpoint": "benchmarks.study_checkpoint",
+    "llm": "benchmarks.study_llm",
     "llm-finetune": "benchmarks.study_llm_finetune",
 }
 _QUICK_SKIP = ("torch-compile",)  # its first compile takes ~40 s per model on a small CPU

@@ -1,0 +1,292 @@
+"""Study: a ~124M-parameter Llama-shaped model in nnjax and in transformers: loading, greedy decoding, training steps.
+
+One random ``LlamaForCausalLM`` (width 768, 12 layers, 12 query / 4 key-value
+heads, MLP 2048, vocab 32000, untied head; float32) is saved once with
+``save_pretrained``; every measurement then loads that folder, so both sides run
+the same weights. Each cell runs in a fresh child process:
+
+- ``load``: ``nj.models.hf.from_pretrained`` against
+  ``transformers.AutoModelForCausalLM.from_pretrained``: wall time and peak RSS
+  beyond the process's RSS before the call (``/proc/self/status`` ``VmHWM`` after
+  ``clear_refs``).
+- ``decode``: greedy decoding of 64 new tokens after a 16-token prompt, batch 1 and
+  8 (``nj.models.generate(..., temperature=0)`` against ``generate(do_sample=False)``
+  with ``min_new_tokens`` so neither stops early), tokens/s over the batch, after a
+  warm-up call (nnjax's compilation).
+- ``train``: one AdamW step on batch 1 x 256 tokens, full and LoRA (rank 16 on every
+  attention and MLP projection; transformers with ``peft``), median of the timed
+  steps after a first (compiling) step.
+
+Targets: load time <= 1.0x and peak RSS <= 0.7x transformers'; decode >= 1.5x
+transformers' tokens/s; train and LoRA steps <= 0.8x transformers'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+from benchmarks.report import fmt, machine_line, write_study
+from benchmarks.workloads import child_json
+
+__all__ = ["main", "llama_shape", "CELLS"]
+
+CELLS = ("load", "decode", "train")
+SIDES = ("nnjax", "transformers")
+PROMPT, NEW_TOKENS, TRAIN_TOKENS, RANK = 16, 64, 256, 16
+_MB = 1e6
+_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama_shape(quick: bool) -> dict[str, int]:
+    """The model's Llama config fields (``quick``: a tiny one)."""
+    if quick:
+        return dict(
+            vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, intermediate_size=128,
+        )  # fmt: skip
+    return dict(
+        vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        num_key_value_heads=4, intermediate_size=2048,
+    )  # fmt: skip
+
+
+def _rss() -> tuple[int, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out["VmRSS"], out["VmHWM"]
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def make_checkpoint(folder: str, quick: bool) -> dict:
+    """Save a random Llama model into ``folder``; its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**llama_shape(quick), tie_word_embeddings=False))
+    model.save_pretrained(folder)
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def _timed_steps(step, steps: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def _nnjax(cell: str, folder: str, steps: int) -> dict:
+    import jax
+    import numpy as np
+    import optax
+
+    import nnjax as nj
+
+    rss0, _ = _rss()
+    _reset_peak()
+    t0 = time.perf_counter()
+    config, params = nj.models.hf.from_pretrained(folder)
+    jax.block_until_ready(params)
+    load_s = time.perf_counter() - t0
+    if cell == "load":
+        return {"s": load_s, "extra_mb": (_rss()[1] - rss0) / _MB}
+    rng = np.random.default_rng(0)
+    if cell == "decode":
+        out = {}
+        for b in (1, 8):
+            prompt = rng.integers(0, config.vocab_size, (b, PROMPT)).astype(np.int32)
+
+            def run(prompt=prompt):
+                jax.block_until_ready(
+                    nj.models.generate(config, params, prompt, NEW_TOKENS, temperature=0.0)
+                )
+
+            first, s = _timed_steps(run, steps)
+            out[f"b{b} tok/s"] = b * NEW_TOKENS / s
+            out[f"b{b} first s"] = first
+        return out
+    model = nj.models.CausalLM(config)
+    ids = rng.integers(0, config.vocab_size, (1, TRAIN_TOKENS + 1)).astype(np.int32)
+    batch = (ids[:, :-1], ids[:, 1:])
+    out = {}
+    for kind in ("full", "lora"):
+        p, mask = params, None
+        if kind == "lora":
+            targets = ["blocks/*/attn/*/kernel", "blocks/*/mlp/*/kernel"]
+            p, mask = nj.finetune.add_lora(params, jax.random.key(1), targets, rank=RANK)
+        tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adamw(1e-4), trainable=mask)
+        holder = [tr.init(p, {})]
+
+        def step(tr=tr, holder=holder):
+            holder[0], m = tr.step(holder[0], batch)
+            jax.block_until_ready(m)
+
+        out[f"{kind} first s"], out[f"{kind} step s"] = _timed_steps(step, steps)
+        del holder
+    return out
+
+
+def _transformers(cell: str, folder: str, steps: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rss0, _ = _rss()
+    _reset_peak()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    if cell == "load":
+        return {"s": load_s, "extra_mb": (_rss()[1] - rss0) / _MB}
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    if cell == "decode":
+        model.eval()
+        out = {}
+        for b in (1, 8):
+            prompt = torch.randint(0, vocab, (b, PROMPT), generator=gen)
+
+            def run(prompt=prompt):
+                with torch.no_grad():
+                    model.generate(
+                        prompt,
+                        attention_mask=torch.ones_like(prompt),
+                        max_new_tokens=NEW_TOKENS,
+                        min_new_tokens=NEW_TOKENS,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+
+            first, s = _timed_steps(run, steps)
+            out[f"b{b} tok/s"] = b * NEW_TOKENS / s
+            out[f"b{b} first s"] = first
+        return out
+    from peft import LoraConfig, get_peft_model
+
+    ids = torch.randint(0, vocab, (1, TRAIN_TOKENS), generator=gen)
+    out = {}
+    for kind in ("full", "lora"):
+        m = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+        if kind == "lora":
+            m = get_peft_model(
+                m, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=_LORA_MODULES)
+            )
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(m=m, opt=opt):
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        out[f"{kind} first s"], out[f"{kind} step s"] = _timed_steps(step, steps)
+        del m, opt
+    return out
+
+
+def child(side: str, cell: str, folder: str, steps: int) -> dict:
+    """One cell measured in this (fresh) process."""
+    return (_nnjax if side == "nnjax" else _transformers)(cell, folder, steps)
+
+
+def main(args: argparse.Namespace, machine: dict) -> int:
+    steps = 2 if args.quick else 3
+    rounds = args.rounds or 1
+    folder = tempfile.mkdtemp(prefix="nnjax-llm-study-")
+    try:
+        n_params = child_json(
+            ["benchmarks.study_llm", "make", folder] + (["--quick"] if args.quick else []),
+            "llm study checkpoint",
+            1800,
+        )["params"]
+        samples: dict[tuple[str, str], list[dict]] = {(s, c): [] for s in SIDES for c in CELLS}
+        for r in range(rounds):
+            for cell in CELLS:
+                for side in SIDES[r % 2 :] + SIDES[: r % 2]:
+                    argv = ["benchmarks.study_llm", side, cell, folder, str(steps)]
+                    samples[side, cell].append(
+                        child_json(argv, f"llm {side} {cell}", 3600, {"JAX_PLATFORMS": "cpu"})
+                    )
+                    print(f"  llm {side} {cell}: {samples[side, cell][-1]}", file=sys.stderr)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    table = {
+        f"{side} {cell}": {k: statistics.median(x[k] for x in s) for k in s[0]}
+        for (side, cell), s in samples.items()
+    }
+    payload = {
+        "machine": machine,
+        "rounds": rounds,
+        "quick": args.quick,
+        "params": n_params,
+        "cells": table,
+    }
+    write_study(args.out, "llm", args.quick, payload, _markdown(table, n_params, machine))
+    return 0
+
+
+def _markdown(t: dict[str, dict], n_params: int, machine: dict) -> str:
+    def pair(cell: str, key: str) -> str:
+        a, b = t[f"nnjax {cell}"][key], t[f"transformers {cell}"][key]
+        return f"| {cell} {key} | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |"
+
+    rows = [
+        pair("load", "s"),
+        pair("load", "extra_mb"),
+        pair("decode", "b1 tok/s"),
+        pair("decode", "b8 tok/s"),
+        pair("train", "full step s"),
+        pair("train", "lora step s"),
+        pair("decode", "b1 first s"),
+        pair("train", "full first s"),
+    ]
+    return (
+        "\n".join(
+            [
+                "# A Llama-shaped model in nnjax and transformers: load, greedy decode, train steps",
+                "",
+                f"Measured {machine_line(machine)}",
+                "",
+                f"{n_params / 1e6:.1f}M params, float32, the same weights on both sides (one "
+                "`save_pretrained` folder). One fresh process per cell. Decode: 16-token prompt, "
+                f"{NEW_TOKENS} greedy tokens; train: AdamW, batch 1 x {TRAIN_TOKENS}; LoRA rank "
+                f"{RANK} on every attention and MLP projection (transformers: peft). `extra_mb` is "
+                "the peak RSS of the load beyond the RSS before it.",
+                "",
+                "| measure | nnjax | transformers | nnjax / transformers |",
+                "|---|---:|---:|---:|",
+                *rows,
+                "",
+                "Targets: load time <= 1.0x, load peak RSS <= 0.7x, decode tokens/s >= 1.5x, "
+                "train and LoRA step <= 0.8x.",
+            ]
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":  # make FOLDER [--quick] | SIDE CELL FOLDER STEPS
+    if sys.argv[1] == "make":
+        print(json.dumps(make_checkpoint(sys.argv[2], "--quick" in sys.argv[3:])))
+    else:
+        side, cell, folder, steps = sys.argv[1:5]
+        print(json.dumps(child(side, cell, folder, int(steps))))
