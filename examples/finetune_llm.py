@@ -235,16 +235,12 @@ def main(argv: list[str] | None = None) -> None:
         hf.save_pretrained(merged_dir, config, ts.params, merge_adapters=True)
         print(f"  merged HF folder: {merged_dir}")
         merged = hf.from_pretrained(merged_dir)[1]
-    # nj.models.generate took a GPTConfig only before the decoder families' generate
-    if nj.models.generate.__module__ == "nnjax.models.gpt":
-        print("  (generate: skipped, nj.models.generate takes no CausalLMConfig in this nnjax)")
-    else:
-        print(f"  prompt: {args.prompt!r}")
-        text = generate(config, ts.params, tokenizer, args.prompt, args.max_new_tokens)
-        print(f"  with the adapters: {text!r}")
-        if merged is not None:
-            text = generate(config, merged, tokenizer, args.prompt, args.max_new_tokens)
-            print(f"  merged folder:     {text!r}")
+    print(f"  prompt: {args.prompt!r}")
+    text = generate(config, ts.params, tokenizer, args.prompt, args.max_new_tokens)
+    print(f"  with the adapters: {text!r}")
+    if merged is not None:
+        text = generate(config, merged, tokenizer, args.prompt, args.max_new_tokens)
+        print(f"  merged folder:     {text!r}")
 
 
 if __name__ == "__main__":
