@@ -109,6 +109,25 @@ def test_tokenizer_chat_template_masks_exactly_the_assistant_turns():
     assert ids_s.tolist() == [*tok.encode(simple, add_special_tokens=False), tok.eos_token_id]
 
 
+def test_nnjax_hf_tokenizer_gives_the_same_ids_and_mask_as_transformers(tmp_path):
+    pytest.importorskip("jinja2")
+    tok = _hf_chat_tokenizer()
+    tok.save_pretrained(tmp_path)
+    ours = nj.models.hf.load_tokenizer(tmp_path)
+    msgs = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "done"},
+    ]
+    for record in ({"messages": msgs}, {"prompt": "Q: 1+1\nA:", "response": " 2"}):
+        ids, learn = nd.tokenize(record, ours)
+        ref_ids, ref_learn = nd.tokenize(record, tok)
+        assert ids.tolist() == ref_ids.tolist()
+        assert learn.tolist() == ref_learn.tolist()
+        assert learn.any() and not learn.all()
+
+
 def test_template_that_rewrites_history_is_refused():
     tok = _hf_chat_tokenizer()
     tok.chat_template = (
