@@ -61,6 +61,12 @@ def load(args: argparse.Namespace):
         config, params = hf.from_pretrained(args.model, dtype=dtype)
         n = nj.core.paths.count_params(params)
         print(f"loaded {config.family} ({n / 1e6:.1f}M params) in {time.perf_counter() - t:.1f} s")
+        if (
+            not os.path.exists(os.path.join(args.model, "tokenizer.json"))
+            and config.vocab_size <= 256
+        ):
+            print("no tokenizer.json: bytes as tokens (a folder this script saved)")
+            return config, params, nj.data.ByteTokenizer()
         return config, params, hf.load_tokenizer(args.model)
     config = tiny_config(
         args.family, width=32 if args.smoke else 128, layers=2 if args.smoke else 4

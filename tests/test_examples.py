@@ -18,6 +18,7 @@ SMOKE = {
     "transfer_cnn.py": ([], "frozen backbone accuracy: "),
     "custom_layer.py": ([], "final loss: "),
     "finetune_llm.py": ([], "held-out perplexity: before "),
+    "llm_generate.py": (["--family", "qwen3"], "generated: "),
 }
 
 

@@ -53,6 +53,26 @@ def test_same_logits_as_transformers(family, models, loaded):
 
 
 @pytest.mark.parametrize("family", hf_tiny.FAMILIES)
+def test_greedy_generate_same_tokens_as_transformers(family, models, loaded):
+    model, _ = models[family]
+    config, params = loaded[family]
+    prompt = hf_tiny.ids((2, 5), seed=1)
+    with torch.no_grad():
+        want = model.generate(
+            torch.from_numpy(prompt).long(),
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+        ).numpy()
+    got = nj.models.generate(config, params, prompt, 10, temperature=0.0)
+    # a row ends at eos (2) and then pads (0), as transformers does; it stops once all rows end
+    got = np.asarray(got)
+    np.testing.assert_array_equal(got[:, : want.shape[1]], want)
+    assert not got[:, want.shape[1] :].any()
+
+
+@pytest.mark.parametrize("family", hf_tiny.FAMILIES)
 def test_export_loads_in_transformers_to_the_same_logits(family, models, loaded, tmp_path):
     import transformers
 
