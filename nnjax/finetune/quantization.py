@@ -117,6 +117,14 @@ def dequantize(params: Any, dtype: Any = jnp.float32) -> Any:
 
     Dequantizing loses what quantizing rounded off: ``dequantize(quantize(p))`` is
     the kernel the quantized model computes with, not ``p``.
+
+    Example:
+        >>> params = {"dense": {"kernel": jnp.array([[0.5, -1.0], [0.25, 2.0]])}}
+        >>> q = nj.finetune.quantize(params, "dense/kernel", bits=8)
+        >>> q["dense"]["kernel"].tolist()  # scales: absmax / 127 per column
+        [[127, -64], [64, 127]]
+        >>> np.asarray(nj.finetune.dequantize(q)["dense"]["kernel"], np.float64).round(3).tolist()
+        [[0.5, -1.008], [0.252, 2.0]]
     """
     flat = flatten(params)
     out = {}

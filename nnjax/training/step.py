@@ -16,11 +16,10 @@ import optax
 
 from nnjax.core import masks
 from nnjax.core.combinators import Layer
+from nnjax.core.layer import Params
 from nnjax.training import guards
 
 __all__ = ["TrainState"]
-
-Params = dict[str, Any]
 
 
 class TrainState(NamedTuple):

@@ -37,13 +37,13 @@ import optax
 from nnjax.core import masks
 from nnjax.core.checks import check_int
 from nnjax.core.combinators import Layer
+from nnjax.core.layer import Params
 from nnjax.training import guards
 from nnjax.training import step as parts
 from nnjax.training.step import TrainState
 
 __all__ = ["TrainState", "Trainer", "trainer", "ONEDNN_DOTS"]
 
-Params = dict[str, Any]
 Batch = tuple[Any, Any]
 MetricFn = Callable[[Any, Any], jax.Array]
 
