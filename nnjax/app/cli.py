@@ -21,7 +21,7 @@ def _parser() -> argparse.ArgumentParser:
         "+ head; accuracy as mean ± std over seeds at several label counts, trainable "
         "parameters, optimizer-state and saved-file bytes, compile and step time. Text "
         "(when nj.models.CausalLM is present): a byte-level language model pretrained on "
-        "Python's own source files, fine-tuned on Python's documentation with LoRA (and "
+        "Python's own source files, fine-tuned on Python's documentation fully and with LoRA (and "
         "LoRA on an 8-bit base when nj.finetune.quantize is present); perplexity before "
         "and after. Writes the tables, checkpoints and plots to --out.",
     )

@@ -12,7 +12,7 @@ test accuracy as mean ± standard deviation over seeds, trainable parameters,
 optimizer-state and saved-file bytes, compile time and step time (measured after
 compilation, the methods timed in turn). **Text** (:mod:`nnjax.app.demo_lm`, when
 ``nj.models.CausalLM`` is available): a byte-level language model pretrained on
-Python's own source files, then fine-tuned on Python's documentation with LoRA
+Python's own source files, then fine-tuned on Python's documentation fully and with LoRA
 (and with LoRA on an 8-bit base when ``nj.finetune.quantize`` is available);
 perplexity on held-out documentation before and after.
 """
