@@ -115,6 +115,9 @@ def test_language_model_story_fine_tuning_lowers_docs_perplexity(tmp_path):
     assert full["trainable"] == 2 * v * d + 2 * block + d
     # LoRA r=8 on q, k, v, out (d -> d) and gate, up (d -> m), down (m -> d), both blocks
     assert lora["trainable"] == 2 * 8 * (4 * 2 * d + 3 * (d + m))
+    if hasattr(nj.finetune, "quantize"):
+        assert rows[3]["method"] == "LoRA r=8 on an int8 base"
+        assert rows[3]["trainable"] == lora["trainable"]
     for r in rows[1:]:
         assert r["opt_state_bytes"] == 2 * 4 * r["trainable"] + 4
         assert r["doc_ppl"] < before["doc_ppl"], r["method"]
