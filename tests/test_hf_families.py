@@ -4,6 +4,8 @@ Each tiny random model is built once (module fixture); the reference for every n
 is transformers (its logits, its greedy generate, its loading of nnjax's export).
 """
 
+import pickle
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +121,10 @@ def test_config_mapping(loaded):
         16,
     )  # (n, in, KV*hd)
     assert "lm_head" not in loaded["gemma"][1]
+    assert pickle.loads(pickle.dumps(llama)) == llama  # configs travel to subprocesses
+    assert llama.extra["model_type"] == "llama" and hash(llama) == hash(
+        pickle.loads(pickle.dumps(llama))
+    )
 
 
 def test_config_rope_scaling_and_windows_from_config_json():

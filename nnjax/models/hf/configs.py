@@ -8,7 +8,6 @@ so either version loads an export.
 from __future__ import annotations
 
 import dataclasses
-import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -184,7 +183,7 @@ def config_from_hf(
         tie_embeddings=bool(hf.get("tie_word_embeddings", family in _TIED_BY_DEFAULT)),
         initializer_range=float(hf.get("initializer_range", 0.02)),
         family=family,
-        extra=types.MappingProxyType(dict(hf)),
+        extra=dict(hf),  # a plain dict: configs pickle (checkpoint metadata, subprocesses)
         **fields,
         **_special_ids(hf, generation),
     )
