@@ -236,3 +236,18 @@ def test_adapters_are_merged_on_export(models, loaded, tmp_path):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kernels_are_exported_dequantized(loaded, tmp_path, bits):
+    import transformers
+
+    config, params = loaded["qwen2"]
+    quantized = nj.finetune.quantize(params, "**/mlp/*/kernel", bits=bits, block_size=32)
+    lora, _ = nj.finetune.add_lora(quantized, jax.random.key(0), "**/mlp/down/kernel", rank=2)
+    hf.save_pretrained(tmp_path, config, lora)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    want = nj.finetune.dequantize(quantized)["blocks"]["stacked"]["mlp"]  # lora_b = 0: no change
+    for name in ("up", "down"):
+        got = getattr(again.model.layers[1].mlp, f"{name}_proj").weight.detach().numpy()
+        np.testing.assert_allclose(got, np.asarray(want[name]["kernel"][1]).T, rtol=1e-6, atol=1e-7)
