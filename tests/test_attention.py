@@ -480,6 +480,18 @@ def test_error_bad_inputs():
         layer.apply(params, state, jnp.zeros((D,)))
     with pytest.raises(ValueError, match="implementation must be one of"):
         nj.MultiHeadAttention(H, implementation="flash")
+    rotary = nj.MultiHeadAttention(H, rotary=nj.layers.rope.rope_frequencies(D // H))
+    with pytest.raises(nj.LayerError, match="rotary embeddings are for self-attention"):
+        rotary.apply(params, state, (x, x))
+    with pytest.raises(
+        nj.LayerError,
+        match=r"expected positions.shape == \(2, 5\) .*got positions.shape == \(2, 4\)",
+    ):
+        rotary.apply(params, state, {"query": x, "positions": jnp.zeros((B, 4), jnp.int32)})
+    with pytest.raises(
+        ValueError, match=r"num_heads \(2\) must be >= 1 and divisible by num_kv_heads"
+    ):
+        nj.MultiHeadAttention(H, num_kv_heads=3)
 
 
 def test_error_dropout_in_train_mode_needs_rng():

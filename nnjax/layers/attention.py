@@ -468,6 +468,10 @@ def MultiHeadAttention(
         inp = _read_input(x, decode)
         qkv, _, out, head_dim = widths(inp.x_q)
         check_keys(params, param_keys)
+        if inp.cross and rotary is not None:
+            raise LayerError(
+                "rotary embeddings are for self-attention; got a separate key_value input"
+            )
         dtype_ = compute_dtype(inp.x_q, dtype, param_dtype)
         batch, t_q = tuple(np.shape(inp.x_q)[:-2]), np.shape(inp.x_q)[-2]
         t_kv = np.shape(inp.x_kv)[-2]
