@@ -108,7 +108,9 @@ def _nnjax(cell: str, folder: str, steps: int) -> dict:
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     if cell == "load":
-        return {"s": load_s, "extra_mb": (_rss()[1] - rss0) / _MB}
+        load_peak = _rss()[1] - rss0
+        float(sum(jax.numpy.sum(x) for x in jax.tree.leaves(params)))  # every weight read
+        return {"s": load_s, "extra_mb": load_peak / _MB, "touched_mb": (_rss()[1] - rss0) / _MB}
     rng = np.random.default_rng(0)
     if cell == "decode":
         out = {}
@@ -155,7 +157,10 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     load_s = time.perf_counter() - t0
     if cell == "load":
-        return {"s": load_s, "extra_mb": (_rss()[1] - rss0) / _MB}
+        load_peak = _rss()[1] - rss0
+        # transformers maps the safetensors file: its weights enter RSS when first read.
+        float(sum(p.sum() for p in model.parameters()))
+        return {"s": load_s, "extra_mb": load_peak / _MB, "touched_mb": (_rss()[1] - rss0) / _MB}
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     if cell == "decode":
@@ -252,6 +257,7 @@ def _markdown(t: dict[str, dict], n_params: int, machine: dict) -> str:
     rows = [
         pair("load", "s"),
         pair("load", "extra_mb"),
+        pair("load", "touched_mb"),
         pair("decode", "b1 tok/s"),
         pair("decode", "b8 tok/s"),
         pair("train", "full step s"),
