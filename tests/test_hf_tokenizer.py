@@ -1,6 +1,7 @@
 """load_tokenizer against transformers' PreTrainedTokenizerFast on the same folder."""
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -101,6 +102,19 @@ def test_chat_template_as_transformers_renders_it(folder, reference):
         want = reference.apply_chat_template(CHAT, add_generation_prompt=gen, tokenize=True)
         assert ids == list(getattr(want, "input_ids", want))
     assert text.endswith("<|assistant|>\n") and text.startswith("<s><|system|>\nBe brief.</s>\n")
+
+
+def test_chat_template_renders_in_a_fresh_process(folder, reference):
+    # jinja2.ext must be imported by nnjax itself, not left to transformers' imports.
+    pytest.importorskip("jinja2")
+    code = (
+        "import json, sys; from nnjax.models import hf; "
+        f"print(json.dumps(hf.load_tokenizer({str(folder)!r}).apply_chat_template("
+        f"{CHAT!r}, tokenize=False)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    want = reference.apply_chat_template(CHAT, tokenize=False)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == want
 
 
 def test_generation_config_ids_win_and_simple_template(folder, tmp_path):

@@ -96,6 +96,7 @@ def _jinja_render(template: str) -> Callable[..., str] | None:
     """A render function as transformers' (sandboxed), or ``None`` without jinja2."""
     try:
         import jinja2
+        import jinja2.ext
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         return None
