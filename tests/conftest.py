@@ -8,6 +8,22 @@ import pytest
 # from silently picking lower-precision matmuls and keep runs repeatable.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# Implicit rank promotion (a (3,) added to a (2, 3) by accident) is an error in the test
+# modules listed here, as in equinox's tests: every broadcast in nnjax is written out
+# (jax.lax.broadcast_to_rank for a bias). The contract suite runs every registered
+# layer. Add a module here once it passes under "raise".
+STRICT_RANK_MODULES = {"test_contract", "test_api"}
+
+
+@pytest.fixture(autouse=True)
+def _strict_rank_promotion(request):
+    if request.module.__name__.rsplit(".", 1)[-1] in STRICT_RANK_MODULES:
+        with jax.numpy_rank_promotion("raise"):
+            yield
+    else:
+        yield
+
+
 DATA = pathlib.Path(
     os.environ.get("NNJAX_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data")
 )

@@ -258,7 +258,9 @@ def Conv(
         x, batch = batch_flat(jnp.asarray(x, dtype_), st.nd)
         y = _conv(x, adapted_kernel(params, dtype_), st, groups, padding)
         if use_bias:
-            y = y + get_param(params, "bias", (features,)).astype(dtype_)
+            y = y + jax.lax.broadcast_to_rank(
+                get_param(params, "bias", (features,)).astype(dtype_), y.ndim
+            )
         return jnp.reshape(y, (*batch, *y.shape[1:])), state
 
     return Layer(init, apply, name)
@@ -396,7 +398,9 @@ def ConvTranspose(
         kernel = adapted_kernel(params, dtype_)
         y = jax.lax.conv_transpose(x, kernel, strides_, pad, k_dil, _dimension_numbers(nd))
         if use_bias:
-            y = y + get_param(params, "bias", (features,)).astype(dtype_)
+            y = y + jax.lax.broadcast_to_rank(
+                get_param(params, "bias", (features,)).astype(dtype_), y.ndim
+            )
         return jnp.reshape(y, (*batch, *y.shape[1:])), state
 
     return Layer(init, apply, name)

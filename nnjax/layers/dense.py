@@ -75,7 +75,9 @@ def Dense(
         dtype_ = compute_dtype(x, dtype, param_dtype)
         y = adapted_matmul(params, jnp.asarray(x, dtype_), dtype_)
         if use_bias:
-            y = y + get_param(params, "bias", (features,)).astype(dtype_)
+            y = y + jax.lax.broadcast_to_rank(
+                get_param(params, "bias", (features,)).astype(dtype_), y.ndim
+            )
         return y, state
 
     return Layer(init, apply, name)

@@ -264,7 +264,7 @@ def LearnedPositionalEmbedding(
         check_keys(params, ["embedding"])
         table = get_param(params, "embedding", (max_length, d))
         dtype_ = compute_dtype(x, dtype, param_dtype)
-        return (x.astype(dtype_) + table[:t].astype(dtype_)), state
+        return x.astype(dtype_) + jax.lax.broadcast_to_rank(table[:t].astype(dtype_), x.ndim), state
 
     return Layer(init, apply, name)
 
@@ -285,6 +285,8 @@ def SinusoidalPositionalEmbedding(*, base: float = 10000.0, name: str = "sinusoi
         del rng, train
         t, d = _check_sequence(x)
         check_keys(params, [])
-        return x + sinusoidal_table(t, d, base=base).astype(x.dtype), state
+        return x + jax.lax.broadcast_to_rank(
+            sinusoidal_table(t, d, base=base).astype(x.dtype), x.ndim
+        ), state
 
     return Layer(init, apply, name)

@@ -48,9 +48,11 @@ def _affine_init(key, d, use_scale, use_bias, scale_init, bias_init, param_dtype
 def _affine(y, params, d, use_scale, use_bias, bshape):
     """``y * scale + bias``; the ``(d,)`` params reshaped to ``bshape`` to broadcast."""
     if use_scale:
-        y = y * get_param(params, "scale", (d,)).astype(y.dtype).reshape(bshape)
+        scale = get_param(params, "scale", (d,)).astype(y.dtype).reshape(bshape)
+        y = y * jax.lax.broadcast_to_rank(scale, y.ndim)
     if use_bias:
-        y = y + get_param(params, "bias", (d,)).astype(y.dtype).reshape(bshape)
+        bias = get_param(params, "bias", (d,)).astype(y.dtype).reshape(bshape)
+        y = y + jax.lax.broadcast_to_rank(bias, y.ndim)
     return y
 
 

@@ -232,7 +232,9 @@ def _recurrent(
         # stays inside the scan.
         xp = adapted_matmul(params, jnp.asarray(inputs, dtype_), dtype_)  # (..., T, G)
         if use_bias:
-            xp = xp + get_param(params, "bias", (G,)).astype(dtype_)
+            xp = xp + jax.lax.broadcast_to_rank(
+                get_param(params, "bias", (G,)).astype(dtype_), xp.ndim
+            )
         xs = jnp.moveaxis(xp, -2, 0)  # (T, ..., G)
         masks = None
         if lengths is not None:
@@ -405,7 +407,7 @@ def GRU(
         (h,) = carry
         hp = h @ p["recurrent_kernel"]
         if "recurrent_bias" in p:
-            hp = hp + p["recurrent_bias"]
+            hp = hp + jax.lax.broadcast_to_rank(p["recurrent_bias"], hp.ndim)
         a_r, a_z, a_n = jnp.split(xp, 3, axis=-1)
         b_r, b_z, b_n = jnp.split(hp, 3, axis=-1)
         r = jax.nn.sigmoid(a_r + b_r)

@@ -314,7 +314,7 @@ def TransformerBlock(
         >>> jax.tree.map(jnp.shape, params["mlp"])
         {'fc': {'bias': (128,), 'kernel': (32, 128)}, 'proj': {'bias': (32,), 'kernel': (128, 32)}}
     """
-    dense_kw = dict(
+    dense_kw: dict[str, Any] = dict(
         use_bias=use_bias,
         kernel_init=kernel_init,
         bias_init=bias_init,

@@ -69,7 +69,9 @@ def _check_config(c: CausalLMConfig) -> tuple[int, int]:
 
 def _norm(c: CausalLMConfig, param_dtype: Any) -> Layer:
     init = jax.nn.initializers.zeros if c.norm_scale_plus_one else jax.nn.initializers.ones
-    kw = dict(epsilon=c.norm_eps, scale_init=init, dtype=c.dtype, param_dtype=param_dtype)
+    kw: dict[str, Any] = dict(
+        epsilon=c.norm_eps, scale_init=init, dtype=c.dtype, param_dtype=param_dtype
+    )
     norm = LayerNorm(use_bias=c.norm_bias, **kw) if c.norm == "layer" else RMSNorm(**kw)
     return scale_plus_one(norm) if c.norm_scale_plus_one else norm
 
@@ -77,7 +79,7 @@ def _norm(c: CausalLMConfig, param_dtype: Any) -> Layer:
 def _block(c: CausalLMConfig, decode: bool) -> Layer:
     kv, head_dim = _check_config(c)
     param_dtype = c.param_dtype or jnp.float32
-    dense_kw = dict(
+    dense_kw: dict[str, Any] = dict(
         kernel_init=jax.nn.initializers.normal(c.initializer_range),
         dtype=c.dtype,
         param_dtype=param_dtype,
