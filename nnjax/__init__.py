@@ -21,7 +21,7 @@ Writing and inspecting layers:
     count_params, param_bytes, param_shapes, leaf_paths; the types Params, State,
     Initializer.
 Training:
-    trainer (-> Trainer of init/step/evaluate/predict), TrainState, fit,
+    trainer (-> TrainerFunctions of init/step/evaluate/predict), TrainState, fit,
     early_stopping, evaluate, predict, ONEDNN_DOTS.
 Errors (all are NNJaxError):
     LayerError, ShapeError, ArgumentError, DataError, GlobError, MaskError,
@@ -87,7 +87,7 @@ from nnjax.layers import (
 from nnjax.training import losses, metrics
 from nnjax.training.evaluate import evaluate, predict
 from nnjax.training.fit import early_stopping, fit
-from nnjax.training.trainer import ONEDNN_DOTS, Trainer, TrainState, trainer
+from nnjax.training.trainer import ONEDNN_DOTS, TrainerFunctions, TrainState, trainer
 
 __version__ = "0.1.0"
 
@@ -144,7 +144,7 @@ __all__ = [
     "Initializer",
     # training
     "trainer",
-    "Trainer",
+    "TrainerFunctions",
     "TrainState",
     "fit",
     "early_stopping",

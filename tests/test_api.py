@@ -49,8 +49,7 @@ def test_public_names_are_not_two_cases_of_one_word():
     lower = {}
     for n in nj.__all__:
         lower.setdefault(n.lower(), []).append(n)
-    # trainer (the function) and Trainer (its NamedTuple) are the known pair.
-    clashes = [v for v in lower.values() if len(v) > 1 and set(v) != {"trainer", "Trainer"}]
+    clashes = [v for v in lower.values() if len(v) > 1]
     assert not clashes
 
 

@@ -146,7 +146,7 @@ class Method(NamedTuple):
     """One way to meet the new task: its trainer, its start params per seed, its mask."""
 
     name: str
-    tr: nj.Trainer
+    tr: nj.TrainerFunctions
     make: Callable[[jax.Array], Any]
     mask: Any
     train: bool = True

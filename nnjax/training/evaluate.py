@@ -39,7 +39,7 @@ def evaluate(tr: Any, ts: Any, data: Any, *, batch_size: int | None = None) -> d
     is still weighted per example).
 
     Args:
-        tr: a :class:`~nnjax.training.trainer.Trainer`.
+        tr: a :class:`~nnjax.training.trainer.TrainerFunctions`.
         ts: its train state.
         data: ``(inputs, targets)`` arrays with ``batch_size``, or batches as
             ``nj.fit``'s ``eval_data`` (see the module doc).
@@ -93,7 +93,7 @@ def predict(
     output take ``jax.nn.sigmoid`` of the logits.
 
     Args:
-        tr: a :class:`~nnjax.training.trainer.Trainer`.
+        tr: a :class:`~nnjax.training.trainer.TrainerFunctions`.
         ts: its train state.
         data: inputs ``(N, ...)`` (an array or a pytree of them) with ``batch_size``,
             split in order; or an iterable of input batches (not ``(inputs, targets)``

@@ -1,6 +1,6 @@
 """The fit loop: steps, logging, evaluation, callbacks, checkpoints and exact resumption.
 
-``fit`` drives a :class:`~nnjax.training.trainer.Trainer` over a stream of batches::
+``fit`` drives a :class:`~nnjax.training.trainer.TrainerFunctions` over a stream of batches::
 
     ts, history = nj.fit(tr, ts, nj.data.batches((x, y), 128, epochs=5),
                          eval_data=nj.data.batches((xv, yv), 512, shuffle=False),
@@ -324,7 +324,7 @@ def fit(
     goes on counting). Step ``s`` (from 0) gets ``jax.random.fold_in(rng, s)``.
 
     Args:
-        trainer: a :class:`~nnjax.training.trainer.Trainer` (``step``, ``evaluate``).
+        trainer: a :class:`~nnjax.training.trainer.TrainerFunctions` (``step``, ``evaluate``).
         ts: the initial :class:`~nnjax.training.trainer.TrainState`; it is donated to the first
             step (with a checkpoint to resume from, it only gives the structure).
         train_data: arrays ``(x, y)`` (any pytree of arrays ``(N, ...)``) with

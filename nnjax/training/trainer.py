@@ -1,6 +1,6 @@
 """The trainer: one jit-compiled train step over a model, a loss and an optax optimizer.
 
-``trainer(...)`` returns a :class:`Trainer`, a NamedTuple of pure functions (as an
+``trainer(...)`` returns a :class:`TrainerFunctions`, a NamedTuple of pure functions (as an
 optax ``GradientTransformation``)::
 
     tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adam(1e-3),
@@ -42,7 +42,7 @@ from nnjax.training import guards
 from nnjax.training import step as parts
 from nnjax.training.step import TrainState
 
-__all__ = ["TrainState", "Trainer", "trainer", "ONEDNN_DOTS"]
+__all__ = ["TrainState", "TrainerFunctions", "trainer", "ONEDNN_DOTS"]
 
 Batch = tuple[Any, Any]
 MetricFn = Callable[[Any, Any], jax.Array]
@@ -66,7 +66,7 @@ backward pass of separate q/k/v projections contains.
 """
 
 
-class Trainer(NamedTuple):
+class TrainerFunctions(NamedTuple):
     """Pure functions built by :func:`trainer`.
 
     Attributes:
@@ -122,7 +122,7 @@ def trainer(
     donate: bool = True,
     check_finite: bool = False,
     compiler_options: Mapping[str, Any] | None = None,
-) -> Trainer:
+) -> TrainerFunctions:
     """Build the train step, evaluation and prediction functions for ``model``.
 
     Args:
@@ -155,7 +155,7 @@ def trainer(
             compile.
 
     Returns:
-        A :class:`Trainer` ``(init, step, evaluate, predict)``.
+        A :class:`TrainerFunctions` ``(init, step, evaluate, predict)``.
 
     Example:
         >>> import optax
@@ -189,7 +189,7 @@ def trainer(
         guards.check_params(model, ts.params, inputs)
         return forward(ts.params, ts.state, inputs, None, False)[0]
 
-    return Trainer(
+    return TrainerFunctions(
         init=functools.partial(_init, optimizer, trainable),
         step=jax.jit(
             step if steps_per_call == 1 else parts.scanned(one_step, steps_per_call),
@@ -208,7 +208,7 @@ def _init(
     params: Params,
     state: dict[str, Any] | None = None,
 ) -> TrainState:
-    """``Trainer.init``: copies of ``params`` and ``state``, optimizer state on the trainable part."""
+    """``TrainerFunctions.init``: copies of ``params`` and ``state``, optimizer state on the trainable part."""
     mask = parts.trainable_mask(trainable, params)
     params, state = _copy(params), _copy({} if state is None else state)
     opt_state = optimizer.init(masks.split(params, mask)[0])
