@@ -42,8 +42,19 @@ from nnjax.core.combinators import (
     residual,
     serial,
 )
-from nnjax.core.errors import *
-from nnjax.core.errors import __all__ as _errors
+from nnjax.core.errors import (
+    ArgumentError,
+    CheckpointError,
+    DataError,
+    GlobError,
+    LayerError,
+    MaskError,
+    NNJaxError,
+    OptimizerStateError,
+    ShapeError,
+    ShardingError,
+    TrainingDiverged,
+)
 from nnjax.core.layer import (
     Initializer,
     Layer,
@@ -152,7 +163,17 @@ __all__ = [
     "predict",
     "ONEDNN_DOTS",
     # errors
-    *_errors,
+    "NNJaxError",
+    "LayerError",
+    "ShapeError",
+    "ArgumentError",
+    "GlobError",
+    "MaskError",
+    "OptimizerStateError",
+    "CheckpointError",
+    "DataError",
+    "TrainingDiverged",
+    "ShardingError",
     # modules
     "losses",
     "metrics",
