@@ -13,8 +13,9 @@ def _gpt2(**overrides):
     import torch
     import transformers
 
-    kw = dict(n_layer=2, n_head=4, n_embd=32, n_positions=64, bos_token_id=1, eos_token_id=2)
-    config = transformers.GPT2Config(vocab_size=VOCAB, **{**kw, **overrides})
+    kw = dict(vocab_size=VOCAB, n_layer=2, n_head=4, n_embd=32, n_positions=64)
+    kw.update(bos_token_id=1, eos_token_id=2)
+    config = transformers.GPT2Config(**{**kw, **overrides})
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():  # norms and biases away from their init, as hf_reference does

@@ -143,3 +143,82 @@ def test_errors(base, tmp_path):
         r"LoRA tensor of a module of this model",
     ):
         hf.load_peft_adapter(tmp_path, small, params)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 folder (n_embd 32, 2 layers, 4 heads) and nnjax's ``(config, params)``."""
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("gpt2")
+    hf_tiny.build("gpt2", folder, vocab_size=64)
+    return (folder, *hf.from_pretrained(folder))
+
+
+def test_gpt2_nnjax_adapter_loads_in_peft_to_the_same_logits(gpt2, tmp_path):
+    folder, config, params = gpt2
+    targets = ["**/attn/query/kernel", "**/attn/value/kernel", "**/attn/out/kernel"]
+    targets += ["**/mlp/fc/kernel", "**/mlp/proj/kernel"]
+    adapted = _randomise(nj.finetune.add_lora(params, jax.random.key(0), targets, rank=4)[0])
+    hf.save_peft_adapter(tmp_path, config, adapted)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["c_attn", "c_fc", "c_proj"]
+    assert (saved["r"], saved["rank_pattern"], saved["fan_in_fan_out"]) == (4, {"c_attn": 12}, True)
+    model = peft.PeftModel.from_pretrained(_hf_model(folder), tmp_path).eval()
+    state = model.state_dict()
+    a = state["base_model.model.transformer.h.1.attn.c_attn.lora_A.default.weight"]
+    b = state["base_model.model.transformer.h.1.attn.c_attn.lora_B.default.weight"]
+    assert (tuple(a.shape), tuple(b.shape)) == ((12, 32), (96, 12))
+    assert not b[32:64].any()  # no key adapter: its block of B is zero
+    token_ids = hf_tiny.ids((2, hf_tiny.SEQ)) % 64
+    want = hf_tiny.logits(model, token_ids)
+    assert np.abs(want - hf_tiny.logits(_hf_model(folder), token_ids)).max() > 1e-2  # it matters
+    np.testing.assert_allclose(
+        _nnjax_logits(config, adapted, token_ids), want, rtol=1e-4, atol=1e-4
+    )
+    back = hf.load_peft_adapter(tmp_path, config, params)  # and back: the same updates
+    for part in ("query", "key", "value", "out"):
+        got, ref = back["blocks"]["stacked"]["attn"][part], adapted["blocks"]["stacked"]["attn"]
+        delta = np.asarray(got["lora_a"] @ got["lora_b"])
+        want_delta = (
+            np.asarray(ref[part]["lora_a"] @ ref[part]["lora_b"]) if part != "key" else 0 * delta
+        )
+        np.testing.assert_allclose(delta, want_delta, rtol=1e-6, atol=1e-6, err_msg=part)
+
+
+def test_gpt2_peft_made_adapter_loads_in_nnjax_to_the_same_logits(gpt2, tmp_path):
+    folder, config, params = gpt2
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+        rank_pattern={"c_fc": 2},
+        task_type="CAUSAL_LM",
+    )
+    model = peft.get_peft_model(_hf_model(folder), lora)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, 0, 0.3)
+    model.save_pretrained(tmp_path)
+    adapted = hf.load_peft_adapter(tmp_path, config, params)
+    blocks = adapted["blocks"]["stacked"]
+    assert blocks["attn"]["key"]["lora_b"].shape == (2, 4, 32)
+    assert blocks["mlp"]["fc"]["lora_a"].shape == (2, 32, 2)
+    token_ids = hf_tiny.ids((2, hf_tiny.SEQ), seed=3) % 64
+    want = hf_tiny.logits(model.eval(), token_ids)
+    assert np.abs(want - hf_tiny.logits(_hf_model(folder), token_ids)).max() > 1e-2  # it matters
+    np.testing.assert_allclose(
+        _nnjax_logits(config, adapted, token_ids), want, rtol=1e-4, atol=1e-4
+    )
+    merged = model.merge_and_unload().state_dict()
+    for name, value in _merged(config, adapted).items():
+        np.testing.assert_allclose(merged[name].numpy(), value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_gpt2_dora_on_fused_c_attn_is_refused(gpt2, tmp_path):
+    _, config, params = gpt2
+    dora, _ = nj.finetune.add_dora(params, jax.random.key(0), ["**/attn/query/kernel"], rank=2)
+    with pytest.raises(nj.CheckpointError, match=r"DoRA on the fused .*h\.0\.attn\.c_attn"):
+        hf.save_peft_adapter(tmp_path, config, dora)
+    assert not (tmp_path / "adapter_config.json").exists()  # refused before writing

@@ -9,8 +9,14 @@ scale already folded into ``lora_a`` (:mod:`nnjax.finetune.adapters`), so an exp
 writes ``lora_A = lora_a.T`` and ``lora_alpha = r`` (scale 1: exact, nothing to
 unfold), and an import folds the file's scale into ``lora_a``.
 
-The families with ``nn.Linear`` projections (Llama, Mistral, Qwen2, Qwen3, Gemma) are
-covered; GPT-2's fused ``c_attn`` has no per-projection PEFT module.
+All families are covered. GPT-2's ``Conv1D`` modules (``c_attn``, ``attn.c_proj``,
+``c_fc``, ``mlp.c_proj``) hold ``(in, out)`` weights, but PEFT's tensors have the same
+``(r, in)`` / ``(out, r)`` shapes there (``fan_in_fan_out=True`` only transposes the
+merged update). ``c_attn`` fuses query | key | value: an export stacks their three
+``lora_a`` into one ``A (3r, in)`` with a block-diagonal ``B (3d, 3r)`` (zero blocks for
+parts without an adapter; exact), written as ``rank_pattern`` / ``alpha_pattern``
+``{"c_attn": 3r}``; an import gives each of query / key / value the whole ``A`` and its
+third of ``B``.
 """
 
 from __future__ import annotations
@@ -55,29 +61,33 @@ _SUFFIXES = {
 }
 
 
-def _modules(config: CausalLMConfig) -> dict[str, tuple[str, Slot]]:
-    """``{kernel's parent path: ({layer-less HF module name}, slot)}`` of every ``nn.Linear``
-    (HF module name with ``{i}``: ``model.layers.{i}.self_attn.q_proj``)."""
-    table = check_family(config.family, "config.family")
-    out = {}
-    for slot in layout(table, config).values():
-        e = slot.entry
-        if e.transpose and len(e.paths) == 1 and e.paths[0].endswith("/kernel"):
-            out[e.paths[0].rpartition("/")[0]] = (e.hf.removesuffix(".weight"), slot)
-    return out
-
-
-def _by_module_name(config: CausalLMConfig) -> dict[str, tuple[str, int | None]]:
-    """``{HF module name: (kernel's parent path, layer)}`` for every ``nn.Linear`` of every layer."""
-    out = {}
+def _kernel_slots(config: CausalLMConfig) -> list[tuple[Slot, tuple[str, ...]]]:
+    """Every kernel tensor's slot and the kernels' parent paths (three for GPT-2's ``c_attn``)."""
+    out = []
     for slot in layout(check_family(config.family, "config.family"), config).values():
-        e = slot.entry
-        if e.transpose and len(e.paths) == 1 and e.paths[0].endswith("/kernel"):
-            out[e.hf.format(i=slot.layer).removesuffix(".weight")] = (
-                e.paths[0].rpartition("/")[0],
-                slot.layer,
-            )
+        if slot.entry.hf.endswith(".weight") and all(
+            p.endswith("/kernel") for p in slot.entry.paths
+        ):
+            out.append((slot, tuple(p.rpartition("/")[0] for p in slot.entry.paths)))
     return out
+
+
+def _modules(config: CausalLMConfig) -> dict[str, tuple[str, Slot, tuple[str, ...]]]:
+    """``{kernel's parent path: ({layer-less HF module name}, slot, the module's parents)}``
+    (HF module name with ``{i}``: ``model.layers.{i}.self_attn.q_proj``)."""
+    return {
+        p: (slot.entry.hf.removesuffix(".weight"), slot, parents)
+        for slot, parents in _kernel_slots(config)
+        for p in parents
+    }
+
+
+def _by_module_name(config: CausalLMConfig) -> dict[str, tuple[tuple[str, ...], int | None]]:
+    """``{HF module name: (kernels' parent paths, layer)}`` for every module of every layer."""
+    return {
+        slot.entry.hf.format(i=slot.layer).removesuffix(".weight"): (parents, slot.layer)
+        for slot, parents in _kernel_slots(config)
+    }
 
 
 def _copy(leaf: Any, layer: int | None) -> np.ndarray:
@@ -110,7 +120,7 @@ def save_peft_adapter(
     Raises:
         CheckpointError: no LoRA adapters, IA3 adapters (PEFT's IA3 is another
             format: merge them), DoRA on only some modules, ranks that differ between
-            modules, or a family / module PEFT cannot name (GPT-2's fused ``c_attn``).
+            modules, a module PEFT cannot name, or DoRA on GPT-2's fused ``c_attn``.
 
     Example:
         >>> config = nj.models.hf.config_from_hf({"model_type": "llama", "vocab_size": 100,
@@ -143,25 +153,14 @@ def save_peft_adapter(
         )
     r = next(iter(ranks.values()))
     tensors = []
-    for parent, group in sorted(adapters.items()):
-        name, slot = modules[parent]
+    fused = {}  # {module name: its rank}, for PEFT's rank_pattern when it is not r
+    for name, (_, slot, parents) in sorted({modules[p][0]: modules[p] for p in adapters}.items()):
+        if len(parents) > 1:
+            fused[name.rpartition(".")[2]] = r * len(parents)
         layers = range(config.num_layers) if slot.layer is not None else [None]
         for layer in layers:
             key = PREFIX + (name.format(i=layer) if layer is not None else name)
-            a, b = group["lora_a"], group["lora_b"]
-            n_in, n_out = np.shape(a)[-2], np.shape(b)[-1]
-            tensors += [
-                Pending(f"{key}.lora_A.weight", (r, n_in), np.dtype(a.dtype),
-                        lambda a=a, layer=layer: _copy(a, layer).T),
-                Pending(f"{key}.lora_B.weight", (n_out, r), np.dtype(b.dtype),
-                        lambda b=b, layer=layer: _copy(b, layer).T),
-            ]  # fmt: skip
-            if "dora_magnitude" in group:
-                m = group["dora_magnitude"]
-                tensors.append(
-                    Pending(f"{key}.lora_magnitude_vector", (n_out,), np.dtype(m.dtype),
-                            lambda m=m, layer=layer: _copy(m, layer))
-                )  # fmt: skip
+            tensors += _module_tensors(key, [adapters.get(p) for p in parents], layer, r)
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
     write_model(folder, tensors, 2**62)
@@ -173,10 +172,12 @@ def save_peft_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": r,  # scale 1: nnjax's lora_a holds alpha / r already
+        "rank_pattern": fused,
+        "alpha_pattern": fused,
         "target_modules": targets,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": config.family == "gpt2",  # Conv1D: PEFT sets it True anyway
         "use_rslora": False,
         "use_dora": doras == {True},
         "modules_to_save": None,
@@ -185,6 +186,49 @@ def save_peft_adapter(
     with open(os.path.join(folder, CONFIG), "w") as f:
         json.dump(adapter_config, f, indent=2)
     return [CONFIG, WEIGHTS]
+
+
+def _module_tensors(key: str, groups: list[Any], layer: int | None, r: int) -> list[Pending]:
+    """PEFT's tensors of one module from the adapter groups of its parts (``None``: none).
+
+    One part: ``lora_A = lora_a.T``, ``lora_B = lora_b.T``. Several (GPT-2's ``c_attn``):
+    ``A`` stacks the parts' ``lora_a.T`` along the rank and ``B`` is block-diagonal, so
+    ``B @ A`` is the parts' updates side by side; a part without adapter gives zeros.
+    """
+    some = next(g for g in groups if g is not None)
+    n_in, dtype = np.shape(some["lora_a"])[-2], np.dtype(some["lora_a"].dtype)
+    n_outs = [np.shape(g["lora_b"])[-1] if g else None for g in groups]
+    if None in n_outs:  # a part without adapters: the same width as the adapted ones (q|k|v)
+        n_outs = [n or np.shape(some["lora_b"])[-1] for n in n_outs]
+    dora = "dora_magnitude" in some
+
+    def a_() -> np.ndarray:
+        return np.concatenate(
+            [_copy(g["lora_a"], layer).T if g else np.zeros((r, n_in), dtype) for g in groups]
+        )
+
+    def b_() -> np.ndarray:
+        b = np.zeros((sum(n_outs), r * len(groups)), np.dtype(some["lora_b"].dtype))
+        for k, g in enumerate(groups):
+            if g:
+                rows = slice(sum(n_outs[:k]), sum(n_outs[: k + 1]))
+                b[rows, k * r : (k + 1) * r] = _copy(g["lora_b"], layer).T
+        return b
+
+    out = [
+        Pending(f"{key}.lora_A.weight", (r * len(groups), n_in), dtype, a_),
+        Pending(f"{key}.lora_B.weight", (sum(n_outs), r * len(groups)),
+                np.dtype(some["lora_b"].dtype), b_),
+    ]  # fmt: skip
+    if dora:
+        if len(groups) > 1:
+            raise CheckpointError(f"save_peft_adapter: DoRA on the fused {key} is not supported")
+        m = some["dora_magnitude"]
+        out.append(
+            Pending(f"{key}.lora_magnitude_vector", (sum(n_outs),), np.dtype(m.dtype),
+                    lambda: _copy(m, layer))
+        )  # fmt: skip
+    return out
 
 
 def _pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -196,6 +240,8 @@ def _pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
 
 
 def _read_config(folder: str) -> dict[str, Any]:
+    # fan_in_fan_out is not checked: PEFT sets it from the module's type (True for GPT-2's
+    # Conv1D, False for nn.Linear), and the tensors' shapes and meaning do not depend on it
     file = os.path.join(folder, CONFIG)
     if not os.path.isfile(file):
         raise CheckpointError(f"{file} does not exist (not a PEFT adapter folder?)")
@@ -204,7 +250,6 @@ def _read_config(folder: str) -> dict[str, Any]:
     checks = {
         "peft_type": ("LORA", cfg.get("peft_type")),
         "bias": ("none", cfg.get("bias", "none")),
-        "fan_in_fan_out": (False, bool(cfg.get("fan_in_fan_out", False))),
         "modules_to_save": (None, cfg.get("modules_to_save") or None),
     }
     for key in _UNSUPPORTED:
@@ -217,8 +262,8 @@ def _read_config(folder: str) -> dict[str, Any]:
 
 
 def _group_tensors(infos: Mapping[str, TensorInfo], modules: Mapping[str, Any], where: str):
-    """``{(kernel parent, layer): {"lora_a" | "lora_b" | "dora": HF key}}``."""
-    groups: dict[tuple[str, int | None], dict[str, str]] = {}
+    """``{(kernel parents, layer): {"lora_a" | "lora_b" | "dora": HF key}}``."""
+    groups: dict[tuple[tuple[str, ...], int | None], dict[str, str]] = {}
     for key in infos:
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         module = key.removeprefix(PREFIX).removesuffix(suffix or "")
@@ -247,8 +292,9 @@ def load_peft_adapter(
 
     Raises:
         CheckpointError: a missing folder / file, a PEFT option nnjax does not model
-            (``bias`` training, ``fan_in_fan_out``, ``modules_to_save``, a non-LoRA type),
-            a tensor for no module of the model, or a shape that does not fit.
+            (``bias`` training, ``modules_to_save``, a non-LoRA type),
+            a tensor for no module of the model, a shape that does not fit, or DoRA on
+            GPT-2's fused ``c_attn``.
 
     Example:
         >>> config = nj.models.hf.config_from_hf({"model_type": "qwen3", "vocab_size": 100,
@@ -270,36 +316,42 @@ def load_peft_adapter(
     modules = _by_module_name(config)
     groups = _group_tensors(infos, modules, weights)
     flat = flatten(params)
-    by_parent: dict[str, dict[int | None, dict[str, str]]] = {}
-    for (parent, layer), g in groups.items():
-        by_parent.setdefault(parent, {})[layer] = g
+    # {kernel parent: {layer: (tensor keys, this part's index, number of parts)}}
+    by_parent: dict[str, dict[int | None, tuple[dict[str, str], int, int]]] = {}
+    for (parents, layer), g in groups.items():
+        if "dora" in g and len(parents) > 1:
+            raise CheckpointError(f"{weights}: DoRA on the fused {g['dora']} is not supported")
+        for k, parent in enumerate(parents):
+            by_parent.setdefault(parent, {})[layer] = (g, k, len(parents))
     for parent, layers in by_parent.items():
         kernel, scale = flat[f"{parent}/kernel"], flat.get(f"{parent}/{quantized.SCALE}")
         w = kernel if scale is None else quantized.dequantize(kernel, scale)
         stacked = STACKED in parent.split("/")
         n_in, n_out = np.shape(w)[-2:]
-        rank = max(infos[g["lora_a"]].shape[0] for g in layers.values())
+        rank = max(infos[g["lora_a"]].shape[0] for g, _, _ in layers.values())
         lead = (np.shape(w)[0],) if stacked else ()
         a = np.zeros((*lead, n_in, rank), np.float32)
         b = np.zeros((*lead, rank, n_out), np.float32)
-        dora = any("dora" in g for g in layers.values())
+        dora = any("dora" in g for g, _, _ in layers.values())
         m = np.array(jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=-2)))
-        for layer, g in layers.items():
+        for layer, (g, k, parts) in layers.items():
             ta, tb = (
                 read_tensor(g["lora_a"], infos[g["lora_a"]]),
                 read_tensor(g["lora_b"], infos[g["lora_b"]]),
             )
             r = ta.shape[0]
-            if ta.shape != (r, n_in) or tb.shape != (n_out, r):
+            if ta.shape != (r, n_in) or tb.shape != (n_out * parts, r):
                 raise CheckpointError(
                     f"{weights}: {g['lora_a']} {ta.shape} / {g['lora_b']} {tb.shape} do not fit "
                     f"{parent}/kernel ({n_in}, {n_out})"
+                    + (f" x {parts} fused" if parts > 1 else "")
                 )
+            tb = tb[k * n_out : (k + 1) * n_out]  # this part's rows of a fused (q|k|v) B
             module = g["lora_a"].removeprefix(PREFIX).removesuffix(".lora_A.weight")
             alpha = _pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
-            scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+            factor = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
             idx = (layer,) if stacked else ()
-            a[(*idx, slice(None), slice(0, r))] = scale * ta.astype(np.float32).T
+            a[(*idx, slice(None), slice(0, r))] = factor * ta.astype(np.float32).T
             b[(*idx, slice(0, r), slice(None))] = tb.astype(np.float32).T
             if "dora" in g:
                 m[idx] = read_tensor(g["dora"], infos[g["dora"]]).astype(np.float32)
