@@ -55,6 +55,18 @@ def _merged(config, params):
     return {t.name: t.produce() for t in tensors}
 
 
+def _agrees_with_peft(model, folder, config, adapted, token_ids):
+    """nnjax's logits and merged weights equal peft's, and the adapters change the logits."""
+    want = hf_tiny.logits(model.eval(), token_ids)
+    assert np.abs(want - hf_tiny.logits(_hf_model(folder), token_ids)).max() > 1e-2  # it matters
+    np.testing.assert_allclose(
+        _nnjax_logits(config, adapted, token_ids), want, rtol=1e-4, atol=1e-4
+    )
+    merged = model.merge_and_unload().state_dict()
+    for name, value in _merged(config, adapted).items():
+        np.testing.assert_allclose(merged[name].numpy(), value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_nnjax_adapter_loads_in_peft_to_the_same_logits(kind, base, tmp_path):
     folder, config, params = base
@@ -69,15 +81,7 @@ def test_nnjax_adapter_loads_in_peft_to_the_same_logits(kind, base, tmp_path):
     assert saved["target_modules"] == ["down_proj", "q_proj", "v_proj"]
     assert (saved["r"], saved["lora_alpha"], saved["use_dora"]) == (4, 4, kind == "dora")
     model = peft.PeftModel.from_pretrained(_hf_model(folder), tmp_path).eval()
-    token_ids = hf_tiny.ids((2, hf_tiny.SEQ))
-    want = hf_tiny.logits(model, token_ids)
-    assert np.abs(want - hf_tiny.logits(_hf_model(folder), token_ids)).max() > 1e-2  # it matters
-    np.testing.assert_allclose(
-        _nnjax_logits(config, adapted, token_ids), want, rtol=1e-4, atol=1e-4
-    )
-    merged = model.merge_and_unload().state_dict()
-    for name, value in _merged(config, adapted).items():
-        np.testing.assert_allclose(merged[name].numpy(), value, rtol=1e-5, atol=1e-6, err_msg=name)
+    _agrees_with_peft(model, folder, config, adapted, hf_tiny.ids((2, hf_tiny.SEQ)))
     back = hf.load_peft_adapter(tmp_path, config, params)  # and back, bit for bit
     jax.tree.map(np.testing.assert_array_equal, back, adapted)
 
@@ -104,16 +108,7 @@ def test_peft_made_adapter_loads_in_nnjax_to_the_same_logits(base, tmp_path):
     attn = adapted["blocks"]["stacked"]["attn"]
     assert attn["out"]["lora_a"].shape == (2, 32, 2) and attn["query"]["lora_a"].shape == (2, 32, 4)
     assert not np.any(np.asarray(attn["query"]["lora_b"][0]))
-    token_ids = hf_tiny.ids((2, hf_tiny.SEQ), seed=3)
-    np.testing.assert_allclose(
-        _nnjax_logits(config, adapted, token_ids),
-        hf_tiny.logits(model.eval(), token_ids),
-        rtol=1e-4,
-        atol=1e-4,
-    )
-    merged = model.merge_and_unload().state_dict()
-    for name, value in _merged(config, adapted).items():
-        np.testing.assert_allclose(merged[name].numpy(), value, rtol=1e-5, atol=1e-6, err_msg=name)
+    _agrees_with_peft(model, folder, config, adapted, hf_tiny.ids((2, hf_tiny.SEQ), seed=3))
 
 
 def test_errors(base, tmp_path):
@@ -169,12 +164,7 @@ def test_gpt2_nnjax_adapter_loads_in_peft_to_the_same_logits(gpt2, tmp_path):
     b = state["base_model.model.transformer.h.1.attn.c_attn.lora_B.default.weight"]
     assert (tuple(a.shape), tuple(b.shape)) == ((12, 32), (96, 12))
     assert not b[32:64].any()  # no key adapter: its block of B is zero
-    token_ids = hf_tiny.ids((2, hf_tiny.SEQ)) % 64
-    want = hf_tiny.logits(model, token_ids)
-    assert np.abs(want - hf_tiny.logits(_hf_model(folder), token_ids)).max() > 1e-2  # it matters
-    np.testing.assert_allclose(
-        _nnjax_logits(config, adapted, token_ids), want, rtol=1e-4, atol=1e-4
-    )
+    _agrees_with_peft(model, folder, config, adapted, hf_tiny.ids((2, hf_tiny.SEQ)) % 64)
     back = hf.load_peft_adapter(tmp_path, config, params)  # and back: the same updates
     for part in ("query", "key", "value", "out"):
         got, ref = back["blocks"]["stacked"]["attn"][part], adapted["blocks"]["stacked"]["attn"]
@@ -205,15 +195,7 @@ def test_gpt2_peft_made_adapter_loads_in_nnjax_to_the_same_logits(gpt2, tmp_path
     blocks = adapted["blocks"]["stacked"]
     assert blocks["attn"]["key"]["lora_b"].shape == (2, 4, 32)
     assert blocks["mlp"]["fc"]["lora_a"].shape == (2, 32, 2)
-    token_ids = hf_tiny.ids((2, hf_tiny.SEQ), seed=3) % 64
-    want = hf_tiny.logits(model.eval(), token_ids)
-    assert np.abs(want - hf_tiny.logits(_hf_model(folder), token_ids)).max() > 1e-2  # it matters
-    np.testing.assert_allclose(
-        _nnjax_logits(config, adapted, token_ids), want, rtol=1e-4, atol=1e-4
-    )
-    merged = model.merge_and_unload().state_dict()
-    for name, value in _merged(config, adapted).items():
-        np.testing.assert_allclose(merged[name].numpy(), value, rtol=1e-5, atol=1e-6, err_msg=name)
+    _agrees_with_peft(model, folder, config, adapted, hf_tiny.ids((2, hf_tiny.SEQ), seed=3) % 64)
 
 
 def test_gpt2_dora_on_fused_c_attn_is_refused(gpt2, tmp_path):
