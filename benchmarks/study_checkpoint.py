@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from benchmarks.report import fmt, machine_line, write_study
-from benchmarks.workloads import child_json
+from benchmarks.workloads import child_json, reset_peak_rss, rss
 
 __all__ = ["main", "state_shapes"]
 
@@ -110,22 +110,6 @@ def _old_format() -> Any:
     return module
 
 
-def _rss() -> tuple[int, int]:
-    """``(VmRSS, VmHWM)`` of this process in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out["VmRSS"], out["VmHWM"]
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _save(fmt_name: str, folder: str, ts, old: Any) -> dict:
     import jax
 
@@ -178,16 +162,16 @@ def child(fmt_name: str, op: str, folder: str, quick: bool) -> dict:
     state_bytes = param_bytes(state)
     largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     old = _old_format() if fmt_name == "old" else None
-    rss0, _ = _rss()
-    _reset_peak()
+    rss0, _ = rss()
+    reset_peak_rss()
     if op == "save":
         row = _save(fmt_name, folder, state, old)
-        extra = _rss()[1] - rss0
+        extra = rss()[1] - rss0
     else:
         t0 = time.perf_counter()
         got = _restore(fmt_name, folder, state, old)
         row = {"s": time.perf_counter() - t0}
-        extra = _rss()[1] - rss0 - state_bytes
+        extra = rss()[1] - rss0 - state_bytes
         want = _build(quick, abstract=False)  # the same seeds: a bit-exact round trip
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             if not bool((a == b).all()):

@@ -32,7 +32,7 @@ import tempfile
 import time
 
 from benchmarks.report import fmt, machine_line, write_study
-from benchmarks.workloads import child_json
+from benchmarks.workloads import child_json, reset_peak_rss, rss
 
 __all__ = ["main", "llama_shape", "CELLS"]
 
@@ -54,21 +54,6 @@ def llama_shape(quick: bool) -> dict[str, int]:
         vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
         num_key_value_heads=4, intermediate_size=2048,
     )  # fmt: skip
-
-
-def _rss() -> tuple[int, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out["VmRSS"], out["VmHWM"]
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def make_checkpoint(folder: str, quick: bool) -> dict:
@@ -101,16 +86,16 @@ def _nnjax(cell: str, folder: str, steps: int) -> dict:
 
     import nnjax as nj
 
-    rss0, _ = _rss()
-    _reset_peak()
+    rss0, _ = rss()
+    reset_peak_rss()
     t0 = time.perf_counter()
     config, params = nj.models.hf.from_pretrained(folder)
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     if cell == "load":
-        load_peak = _rss()[1] - rss0
+        load_peak = rss()[1] - rss0
         float(sum(jax.numpy.sum(x) for x in jax.tree.leaves(params)))  # every weight read
-        return {"s": load_s, "extra_mb": load_peak / _MB, "touched_mb": (_rss()[1] - rss0) / _MB}
+        return {"s": load_s, "extra_mb": load_peak / _MB, "touched_mb": (rss()[1] - rss0) / _MB}
     rng = np.random.default_rng(0)
     if cell == "decode":
         out = {}
@@ -151,16 +136,16 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    rss0, _ = _rss()
-    _reset_peak()
+    rss0, _ = rss()
+    reset_peak_rss()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
     load_s = time.perf_counter() - t0
     if cell == "load":
-        load_peak = _rss()[1] - rss0
+        load_peak = rss()[1] - rss0
         # transformers maps the safetensors file: its weights enter RSS when first read.
         float(sum(p.sum() for p in model.parameters()))
-        return {"s": load_s, "extra_mb": load_peak / _MB, "touched_mb": (_rss()[1] - rss0) / _MB}
+        return {"s": load_s, "extra_mb": load_peak / _MB, "touched_mb": (rss()[1] - rss0) / _MB}
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     if cell == "decode":

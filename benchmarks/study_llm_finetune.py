@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from benchmarks.report import fmt, machine_line, write_study
-from benchmarks.workloads import child_json
+from benchmarks.workloads import child_json, reset_peak_rss, rss
 
 __all__ = ["main", "ROWS", "qwen2_05b_shape"]
 
@@ -51,19 +51,6 @@ def qwen2_05b_shape(quick: bool) -> dict[str, Any]:
         vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
         mlp_hidden=4864, tokens=256,
     )  # fmt: skip
-
-
-def _rss_peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _nnjax(row: str, shape: dict, steps: int) -> dict:
@@ -103,7 +90,7 @@ def _nnjax(row: str, shape: dict, steps: int) -> dict:
     ts, m = tr.step(ts, (x, y))
     jax.block_until_ready(m)
     first = time.perf_counter() - t0
-    _reset_peak()
+    reset_peak_rss()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -113,7 +100,7 @@ def _nnjax(row: str, shape: dict, steps: int) -> dict:
     return {
         "first_s": first,
         "step_s": statistics.median(times),
-        "peak_mb": _rss_peak() / _MB,
+        "peak_mb": rss()[1] / _MB,
         "loss": float(m["loss"]),
         "trainable": nj.count_params(ts.params) if mask is None else _count(ts.params, mask),
     }
@@ -174,7 +161,7 @@ def _torch(shape: dict, steps: int) -> dict:
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
-    _reset_peak()
+    reset_peak_rss()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -184,7 +171,7 @@ def _torch(shape: dict, steps: int) -> dict:
     return {
         "first_s": first,
         "step_s": statistics.median(times),
-        "peak_mb": _rss_peak() / _MB,
+        "peak_mb": rss()[1] / _MB,
         "loss": loss,
         "trainable": int(trainable),
     }

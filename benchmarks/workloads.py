@@ -244,3 +244,20 @@ def child_json(argv: list[str], what: str, timeout: float, env: dict | None = No
     if proc.returncode:
         raise RuntimeError(f"{what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rss() -> tuple[int, int]:
+    """``(VmRSS, VmHWM)`` of this process in bytes (Linux ``/proc/self/status``)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out["VmRSS"], out["VmHWM"]
+
+
+def reset_peak_rss() -> None:
+    """Start ``VmHWM`` again from the current RSS (``/proc/self/clear_refs``)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
