@@ -83,11 +83,11 @@ def header(tensors: Iterable[Tensor]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
-def as_bytes(array: np.ndarray) -> np.ndarray:
-    """An array's bytes as a flat uint8 array (a view when C-contiguous); bfloat16 has no buffer format."""
+def as_bytes(array: np.ndarray) -> memoryview:
+    """An array's bytes as a flat byte buffer (a view when C-contiguous); bfloat16 has no buffer format."""
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
-    return array.reshape(-1).view(np.uint8)
+    return array.reshape(-1).view(np.uint8).data
 
 
 def write(path: str, tensors: list[Tensor]) -> Written:
@@ -116,7 +116,7 @@ def write(path: str, tensors: list[Tensor]) -> Written:
             hashed = hasher.submit(digest.update, data)
             f.write(data)
             hashed.result()
-            size += data.size
+            size += data.nbytes
             del array, data  # one tensor on the host at a time
         f.flush()
         os.fsync(f.fileno())
@@ -208,14 +208,15 @@ class Reader:
 
     def _read(self, begin: int, array: np.ndarray) -> np.ndarray:
         self.touched = True
-        view = as_bytes(array) if array.size else np.empty(0, np.uint8)
-        got = os.preadv(self.file.fileno(), [view], begin) if view.size else 0
-        if got != view.size:
+        view = as_bytes(array) if array.size else memoryview(b"")
+        got = os.preadv(self.file.fileno(), [view], begin) if view.nbytes else 0
+        if got != view.nbytes:
             raise CheckpointError(f"{self.path}: truncated at byte {begin + got}")
         return array
 
     def _check_all(self) -> None:
         if not self.verified:
+            assert self.sha256 is not None  # verified starts True when there is no sha256
             verify(self.path, os.path.getsize(self.path), self.sha256)
             self.verified = True
 

@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from nnjax.checkpoint.arrayfile import NAMES
 from nnjax.core.errors import CheckpointError
@@ -85,7 +85,7 @@ def _short(x: Any) -> str:
     return type(x).__name__
 
 
-def _ints(value: Any, n: int | None = None) -> bool:
+def _ints(value: Any, n: int | None = None) -> TypeGuard[list[int]]:
     return (
         isinstance(value, list)
         and all(type(v) is int and v >= 0 for v in value)

@@ -114,9 +114,12 @@ def _place(files: _Files, pieces: list[Piece], like: Any, sharding: Any, info: A
     if isinstance(like, jax.Array | jax.ShapeDtypeStruct):
         if sharding is None:
             return jnp.asarray(whole())
-        return jax.make_array_from_callback(
-            shape, sharding, lambda index: files.region(pieces, *_bounds(index, shape), dtype)
-        )
+
+        def block(index: tuple[slice, ...] | None) -> Any:
+            assert index is not None  # make_array_from_callback asserts so before calling
+            return files.region(pieces, *_bounds(index, shape), dtype)
+
+        return jax.make_array_from_callback(shape, sharding, block)
     if isinstance(like, np.ndarray | np.generic):
         return np.array(whole())
     if isinstance(like, bool | int | float | complex):

@@ -263,14 +263,13 @@ def save(
     """
     if keep is not None and (type(keep) is not int or keep < 1):
         raise ValueError(f"expected keep >= 1 or None, got keep == {keep!r}")
-    if step is None:
-        if not hasattr(ts, "step"):
-            raise ValueError("save: pass step= for a pytree without a .step")
-        step = _host_scalar(ts.step)
-    if isinstance(step, float | np.floating) or int(step) < 0:
-        raise ValueError(f"save: expected an integer step >= 0, got step == {step!r}")
+    if step is None and not hasattr(ts, "step"):
+        raise ValueError("save: pass step= for a pytree without a .step")
+    number = _host_scalar(ts.step) if step is None else step
+    if isinstance(number, float | np.floating) or int(number) < 0:
+        raise ValueError(f"save: expected an integer step >= 0, got step == {number!r}")
     directory = os.fspath(directory)
-    plan = _plan(directory, ts, int(step), extra, keep)
+    plan = _plan(directory, ts, int(number), extra, keep)
     first = jax.process_index() == 0
     error = None
     try:  # process 0 locks the folder for the whole run; the others only queue their writes

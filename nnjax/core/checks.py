@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import jax.core  # for type checkers: jax's __init__ loads jax.core only under a private name
 import jax.numpy as jnp
 import numpy as np
 

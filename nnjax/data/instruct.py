@@ -380,10 +380,9 @@ def load_instruct(
         ((2, 32), 21)
     """
     records = read_jsonl(data) if isinstance(data, str | os.PathLike) else list(data)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "pad_token_id", None) or 0
+    pad = (getattr(tokenizer, "pad_token_id", None) or 0) if pad_id is None else pad_id
     examples = (tokenize(r, tokenizer, template=template, eos_id=eos_id) for r in records)
-    return pack(examples, seq_len, overflow=overflow, pad_id=pad_id)
+    return pack(examples, seq_len, overflow=overflow, pad_id=pad)
 
 
 def instruct_batches(

@@ -39,12 +39,13 @@ def _leading_length(arrays: Any) -> int:
     if not leaves:
         raise DataError("expected at least one array, got an empty pytree")
     lengths = [int(np.shape(a)[0]) if np.ndim(a) else None for a in leaves]
-    if None in lengths or len(set(lengths)) != 1:
+    first = lengths[0]
+    if first is None or any(n != first for n in lengths):
         shapes = ", ".join(str(tuple(np.shape(a))) for a in leaves)
         raise DataError(
             f"expected arrays with the same leading length, got lengths {lengths} (shapes {shapes})"
         )
-    return lengths[0]
+    return first
 
 
 class _BatchSpec(NamedTuple):

@@ -12,7 +12,7 @@ import gzip
 import os
 import zlib
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -221,6 +221,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as e:
         raise ImportError("nj.data.load_digits needs scikit-learn: pip install scikit-learn") from e
-    digits = sk_load_digits()
+    # scikit-learn ships no stubs: pyright infers Bunch | tuple (the return_X_y form) from its body
+    digits = cast(Any, sk_load_digits())
     x = (digits.images / 16.0).astype(np.float32)[..., None]
     return x, digits.target.astype(np.int32)

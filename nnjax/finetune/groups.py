@@ -22,7 +22,7 @@ per-leaf label cannot express, so it is a transformation of its own,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -74,8 +74,9 @@ def labels(
 
     def leaf(keypath, x):
         path = keypath_str(keypath)
-        groups = {label(p) for p in logical_copies(path, np.shape(x)).reshape(-1)}
-        groups.discard(None)  # unmatched copies are reported below
+        copies = logical_copies(path, np.shape(x)).reshape(-1)
+        # unmatched copies (label None) are reported below
+        groups = {g for p in copies if (g := label(p)) is not None}
         if len(groups) > 1:
             raise GlobError(
                 f"the copies of the stacked leaf {path!r} fall in different groups "
@@ -134,7 +135,9 @@ def multi_optimizer(
     rules = dict(rules)
     if params is not None:
         labels(params, rules)
-    return optax.multi_transform(rules, lambda tree: labels(tree, rules, check_unused=False))
+    # optax keys the transforms by Hashable, and a Mapping's key type is invariant
+    transforms: dict[Hashable, optax.GradientTransformation] = dict(rules.items())
+    return optax.multi_transform(transforms, lambda tree: labels(tree, rules, check_unused=False))
 
 
 def scale_by_tree(scales: Any) -> optax.GradientTransformation:

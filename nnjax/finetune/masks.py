@@ -205,5 +205,5 @@ def report(params: Any, m: Any) -> MaskReport:
         s[2] += t * itemsize
         s[3] += (n - t) * itemsize
     groups = tuple(GroupCount(g, *s) for g, s in sums.items())
-    total = GroupCount("total", *(sum(g[i] for g in groups) for i in range(1, 5)))
+    total = GroupCount("total", *(sum(s[i] for s in sums.values()) for i in range(4)))
     return MaskReport(groups, total)

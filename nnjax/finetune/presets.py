@@ -77,8 +77,9 @@ def block_names(params: Any, blocks: str = "blocks") -> list[str]:
     for p in match(params, f"{prefix}**", what="blocks glob"):
         names[p[len(prefix) :].split("/")[0]] = None
     order = list(names)
-    if all(_index(n) is not None for n in order):
-        order.sort(key=_index)
+    numbered = {n: i for n in order if (i := _index(n)) is not None}
+    if len(numbered) == len(order):
+        order.sort(key=numbered.__getitem__)
     return order
 
 

@@ -107,8 +107,7 @@ def load_pretrained(
         shape = tuple(np.shape(leaf))
         value = leaf
         logical = logical_copies(path, shape)
-        for idx in np.ndindex(*logical.shape):
-            name = logical[idx]
+        for idx, name in np.ndenumerate(logical):
             if name not in old_copies:
                 missing.append(name)
                 continue

@@ -63,9 +63,9 @@ class AdapterKind(NamedTuple):
 
     leaves: Mapping[str, tuple[str, ...]]
     create: Callable[..., Leaves]
-    weight: Callable[[jax.Array, Leaves], jax.Array]
-    output: Callable[[jax.Array, jax.Array, Leaves], jax.Array] | None
-    merge: Callable[[Leaves], Leaves]
+    weight: Callable[[jax.Array, Mapping[str, Any]], jax.Array]
+    output: Callable[[jax.Array, jax.Array, Mapping[str, Any]], jax.Array] | None
+    merge: Callable[[Mapping[str, Any]], Leaves]
 
 
 def _col_norm(w: jax.Array) -> jax.Array:
@@ -257,5 +257,6 @@ def adapted_matmul(params: Mapping[str, Any], x: jax.Array, dtype: Any) -> jax.A
         kernel = kind.weight(kernel, params)
     y = x @ kernel
     for kind in kinds[split:]:
+        assert kind.output is not None  # split is past the last kind without one
         y = kind.output(y, x, params)
     return jnp.reshape(y, (*lead, y.shape[-1]))

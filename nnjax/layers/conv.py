@@ -92,7 +92,7 @@ def window_padding(
         raise ValueError(
             f"{owner}: padding must be a string, an int or {nd} (lo, hi) int pairs, got {padding!r}"
         )
-    return pads
+    return tuple((lo, hi) for lo, hi in pads)  # pairs now checked
 
 
 def layout(nd: int) -> str:

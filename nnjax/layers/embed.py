@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core  # for type checkers: jax's __init__ loads jax.core only under a private name
 import jax.numpy as jnp
 import numpy as np
 

@@ -73,7 +73,7 @@ def conv(
     strides: Sequence[int],
     padding: Sequence[tuple[int, int]],
     kernel_dilation: Sequence[int],
-    dimension_numbers: tuple[str, str, str],
+    dimension_numbers: jax.lax.ConvDimensionNumbers,
 ) -> jax.Array:
     """A channels-last convolution (one feature group, no input dilation, explicit pads).
 

@@ -252,7 +252,7 @@ def _recurrent(
             return new, (out if return_sequences else None)
 
         carry, ys = jax.lax.scan(body, carry, (xs, masks), length=T, unroll=unroll)
-        y = jnp.moveaxis(ys, 0, -2) if return_sequences else carry[0]
+        y = carry[0] if ys is None else jnp.moveaxis(ys, 0, -2)  # None: not return_sequences
         if return_state:
             y = (y, carry[0] if n_carry == 1 else carry)
         return y, state

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.core  # for type checkers: jax's __init__ loads jax.core only under a private name
 import jax.numpy as jnp
 import numpy as np
 
@@ -53,20 +54,25 @@ def _generate(params, prompt, lengths, rng, temperature, top_p, min_p, *, s: _St
     spec = jax.ShapeDtypeStruct((b, t0 + n - 1), jnp.int32)
     _, state_spec = jax.eval_shape(model.init, jax.random.key(0), spec)
     state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state_spec)
-    keys = [None] * n if s.greedy else list(jax.random.split(rng, n))
-    options = dict(
-        greedy=s.greedy,
-        temperature=temperature,
-        top_k=s.top_k,
-        top_p=top_p if s.use_top_p else None,
-        min_p=min_p if s.use_min_p else None,
-    )
+    keys = None if s.greedy else jax.random.split(rng, n)
+
+    def draw(logits, key):
+        return sample(
+            logits,
+            key,
+            greedy=s.greedy,
+            temperature=temperature,
+            top_k=s.top_k,
+            top_p=top_p if s.use_top_p else None,
+            min_p=min_p if s.use_min_p else None,
+        )
+
     eos = jnp.asarray(s.eos if s.eos else (-1,), jnp.int32)
 
     positions, segments = _left_padding(lengths, t0)
     x = {"ids": prompt, "positions": positions, "segment_ids": segments}
     logits, state = model.apply(params, state, x)  # (B, T0, V)
-    first = sample(logits[:, -1], keys[0], **options)
+    first = draw(logits[:, -1], None if keys is None else keys[0])
     done = jnp.isin(first, eos)
 
     def step(carry, key):
@@ -77,10 +83,10 @@ def _generate(params, prompt, lengths, rng, temperature, top_p, min_p, *, s: _St
             "segment_ids": jnp.ones_like(token)[:, None],
         }
         logits, state = model.apply(params, state, x)  # (B, 1, V)
-        token = jnp.where(done, s.pad, sample(logits[:, -1], key, **options))
+        token = jnp.where(done, s.pad, draw(logits[:, -1], key))
         return (state, token, position + 1, done | jnp.isin(token, eos)), token
 
-    rest_keys = None if s.greedy else jnp.stack(keys[1:]) if n > 1 else None
+    rest_keys = None if keys is None or n == 1 else keys[1:]
     carry = (state, first, lengths.astype(jnp.int32), done)
     _, rest = jax.lax.scan(step, carry, rest_keys, length=n - 1)
     return jnp.concatenate([prompt, first[:, None], rest.T.astype(jnp.int32)], axis=1)

@@ -7,6 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nnjax.core.errors import ArgumentError
+
 __all__ = ["filter_logits", "sample"]
 
 
@@ -75,5 +77,7 @@ def sample(
     """One int32 token id per row of ``logits (..., V)``: the argmax, or a draw from :func:`filter_logits`."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if rng is None:
+        raise ArgumentError("rng: sampling (greedy=False) needs a PRNG key, got None")
     x = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     return jax.random.categorical(rng, x, axis=-1).astype(jnp.int32)

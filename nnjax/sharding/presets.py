@@ -91,7 +91,7 @@ def _split_spec(path: str, shape: tuple[int, ...], split: str, axis: str) -> P:
         names = next((k.leaves[leaf] for k in ADAPTERS.values() if leaf in k.leaves), ())
     if split not in names or len(names) > len(shape):
         return P()
-    spec = [None] * len(shape)
+    spec: list[str | None] = [None] * len(shape)
     spec[len(shape) - len(names) + names.index(split)] = axis
     return P(*spec)
 

@@ -115,7 +115,7 @@ def _rng_from_json(blob: dict[str, Any]) -> jax.Array:
 def _all_finite(tree: Any) -> jax.Array:
     """Whether every float leaf is finite: one bool fetched, not the whole state."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else True)
 
 
 def _is_deleted(tree: Any) -> bool:
@@ -178,9 +178,9 @@ def _evaluate(trainer: Any, run: _Run, plan: _Plan, log: MetricLog) -> dict[str,
     return {f"val_{n}": v for n, v in metrics.items()}
 
 
-def _checkpoint(run: _Run, plan: _Plan, log: MetricLog) -> None:
+def _checkpoint(run: _Run, directory: str, plan: _Plan, log: MetricLog) -> None:
     log.flush(run.step, run.last_ckpt)  # the history saved is complete, its losses checked
-    _save(run, plan.checkpoint_dir, plan.keep, blocking=not plan.async_checkpoint)
+    _save(run, directory, plan.keep, blocking=not plan.async_checkpoint)
 
 
 def _loop(trainer: Any, run: _Run, plan: _Plan, calls: Iterator, log: MetricLog) -> None:
@@ -202,7 +202,7 @@ def _loop(trainer: Any, run: _Run, plan: _Plan, calls: Iterator, log: MetricLog)
         # every callback sees the logs, even after one asked to stop
         stop = logs and any([bool(cb(run.step, run.ts, logs)) for cb in plan.callbacks])
         if plan.checkpoint_dir is not None and due(plan.checkpoint_every, first):
-            _checkpoint(run, plan, log)
+            _checkpoint(run, plan.checkpoint_dir, plan, log)
         log.epochs.summarize(run.history)
         if plan.signals:
             raise _Terminated
@@ -217,7 +217,7 @@ def _finish(trainer: Any, run: _Run, plan: _Plan, log: MetricLog, start_step: in
         if plan.eval_data is not None and run.evaluated_at != run.step:
             _evaluate(trainer, run, plan, log)
         if plan.checkpoint_dir is not None and run.saved_at != run.step:
-            _checkpoint(run, plan, log)
+            _checkpoint(run, plan.checkpoint_dir, plan, log)
     log.epochs.summarize(run.history)
 
 
@@ -247,7 +247,7 @@ def _save_on_interrupt(run: _Run, plan: _Plan, log: MetricLog) -> None:
     if plan.checkpoint_dir is None or run.saved_at == run.step or not state_ok:
         return
     try:
-        _checkpoint(run, plan, log)
+        _checkpoint(run, plan.checkpoint_dir, plan, log)
     except TrainingDiverged as e:
         warnings.warn(f"interrupted; no checkpoint saved: {e}", stacklevel=3)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -88,8 +88,10 @@ def stream(data: Any, epochs: int | None, pos: dict[str, int] | None) -> Iterato
         return
     _resumed(data, pos, "epoch")
     epoch, index = (0, 0) if pos is None else (pos["epoch"], pos["index"])
+    # what is left: a re-iterable, or epoch -> batches
+    batches: Iterable | Callable[[int], Iterable] = data
     while epochs is None or epoch < epochs:
-        it = iter(data(epoch) if callable(data) else data)
+        it = iter(batches(epoch) if callable(batches) else batches)
         count = sum(1 for _ in itertools.islice(it, index))
         for batch in it:
             count += 1
@@ -154,4 +156,5 @@ def eval_batches(eval_data: Any) -> Iterable:
         if getattr(eval_data, "steps", None) is None:
             raise ValueError(f"eval_data {type(eval_data).__name__} is endless; give it steps=")
         return eval_data.at(0)
-    return eval_data() if callable(eval_data) else eval_data
+    batches: Iterable | Callable[[], Iterable] = eval_data  # a re-iterable, or () -> batches
+    return batches() if callable(batches) else batches

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +88,10 @@ class TrainerFunctions(NamedTuple):
 # --- small helpers -------------------------------------------------------------------
 
 
-def _copy(tree: Any) -> Any:
+T = TypeVar("T")
+
+
+def _copy(tree: T) -> T:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 

@@ -43,7 +43,7 @@ def gpt2_config(hf_config: Any) -> GPTConfig:
     Dropout is 0 (set ``dataclasses.replace(cfg, dropout=...)`` to fine-tune with it).
 
     Raises:
-        ValueError: ``n_inner`` not a multiple of ``n_embd``.
+        ValueError: a size field is missing, or ``n_inner`` not a multiple of ``n_embd``.
     """
 
     def get(name, default=None):
@@ -51,17 +51,23 @@ def gpt2_config(hf_config: Any) -> GPTConfig:
             return hf_config.get(name, default)
         return getattr(hf_config, name, default)
 
-    n_embd = int(get("n_embd"))
+    def need(name):
+        value = get(name)
+        if value is None:
+            raise ValueError(f"gpt2_config: the config has no {name!r}")
+        return value
+
+    n_embd = int(need("n_embd"))
     n_inner = get("n_inner") or 4 * n_embd
     if n_inner % n_embd:
         raise ValueError(
             f"gpt2_config: n_inner ({n_inner}) must be a multiple of n_embd ({n_embd})"
         )
     return GPTConfig(
-        vocab_size=int(get("vocab_size")),
-        block_size=int(get("n_positions")),
-        n_layer=int(get("n_layer")),
-        n_head=int(get("n_head")),
+        vocab_size=int(need("vocab_size")),
+        block_size=int(need("n_positions")),
+        n_layer=int(need("n_layer")),
+        n_head=int(need("n_head")),
         n_embd=n_embd,
         dropout=0.0,
         mlp_ratio=n_inner // n_embd,

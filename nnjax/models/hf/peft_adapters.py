@@ -197,9 +197,9 @@ def _module_tensors(key: str, groups: list[Any], layer: int | None, r: int) -> l
     """
     some = next(g for g in groups if g is not None)
     n_in, dtype = np.shape(some["lora_a"])[-2], np.dtype(some["lora_a"].dtype)
-    n_outs = [np.shape(g["lora_b"])[-1] if g else None for g in groups]
-    if None in n_outs:  # a part without adapters: the same width as the adapted ones (q|k|v)
-        n_outs = [n or np.shape(some["lora_b"])[-1] for n in n_outs]
+    # a part without adapters has the same width as the adapted ones (q|k|v)
+    width = np.shape(some["lora_b"])[-1]
+    n_outs = [np.shape(g["lora_b"])[-1] if g else width for g in groups]
     dora = "dora_magnitude" in some
 
     def a_() -> np.ndarray:
@@ -231,7 +231,7 @@ def _module_tensors(key: str, groups: list[Any], layer: int | None, r: int) -> l
     return out
 
 
-def _pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+def _pattern(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: a key matches a module name's tail."""
     for key, value in (patterns or {}).items():
         if re.fullmatch(rf"(.*\.)?{key}", module):

@@ -29,11 +29,9 @@ from nnjax.models.hf.tables import check_family
 __all__ = ["from_pretrained", "save_pretrained", "load_config", "param_template"]
 
 
-def _read_json(path: str, *, required: bool) -> dict[str, Any] | None:
+def _read_json(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        if required:
-            raise CheckpointError(f"{path} does not exist (not a Hugging Face model folder?)")
-        return None
+        raise CheckpointError(f"{path} does not exist (not a Hugging Face model folder?)")
     try:
         with open(path) as f:
             return json.load(f)
@@ -51,8 +49,9 @@ def load_config(path: str | os.PathLike) -> CausalLMConfig:
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder!r} is not a folder")
     file = os.path.join(folder, "config.json")
-    hf = _read_json(file, required=True)
-    generation = _read_json(os.path.join(folder, "generation_config.json"), required=False)
+    hf = _read_json(file)
+    generation_file = os.path.join(folder, "generation_config.json")
+    generation = _read_json(generation_file) if os.path.isfile(generation_file) else None
     return config_from_hf(hf, generation, where=file)
 
 
