@@ -31,7 +31,9 @@ def Scale(features: int, *, name: str = "scale") -> nj.Layer:
 
     def apply(params, state, x, *, rng=None, train=False):
         del rng, train
-        return x * params["scale"] + params["bias"], state
+        # Broadcasts written out, as nnjax's own layers do: a (d,) vector against (..., d).
+        scale, bias = (jax.lax.broadcast_to_rank(params[k], x.ndim) for k in ("scale", "bias"))
+        return x * scale + bias, state
 
     return nj.Layer(init, apply, name)
 
@@ -51,10 +53,10 @@ def RunningMean(momentum: float = 0.9, *, name: str = "running_mean") -> nj.Laye
     def apply(params, state, x, *, rng=None, train=False):
         del params, rng
         if not train:
-            return x - state["mean"], state
+            return x - jax.lax.broadcast_to_rank(state["mean"], x.ndim), state
         batch_mean = jnp.mean(x, axis=tuple(range(x.ndim - 1)))
         mean = momentum * state["mean"] + (1 - momentum) * batch_mean
-        return x - batch_mean, {"mean": mean}
+        return x - jax.lax.broadcast_to_rank(batch_mean, x.ndim), {"mean": mean}
 
     return nj.Layer(init, apply, name)
 

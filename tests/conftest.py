@@ -8,20 +8,12 @@ import pytest
 # from silently picking lower-precision matmuls and keep runs repeatable.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# Implicit rank promotion (a (3,) added to a (2, 3) by accident) is an error in the test
-# modules listed here, as in equinox's tests: every broadcast in nnjax is written out
-# (jax.lax.broadcast_to_rank for a bias). The contract suite runs every registered
-# layer. Add a module here once it passes under "raise".
-STRICT_RANK_MODULES = {"test_contract", "test_api"}
-
-
-@pytest.fixture(autouse=True)
-def _strict_rank_promotion(request):
-    if request.module.__name__.rsplit(".", 1)[-1] in STRICT_RANK_MODULES:
-        with jax.numpy_rank_promotion("raise"):
-            yield
-    else:
-        yield
+# Implicit rank promotion (a (3,) added to a (2, 3) by accident) is an error in every
+# test, as in equinox's tests: every broadcast in nnjax is written out
+# (jax.lax.broadcast_to_rank for a bias). The environment variable carries the same
+# rule into the subprocesses some tests start (the CLI, multi-process sharding).
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 DATA = pathlib.Path(

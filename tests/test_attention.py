@@ -228,7 +228,7 @@ def test_kv_cache_steps_equal_full_causal_pass(impl, padded):
         outs.append(y)
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
     # the cache holds every position's key, head 0 = the first head_dim columns
-    keys = x @ params["key"]["kernel"] + params["key"]["bias"]
+    keys = np.asarray(x) @ np.asarray(params["key"]["kernel"]) + np.asarray(params["key"]["bias"])
     np.testing.assert_allclose(state["cached_key"][:, :, 0], keys[..., : D // H], **TOL)
 
 

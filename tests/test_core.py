@@ -29,8 +29,9 @@ def test_serial_equals_manual_composition():
     x = jax.random.normal(jax.random.key(1), (4, 5))
     params, state = model.init(jax.random.key(0), x)
     y, _ = model.apply(params, state, x)
-    h = jnp.tanh(x @ params["dense_0"]["kernel"] + params["dense_0"]["bias"])
-    expected = h @ params["dense_1"]["kernel"] + params["dense_1"]["bias"]
+    p0, p1 = jax.tree.map(np.asarray, (params["dense_0"], params["dense_1"]))
+    h = np.tanh(np.asarray(x) @ p0["kernel"] + p0["bias"])
+    expected = h @ p1["kernel"] + p1["bias"]
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -53,9 +54,10 @@ def test_fan_out_gives_every_child_the_input_and_combines():
     params, state = model.init(jax.random.key(0), x)
     assert list(params) == ["dense_0", "dense_1"]
     y, _ = model.apply(params, state, x)
-    p0, p1 = params["dense_0"], params["dense_1"]
-    expected = jnp.concatenate(
-        [x @ p0["kernel"] + p0["bias"], x @ p1["kernel"] + p1["bias"], jnp.tanh(x)], -1
+    p0, p1 = jax.tree.map(np.asarray, (params["dense_0"], params["dense_1"]))
+    x = np.asarray(x)
+    expected = np.concatenate(
+        [x @ p0["kernel"] + p0["bias"], x @ p1["kernel"] + p1["bias"], np.tanh(x)], -1
     )
     np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
 
@@ -65,14 +67,14 @@ def test_residual_adds_input_and_projection_shortcut():
     model = nj.residual(nj.Dense(5), jnp.tanh)
     params, state = model.init(jax.random.key(0), x)
     y, _ = model.apply(params, state, x)
-    p = params["dense_0"]
-    np.testing.assert_allclose(y, x + jnp.tanh(x @ p["kernel"] + p["bias"]), rtol=1e-6, atol=1e-6)
+    p, x = jax.tree.map(np.asarray, (params["dense_0"], x))
+    np.testing.assert_allclose(y, x + np.tanh(x @ p["kernel"] + p["bias"]), rtol=1e-6, atol=1e-6)
 
     proj = nj.residual(nj.Dense(7), shortcut=nj.Dense(7, use_bias=False))
     params, state = proj.init(jax.random.key(0), x)
     y, _ = proj.apply(params, state, x)
-    p = params["dense_0"]
-    expected = x @ params["shortcut"]["kernel"] + x @ p["kernel"] + p["bias"]
+    p, shortcut = jax.tree.map(np.asarray, (params["dense_0"], params["shortcut"]))
+    expected = x @ shortcut["kernel"] + x @ p["kernel"] + p["bias"]
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -282,7 +284,7 @@ def _layer(init=None, apply=None):
         return {"w": jnp.ones(np.shape(x)[-1])}, {}
 
     def good_apply(params, state, x, *, rng=None, train=False):
-        return x * params["w"], state
+        return x * jax.lax.broadcast_to_rank(params["w"], np.ndim(x)), state
 
     return nj.Layer(init or good_init, apply or good_apply, "mine")
 

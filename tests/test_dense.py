@@ -42,6 +42,7 @@ def test_dense_lora_adds_low_rank_term():
     a = jax.random.normal(jax.random.key(2), (4, 2))
     b = jax.random.normal(jax.random.key(3), (2, 6))
     y, _ = layer.apply({**params, "lora_a": a, "lora_b": b}, state, x)
+    x, a, b, params = jax.tree.map(np.asarray, (x, a, b, params))
     expected = x @ (params["kernel"] + a @ b) + params["bias"]
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 

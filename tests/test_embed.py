@@ -105,7 +105,7 @@ def _tied_model(vocab=7, d=4):
 
 def _by_hand(table, kernel, bias, ids):
     """The tied model written in plain JAX: embed, tanh(Dense), project with the table."""
-    h = jnp.tanh(table[ids] @ kernel + bias)
+    h = jnp.tanh(table[ids] @ kernel + jax.lax.broadcast_to_rank(bias, np.ndim(ids) + 1))
     return h @ table.T
 
 
@@ -131,7 +131,7 @@ def test_tied_embedding_matches_plain_jax_and_grads_from_both_uses():
         def f(t):
             t_in = jax.lax.stop_gradient(t) if stop_embed else t
             t_out = jax.lax.stop_gradient(t) if stop_head else t
-            h = jnp.tanh(t_in[ids] @ dense["kernel"] + dense["bias"])
+            h = jnp.tanh(t_in[ids] @ dense["kernel"] + jax.lax.broadcast_to_rank(dense["bias"], 3))
             return jnp.sum((h @ t_out.T) * w)
 
         return jax.grad(f)(table)

@@ -124,7 +124,7 @@ def _ia3_weight(w, leaves):
 
 def _ia3_output(y, x, leaves):
     del x
-    return y * leaves["ia3_scale"].astype(y.dtype)
+    return y * jax.lax.broadcast_to_rank(leaves["ia3_scale"].astype(y.dtype), y.ndim)
 
 
 def _ia3_merge(group):

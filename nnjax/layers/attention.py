@@ -355,7 +355,7 @@ def MultiHeadAttention(
         >>> params, state = attn.init(key, x)
         >>> jax.tree.map(jnp.shape, params["key"])
         {'bias': (16,), 'kernel': (32, 16)}
-        >>> mask = jnp.arange(16) < jnp.array([[16], [9]])  # right padding
+        >>> mask = jnp.arange(16)[None, :] < jnp.array([[16], [9]])  # right padding
         >>> attn.apply(params, state, {"query": x, "mask": mask})[0].shape
         (2, 16, 32)
     """

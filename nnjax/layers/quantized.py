@@ -105,7 +105,8 @@ def quantize(w: jax.Array, bits: int, *, depth: int = 0, block_size: int = 64):
     blocks = jnp.reshape(w, (*stack, size // block_size, block_size))
     scale = jnp.max(jnp.abs(blocks), axis=-1)  # (*stack, n_blocks)
     normed = blocks / jnp.where(scale > 0, scale, 1.0)[..., None]
-    codes = jnp.argmin(jnp.abs(normed[..., None] - jnp.asarray(NF4)), axis=-1).astype(jnp.uint8)
+    levels = jax.lax.broadcast_to_rank(jnp.asarray(NF4), normed.ndim + 1)
+    codes = jnp.argmin(jnp.abs(normed[..., None] - levels), axis=-1).astype(jnp.uint8)
     pairs = jnp.reshape(codes, (*stack, *shape[:-1], shape[-1] // 2, 2))
     return (pairs[..., 0] << 4) | pairs[..., 1], scale
 

@@ -240,7 +240,7 @@ def _recurrent(
         if lengths is not None:
             lengths = _check_lengths(lengths, inputs, what)
             t = jnp.arange(T).reshape((T,) + (1,) * len(batch))
-            masks = (t < lengths)[..., None]  # (T, ..., 1)
+            masks = (t < lengths[None])[..., None]  # (T, ..., 1)
 
         def body(carry, xs_t):
             xp_t, m = xs_t
@@ -432,8 +432,8 @@ def _reverse_in_length(y: jax.Array, lengths: jax.Array | None) -> jax.Array:
     if lengths is None:
         return jnp.flip(y, axis=-2)
     T = np.shape(y)[-2]
-    t = jnp.arange(T)
     n = jnp.clip(lengths, 0, T)[..., None]  # (..., 1)
+    t = jax.lax.broadcast_to_rank(jnp.arange(T), n.ndim)
     idx = jnp.where(t < n, n - 1 - t, t)  # (..., T); an involution
     return jnp.take_along_axis(y, idx[..., None], axis=-2)
 

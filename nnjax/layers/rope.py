@@ -175,7 +175,9 @@ def _inv_freq(rot: Rotary, positions: jax.Array) -> jax.Array:
 
 def cos_sin(rot: Rotary, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``cos, sin`` of shape ``(*positions.shape, rotary_dim)``, float32 (halves repeated)."""
-    angles = positions.astype(jnp.float32)[..., None] * _inv_freq(rot, positions)
+    angles = positions.astype(jnp.float32)[..., None] * jax.lax.broadcast_to_rank(
+        _inv_freq(rot, positions), positions.ndim + 1
+    )
     emb = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(emb) * rot.attention_scaling, jnp.sin(emb) * rot.attention_scaling
 

@@ -120,7 +120,7 @@ def TextClassifier(config: TextClassifierConfig) -> Layer:
         # h: (B, T, D), zero after each sequence's end
         T = np.shape(ids)[1]
         n = jnp.full(np.shape(ids)[:1], T) if lengths is None else jnp.clip(lengths, 1, T)
-        valid = jnp.arange(T) < n[:, None]  # (B, T)
+        valid = jnp.arange(T)[None, :] < n[:, None]  # (B, T)
         return jnp.sum(jnp.where(valid[..., None], h, 0), axis=1) / n[:, None].astype(h.dtype)
 
     def init(key, x):
