@@ -133,6 +133,35 @@ def _methods(pretrained: Any, sz: LMSizes) -> list[_Method]:
     return out
 
 
+class _Corpora(NamedTuple):
+    """The story's data: the pretraining token file and the two held-out evaluations."""
+
+    code_bin: str  # nanoGPT-style token file of the first 90% of the code
+    code_train_bytes: int
+    train_docs: list[dict]
+    held_docs: list[dict]
+    doc_eval: tuple[dict, np.ndarray]  # packed rows of held-out help() topics
+    code_eval: tuple[dict, np.ndarray]  # the last 10% of the code, as packed rows
+
+
+def _corpora(cfg: Any, sz: LMSizes, tok: Any) -> _Corpora:
+    code = np.frombuffer(code_corpus(sz.code_bytes), np.uint8)
+    split = int(0.9 * len(code))
+    code_bin = os.path.join(cfg.out, "stdlib_code.bin")
+    nj.data.write_tokens(code_bin, code[:split])
+    train_docs, held_docs = doc_records()
+    doc_eval = nj.data.load_instruct(held_docs, tok, sz.seq_len, overflow="split")
+    doc_eval = jax.tree.map(lambda a: a[: sz.eval_rows], doc_eval)
+    code_eval = _as_packed(*next(nj.data.lm_batches(code[split:], sz.seq_len, sz.eval_rows, 1)))
+    return _Corpora(code_bin, split, train_docs, held_docs, doc_eval, code_eval)
+
+
+def _row(method: str, ppl: tuple[float, float], **cost: Any) -> dict:
+    """One table row; ``cost`` overrides the zero cost of the pretrained model's row."""
+    zero = {"trainable": 0, "opt_state_bytes": 0, "checkpoint_bytes": 0, "step_ms": 0.0}
+    return {"method": method, **zero, **cost, "doc_ppl": ppl[0], "code_ppl": ppl[1]}
+
+
 def run(
     cfg: Any, print_fn: Callable[[str], Any] = print, sizes: LMSizes | None = None
 ) -> list[dict]:
@@ -146,15 +175,7 @@ def run(
     """
     sz = sizes or (QUICK if cfg.quick_lm else LMSizes())
     tok = nj.data.ByteTokenizer()
-    code = np.frombuffer(code_corpus(sz.code_bytes), np.uint8)
-    split = int(0.9 * len(code))
-    code_bin = os.path.join(cfg.out, "stdlib_code.bin")
-    nj.data.write_tokens(code_bin, code[:split])
-    train_docs, held_docs = doc_records()
-    doc_eval = nj.data.load_instruct(held_docs, tok, sz.seq_len, overflow="split")
-    doc_eval = jax.tree.map(lambda a: a[: sz.eval_rows], doc_eval)
-    code_eval = _as_packed(*next(nj.data.lm_batches(code[split:], sz.seq_len, sz.eval_rows, 1)))
-
+    data = _corpora(cfg, sz, tok)
     lm_cfg = nj.models.CausalLMConfig(
         vocab_size=tok.vocab_size,
         hidden_size=sz.hidden_size,
@@ -173,66 +194,67 @@ def run(
 
     def ppl(params) -> tuple[float, float]:
         p = _plain(params)
-        return math.exp(eval_loss(p, doc_eval)), math.exp(eval_loss(p, code_eval))
+        return math.exp(eval_loss(p, data.doc_eval)), math.exp(eval_loss(p, data.code_eval))
 
-    params, _ = model.init(jax.random.key(cfg.seed), doc_eval[0])
+    params, _ = model.init(jax.random.key(cfg.seed), data.doc_eval[0])
     print_fn(
         f"      pretrain a {nj.count_params(params):,}-parameter byte-level model on "
-        f"{split:,} bytes of the standard library's source"
+        f"{data.code_train_bytes:,} bytes of the standard library's source"
     )
-    opt = optax.adamw(sz.learning_rate, weight_decay=0.0)
-    tr = nj.trainer(model, _loss, opt)
-    data = nj.data.token_batches(code_bin, sz.seq_len, sz.batch_size, cfg.seed)
+    tr = nj.trainer(model, _loss, optax.adamw(sz.learning_rate, weight_decay=0.0))
+    tokens = nj.data.token_batches(data.code_bin, sz.seq_len, sz.batch_size, cfg.seed)
     ts, _ = _train(
-        tr, tr.init(params), data, sz.pretrain_steps, "pretrain LM on code", cfg.progress
+        tr, tr.init(params), tokens, sz.pretrain_steps, "pretrain LM on code", cfg.progress
     )
-    pretrained = ts.params
-    doc0, code0 = ppl(pretrained)
     print_fn(
-        f"      then teach it help()'s documentation: {len(train_docs)} topics "
-        f"({len(held_docs)} held out)"
+        f"      then teach it help()'s documentation: {len(data.train_docs)} topics "
+        f"({len(data.held_docs)} held out)"
     )
-    rows = [
-        {
-            "method": "pretrained, not fine-tuned",
-            "trainable": 0,
-            "opt_state_bytes": 0,
-            "checkpoint_bytes": 0,
-            "step_ms": 0.0,
-            "doc_ppl": doc0,
-            "code_ppl": code0,
-        }
-    ]
-    for k, m in enumerate(_methods(pretrained, sz)):
-        opt = optax.adamw(sz.finetune_learning_rate, weight_decay=0.0)
-        tr = nj.trainer(model, _loss, opt, trainable=m.mask)
-        ts = tr.init(m.params)
-        docs = nj.data.instruct_batches(
-            train_docs, tok, sz.seq_len, sz.batch_size, overflow="split", seed=cfg.seed, epochs=None
-        )
-        ts, times = _train(tr, ts, docs, sz.finetune_steps, f"fine-tune LM: {m.name}", cfg.progress)
-        doc1, code1 = ppl(ts.params)
-        saved = saved_bytes(
-            ts.params, m.mask, os.path.join(cfg.out, f"lm_finetune_{k}.safetensors")
-        )
-        mask = m.mask if m.mask is not None else finetune.mask(ts.params)
-        rows.append(
-            {
-                "method": m.name,
-                "trainable": finetune.trainable_count(ts.params, mask),
-                "opt_state_bytes": param_bytes(ts.opt_state),
-                "checkpoint_bytes": saved,
-                "step_ms": min(times),
-                "doc_ppl": doc1,
-                "code_ppl": code1,
-            }
-        )
+    rows = [_row("pretrained, not fine-tuned", ppl(ts.params))]
+    for k, m in enumerate(_methods(ts.params, sz)):
+        rows.append(_finetune(model, m, data, sz, cfg, ppl, k))
     text = format_table(rows)
     print_fn(text)
     with open(os.path.join(cfg.out, "results_lm.md"), "w") as f:
         f.write("```\n" + text + "\n```\n")
     _plot(rows, os.path.join(cfg.out, "perplexity.png"))
     return rows
+
+
+def _finetune(
+    model: nj.Layer,
+    m: _Method,
+    data: _Corpora,
+    sz: LMSizes,
+    cfg: Any,
+    ppl: Callable[[Any], tuple[float, float]],
+    k: int,
+) -> dict:
+    """Fine-tune the pretrained model by method ``m`` on the docs; its table row."""
+    opt = optax.adamw(sz.finetune_learning_rate, weight_decay=0.0)
+    tr = nj.trainer(model, _loss, opt, trainable=m.mask)
+    docs = nj.data.instruct_batches(
+        data.train_docs,
+        nj.data.ByteTokenizer(),
+        sz.seq_len,
+        sz.batch_size,
+        overflow="split",
+        seed=cfg.seed,
+        epochs=None,
+    )
+    ts, times = _train(
+        tr, tr.init(m.params), docs, sz.finetune_steps, f"fine-tune LM: {m.name}", cfg.progress
+    )
+    saved = saved_bytes(ts.params, m.mask, os.path.join(cfg.out, f"lm_finetune_{k}.safetensors"))
+    mask = m.mask if m.mask is not None else finetune.mask(ts.params)
+    return _row(
+        m.name,
+        ppl(ts.params),
+        trainable=finetune.trainable_count(ts.params, mask),
+        opt_state_bytes=param_bytes(ts.opt_state),
+        checkpoint_bytes=saved,
+        step_ms=min(times),
+    )
 
 
 def format_table(rows: list[dict]) -> str:

@@ -213,6 +213,8 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
         >>> model.apply(params, state, packed)[0].shape
         (1, 6, 100)
     """
+    # Over 80 lines only through the closures it returns (embed, check_length, init, embed_tokens,
+    # apply; the longest is 37 lines): a layer's functions close over its constructor's arguments.
     c = config
     block = _block(c, decode)
     blocks = repeat(remat(block) if c.remat else block, c.num_layers, unroll=c.scan_unroll)
