@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.core  # for type checkers: jax's __init__ loads jax.core only under a private name
 import jax.numpy as jnp
 import numpy as np
 
