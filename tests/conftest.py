@@ -8,6 +8,17 @@ import pytest
 # from silently picking lower-precision matmuls and keep runs repeatable.
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# The tests check nnjax's numbers, not XLA's optimizer: compiling without most XLA
+# optimizations took the suite from 14:00 to 9:30 on 2 cores (the same 1102 passed),
+# as compile time dominates tiny models. Users, the demo and benchmarks/ run fully
+# optimized; JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the tests that way too. The
+# environment variable carries the choice into the subprocesses some tests start.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+jax.config.update(
+    "jax_disable_most_optimizations",
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() not in ("0", "false"),
+)
+
 # Implicit rank promotion (a (3,) added to a (2, 3) by accident) is an error in every
 # test, as in equinox's tests: every broadcast in nnjax is written out
 # (jax.lax.broadcast_to_rank for a bias). The environment variable carries the same

@@ -186,6 +186,13 @@ def test_filters_keep_the_numpy_set_with_renormalised_probabilities(options):
     assert 0 < keep.sum() < LOGITS.size or options == dict(top_p=1.0)
 
 
+def test_sampling_without_a_key_is_refused_and_greedy_needs_none():
+    logits = jnp.asarray(LOGITS)[None]
+    with pytest.raises(nj.ArgumentError, match=r"rng: sampling \(greedy=False\) needs a PRNG key"):
+        nj.models.sample(logits, None, greedy=False)
+    assert int(nj.models.sample(logits, None, greedy=True)[0]) == int(np.argmax(LOGITS))
+
+
 def test_sample_counts_follow_the_filtered_distribution():
     options = dict(top_k=6, top_p=0.8, temperature=0.9)
     _, probs = _np_filter(LOGITS, **options)

@@ -141,6 +141,14 @@ def test_gpt2_config_from_a_config_json():
     assert nj.paths.count_params(shapes) == 124_439_808
 
 
+@pytest.mark.parametrize("field", ["vocab_size", "n_positions", "n_layer", "n_head", "n_embd"])
+def test_gpt2_config_without_a_size_field_names_it(field):
+    sizes = {"vocab_size": 16, "n_positions": 8, "n_layer": 1, "n_head": 2, "n_embd": 8}
+    del sizes[field]
+    with pytest.raises(ValueError, match=f"gpt2_config: the config has no '{field}'"):
+        hf.gpt2_config(sizes)
+
+
 def test_load_torch_state_dict_linear_and_conv(torch):
     net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     model = nj.serial(nj.Dense(8), jax.nn.relu, nj.Dense(3))
