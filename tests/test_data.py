@@ -279,3 +279,13 @@ def test_load_digits_without_sklearn(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(ImportError, match="pip install scikit-learn"):
         nd.load_digits()
+
+
+def test_reader_arguments_are_named_and_checked_before_reading(tmp_path):
+    missing = tmp_path / "not-there.txt"  # a check after reading would be a FileNotFoundError
+    with pytest.raises(nj.ArgumentError, match=r"level: expected 'char' or 'byte', got 'word'"):
+        nd.load_text(missing, level="word")
+    with pytest.raises(nj.ArgumentError, match=r"val_fraction: expected 0 <= val_fraction < 1"):
+        nd.load_text(missing, val_fraction=1.0)
+    with pytest.raises(nj.ArgumentError, match=r"split: expected 'train' or 'test', got 'val'"):
+        nd.load_mnist(tmp_path, "val")

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, cast
 
 import numpy as np
 
-from nnjax.core.errors import DataError
+from nnjax.core.errors import ArgumentError, DataError
 
 __all__ = ["load_idx", "load_mnist", "TextData", "load_text", "load_digits"]
 
@@ -110,7 +110,7 @@ def load_mnist(directory: PathLike, split: str = "train") -> tuple[np.ndarray, n
         ((3, 28, 28), (3,))
     """
     if split not in _MNIST_FILES:
-        raise ValueError(f"expected split 'train' or 'test', got {split!r}")
+        raise ArgumentError(f"split: expected 'train' or 'test', got {split!r}")
     images_stem, labels_stem = _MNIST_FILES[split]
     images = load_idx(_find(directory, images_stem))
     labels = load_idx(_find(directory, labels_stem))
@@ -163,7 +163,9 @@ def load_text(
             file, the byte offset and the ``encoding=`` option).
     """
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"expected 0 <= val_fraction < 1, got val_fraction == {val_fraction}")
+        raise ArgumentError(f"val_fraction: expected 0 <= val_fraction < 1, got {val_fraction}")
+    if level not in ("char", "byte"):  # before reading a possibly large file
+        raise ArgumentError(f"level: expected 'char' or 'byte', got {level!r}")
     if level == "char":
         text = _read_text(path, encoding)
         vocab: list = sorted(set(text))
@@ -179,7 +181,7 @@ def load_text(
             return "".join(vocab[int(i)] for i in ids)
 
         data = encode(text)
-    elif level == "byte":
+    else:  # "byte", checked above
         with open(path, "rb") as f:
             raw = f.read()
         vocab = [bytes([i]) for i in range(256)]
@@ -191,8 +193,6 @@ def load_text(
             return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
         data = np.frombuffer(raw, np.uint8).astype(np.int32)
-    else:
-        raise ValueError(f"expected level 'char' or 'byte', got {level!r}")
     n = int((1 - val_fraction) * len(data))
     return TextData(data[:n], data[n:], vocab, encode, decode)
 
