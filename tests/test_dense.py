@@ -13,8 +13,8 @@ def test_dense_matches_torch_linear(torch):
     params, state = layer.init(jax.random.key(0), x)
     ref = torch.nn.Linear(5, 7)
     with torch.no_grad():
-        ref.weight.copy_(torch.from_numpy(np.asarray(params["kernel"]).T))
-        ref.bias.copy_(torch.from_numpy(np.asarray(params["bias"])))
+        ref.weight.copy_(torch.from_numpy(np.array(params["kernel"]).T))
+        ref.bias.copy_(torch.from_numpy(np.array(params["bias"])))
         expected = ref(torch.from_numpy(x)).numpy()
     y, _ = layer.apply(params, state, x)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
