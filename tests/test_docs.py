@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import importlib.util
 import pathlib
 import pkgutil
 import re
@@ -107,3 +108,14 @@ def test_docstring_examples_are_found():
     names = {t.name for t in EXAMPLES}
     assert "nnjax.layers.dense.Dense" in names
     assert len(EXAMPLES) > 40
+
+
+def test_site_shows_sphinx_roles_as_sphinx_would():
+    pytest.importorskip("griffe", reason="the docs site's extension needs griffe")
+    spec = importlib.util.spec_from_file_location("griffe_nnjax", DOCS / "_ext" / "griffe_nnjax.py")
+    assert spec is not None and spec.loader is not None
+    ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ext)
+    text = "A :class:`~nnjax.models.CausalLMConfig` for :func:`nnjax.data.batches`; `x` stays."
+    assert ext.roles_as_code(text) == "A `CausalLMConfig` for `nnjax.data.batches`; `x` stays."
+    assert ext.roles_as_code(":mod:`~nnjax.layers.quantized`") == "`quantized`"
