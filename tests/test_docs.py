@@ -53,21 +53,55 @@ def code_blocks(text: str) -> list[tuple[int, str, str | None]]:
 
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 
+# ``print(expr)  # (2, 16)``: a top-level print whose comment starts like output (a
+# bracket, quote or digit) states what it prints; a comment in words is a remark.
+_PRINTED = re.compile(r"^print\((?P<args>.*?)\)\s{2,}#\s(?P<want>[(\[{'0-9-].*)$", re.MULTILINE)
+_OUTPUT = doctest.OutputChecker()
+
+
+def with_output_checks(source: str) -> str:
+    """``source`` with each stated print replaced by a call that also checks its output."""
+    return _PRINTED.sub(lambda m: f"_check_printed({m['want']!r}, {m['args']})", source)
+
+
+def _check_printed(want: str, *values) -> None:
+    """Print ``values``; the text must be ``want`` (``...`` elides), or its part before a
+    trailing ``": remark"``."""
+    got = " ".join(map(str, values))
+    print(got)
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    wants = [want, want.rsplit(": ", 1)[0]]
+    assert any(_OUTPUT.check_output(w + "\n", got + "\n", flags) for w in wants), (
+        f"printed {got!r}, the page says {want!r}"
+    )
+
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_guide_page_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": f"docs.{page.stem}"}
+    namespace: dict = {"__name__": f"docs.{page.stem}", "_check_printed": _check_printed}
     ran = 0
     for line, source, skip in code_blocks(page.read_text()):
         if skip is not None:
             continue
-        code = compile("\n" * (line - 1) + source, str(page), "exec")
+        code = compile("\n" * (line - 1) + with_output_checks(source), str(page), "exec")
         exec(code, namespace)  # a failure's traceback shows the page's own line numbers
         ran += 1
     skipped = [skip for _, _, skip in code_blocks(page.read_text()) if skip is not None]
     if ran == 0 and skipped:
         pytest.skip("; ".join(skipped))
+
+
+def test_stated_prints_are_checked_and_remarks_are_not():
+    source = "print(x.shape)   # (2, 16)\nprint(y)   # the loss\nprint(z)   # 4 (4,): per step\n"
+    assert with_output_checks(source) == (
+        "_check_printed('(2, 16)', x.shape)\nprint(y)   # the loss\n"
+        "_check_printed('4 (4,): per step', z)\n"
+    )
+    _check_printed("['a', ...]", ["a", "b", "c"])
+    _check_printed("4 (4,): one loss per step", 4, (4,))
+    with pytest.raises(AssertionError, match=r"printed '\(2, 17\)', the page says '\(2, 16\)'"):
+        _check_printed("(2, 16)", (2, 17))
 
 
 def test_skip_markers_are_parsed():
