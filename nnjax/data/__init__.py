@@ -6,4 +6,5 @@
 from nnjax.data.instruct import *
 from nnjax.data.iterators import *
 from nnjax.data.readers import *
+from nnjax.data.records import *
 from nnjax.data.tokens import *

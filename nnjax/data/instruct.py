@@ -19,15 +19,14 @@ does not; train it with
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from nnjax.core.errors import DataError
 from nnjax.data.iterators import BatchIterator, batches
+from nnjax.data.records import read_records
 
 __all__ = [
     "IGNORE_INDEX",
@@ -70,11 +69,12 @@ def _record_problem(record: Any) -> str | None:
     return f"expected keys 'prompt' and 'response', or 'messages'; got keys {sorted(record)}"
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Record]:
-    """Read and check a JSONL file of instruction records (blank lines are skipped).
+def read_jsonl(path: Any) -> list[Record]:
+    """Read and check instruction records from a JSONL file (blank lines are skipped) or any
+    source :func:`nnjax.data.read_records` takes (Parquet, Arrow, a ``datasets.Dataset``).
 
     Args:
-        path: a UTF-8 file with one JSON object per line, each
+        path: a UTF-8 file with one JSON object per line (or another record source), each
             ``{"prompt": str, "response": str}`` or
             ``{"messages": [{"role": str, "content": str}, ...]}`` with at least
             one ``"assistant"`` message.
@@ -94,22 +94,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Record]:
         >>> nj.data.read_jsonl(path)
         [{'prompt': '2+2=', 'response': '4'}]
     """
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{os.fspath(path)}:{lineno}: not valid JSON ({e})") from None
-            problem = _record_problem(record)
-            if problem is not None:
-                raise DataError(f"{os.fspath(path)}:{lineno}: {problem}")
-            records.append(record)
-    if not records:
-        raise DataError(f"{os.fspath(path)}: expected at least one record, got none")
-    return records
+    return read_records(path, _record_problem)
 
 
 def simple_chat_template(messages: list[dict[str, str]]) -> Pieces:
@@ -359,7 +344,7 @@ def pack(
 
 
 def load_instruct(
-    data: str | os.PathLike | Sequence[Record],
+    data: Any,
     tokenizer: Any,
     seq_len: int,
     *,
@@ -368,7 +353,10 @@ def load_instruct(
     eos_id: int | str | None = "auto",
     pad_id: int | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """A JSONL file (or a list of records) read, tokenized and packed: see :func:`pack`.
+    """Records read, tokenized and packed: see :func:`pack`.
+
+    ``data`` is any source :func:`nnjax.data.read_records` takes: a JSONL (JSON, Parquet,
+    Arrow) file, a ``datasets`` folder, a ``datasets.Dataset``, or a list of records.
 
     ``pad_id`` defaults to the tokenizer's ``pad_token_id``, else 0 (padding is
     never attended to nor learnt, so its id only has to be a valid one).
@@ -379,14 +367,14 @@ def load_instruct(
         >>> inputs["ids"].shape, int((targets != nj.data.IGNORE_INDEX).sum())
         ((2, 32), 21)
     """
-    records = read_jsonl(data) if isinstance(data, str | os.PathLike) else list(data)
+    records = read_records(data, _record_problem)
     pad = (getattr(tokenizer, "pad_token_id", None) or 0) if pad_id is None else pad_id
     examples = (tokenize(r, tokenizer, template=template, eos_id=eos_id) for r in records)
     return pack(examples, seq_len, overflow=overflow, pad_id=pad)
 
 
 def instruct_batches(
-    data: str | os.PathLike | Sequence[Record],
+    data: Any,
     tokenizer: Any,
     seq_len: int,
     batch_size: int,

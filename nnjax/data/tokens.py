@@ -18,8 +18,9 @@ import numpy as np
 
 from nnjax.core.errors import DataError
 from nnjax.data.iterators import LMBatchIterator, lm_batches
+from nnjax.data.records import is_dataset
 
-__all__ = ["write_tokens", "open_tokens", "token_batches", "ByteTokenizer"]
+__all__ = ["write_tokens", "open_tokens", "token_batches", "dataset_tokens", "ByteTokenizer"]
 
 _DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32))
 
@@ -97,8 +98,37 @@ def open_tokens(path: str | os.PathLike, dtype: Any = np.uint16) -> np.ndarray:
     return np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r")
 
 
+def dataset_tokens(
+    dataset: Any, column: str = "input_ids", eos_id: int | None = None
+) -> np.ndarray:
+    """One token stream from a ``datasets.Dataset`` column of id lists, ``eos_id`` between rows.
+
+    Args:
+        dataset: a ``datasets.Dataset`` (say, the result of ``dataset.map(tokenize)``).
+        column: the column of token-id lists.
+        eos_id: an id put between consecutive rows (``None``: none).
+
+    Returns:
+        int64 ``(N,)``: the rows in order, joined.
+
+    Raises:
+        DataError: no such column, or an empty one.
+    """
+    if column not in dataset.column_names:
+        raise DataError(
+            f"dataset: expected a column {column!r} of token ids, got columns {dataset.column_names}"
+        )
+    parts: list[np.ndarray] = []
+    sep = np.asarray([] if eos_id is None else [eos_id], np.int64)
+    for i, row in enumerate(dataset.with_format("numpy", columns=[column])[column]):
+        parts += [sep, np.asarray(row, np.int64)] if i else [np.asarray(row, np.int64)]
+    if not parts or not sum(len(p) for p in parts):
+        raise DataError(f"dataset: column {column!r} holds no tokens")
+    return np.concatenate(parts)
+
+
 def token_batches(
-    path: str | os.PathLike,
+    path: Any,
     block_size: int,
     batch_size: int,
     seed: int = 0,
@@ -106,22 +136,27 @@ def token_batches(
     dtype: Any = np.uint16,
     start: int = 0,
     steps: int | None = None,
+    column: str = "input_ids",
+    eos_id: int | None = None,
 ) -> LMBatchIterator:
     """Random ``(x, y)`` windows of a token file, ``y`` shifted by one; resumable exactly.
 
     The windows are those of :func:`nnjax.data.lm_batches` over the memory map:
     batch ``i`` depends only on ``(seed, i)``, so ``.at(position)`` (and
     ``nj.fit``'s checkpoints) resume at the same batch, and each batch reads only
-    ``batch_size * (block_size + 1)`` tokens from disk.
+    ``batch_size * (block_size + 1)`` tokens from disk. A ``datasets.Dataset`` is
+    read into memory as :func:`dataset_tokens` joins it, then windowed the same way.
 
     Args:
-        path: a token ``.bin`` file.
+        path: a token ``.bin`` file, or a ``datasets.Dataset`` with a ``column`` of
+            token-id lists (then ``dtype`` is unused and ``eos_id`` separates rows).
         block_size: window length ``T``.
         batch_size: windows per batch ``B``.
         seed: seed of the window offsets.
         dtype: the file's ``uint16`` or ``uint32``.
         start: batches to skip (resume).
         steps: total batches (``start`` included); ``None``: endless.
+        column, eos_id: for a ``datasets.Dataset`` (see :func:`dataset_tokens`).
 
     Returns:
         An :class:`~nnjax.data.iterators.LMBatchIterator` of ``(x, y)``, both ``(B, T)`` of
@@ -139,6 +174,9 @@ def token_batches(
         >>> x.shape, bool((x[:, 1:] == y[:, :-1]).all())
         ((4, 8), True)
     """
+    if is_dataset(path):
+        ids = dataset_tokens(path, column, eos_id)
+        return lm_batches(ids, block_size, batch_size, seed, start=start, steps=steps)
     tokens = open_tokens(path, dtype)
     if len(tokens) <= block_size:
         raise DataError(
