@@ -7,7 +7,10 @@ format gains from compression), 2.0 GB in all. Each (format, operation) runs in 
 fresh child process on one CPU device, which builds the state (save) or the
 abstract target (restore), resets its peak RSS (``/proc/self/clear_refs``), then
 times the operation and reads the peak (``VmHWM``). Extra RSS = the peak minus
-the RSS before, less the state itself for a restore.
+the RSS before, less the state itself for a restore. Held = the peak of the host
+buffers Python and NumPy allocated during the operation (``tracemalloc``, which
+NumPy reports its array data to): what the format holds, a figure other processes
+cannot disturb, unlike RSS (the quick run's smoke test checks this one).
 
 Formats: ``old`` (nnjax before streaming: ``nnjax/checkpoint.py`` at commit
 c563c31, taken from git into a temporary module),
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from typing import Any
 
 from benchmarks.report import fmt, machine_line, write_study
@@ -164,6 +168,7 @@ def child(fmt_name: str, op: str, folder: str, quick: bool) -> dict:
     old = _old_format() if fmt_name == "old" else None
     rss0, _ = rss()
     reset_peak_rss()
+    tracemalloc.start()
     if op == "save":
         row = _save(fmt_name, folder, state, old)
         extra = rss()[1] - rss0
@@ -172,6 +177,9 @@ def child(fmt_name: str, op: str, folder: str, quick: bool) -> dict:
         got = _restore(fmt_name, folder, state, old)
         row = {"s": time.perf_counter() - t0}
         extra = rss()[1] - rss0 - state_bytes
+    held = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    if op == "restore":
         want = _build(quick, abstract=False)  # the same seeds: a bit-exact round trip
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             if not bool((a == b).all()):
@@ -179,6 +187,7 @@ def child(fmt_name: str, op: str, folder: str, quick: bool) -> dict:
     return {
         **row,
         "extra_mb": extra / _MB,
+        "held_mb": held / _MB,
         "state_mb": state_bytes / _MB,
         "largest_mb": largest / _MB,
     }
@@ -212,7 +221,7 @@ def main(args: argparse.Namespace, machine: dict) -> int:
         row = {"format": fmt_name}
         for op in ("save", "restore"):
             s = samples[fmt_name, op]
-            for key in ("s", "returned s", "extra_mb"):
+            for key in ("s", "returned s", "extra_mb", "held_mb"):
                 if key in s[0]:
                     row[f"{op} {key}"] = statistics.median(x[key] for x in s)
             row["state_mb"], row["largest_mb"] = s[0]["state_mb"], s[0]["largest_mb"]
@@ -243,20 +252,22 @@ def _markdown(rows: list[dict], machine: dict, rounds: int) -> str:
         f"A float32 train state (params + Adam mu and nu) of {r0['state_mb']:,.0f} MB; the "
         f"largest tensor is {r0['largest_mb']:,.0f} MB. One fresh process per cell, median of "
         f"{rounds} round(s). Extra RSS = peak RSS during the operation minus the RSS before "
-        "(for a restore, less the restored state). Async rows: time until `save` returned, "
-        "then the total.",
+        "(for a restore, less the restored state). Held = peak host buffers allocated "
+        "during the operation (tracemalloc). Async rows: time until `save` returned, then "
+        "the total.",
         "",
-        "| format | save s | save returned s | save extra RSS MB | x largest | "
-        "restore s | restore extra RSS MB | x largest |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| format | save s | save returned s | save extra RSS MB | x largest | save held MB | "
+        "restore s | restore extra RSS MB | x largest | restore held MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         big = r["largest_mb"]
         out.append(
             f"| {r['format']} | {fmt(r['save s'])} | {fmt(r.get('save returned s'))} | "
             f"{fmt(r['save extra_mb'])} | {r['save extra_mb'] / big:.2f} | "
+            f"{fmt(r.get('save held_mb'))} | "
             f"{fmt(r['restore s'])} | {fmt(r['restore extra_mb'])} | "
-            f"{r['restore extra_mb'] / big:.2f} |"
+            f"{r['restore extra_mb'] / big:.2f} | {fmt(r.get('restore held_mb'))} |"
         )
     return "\n".join(out) + "\n"
 

@@ -19,8 +19,11 @@ def test_checkpoint_study_quick_writes_every_format(tmp_path):
     for r in payload["rows"]:  # each child restored the values bit for bit, or it would fail
         assert r["save s"] > 0 and r["restore s"] > 0
         assert r["state_mb"] == pytest.approx(7.87, rel=0.01)
-    # The streamed save holds about one tensor beyond the state; the old format the whole state.
+    # The streamed save holds at most about one tensor beyond the state; the old format the
+    # whole state. Held = host buffers allocated during the save (tracemalloc), which other
+    # processes cannot disturb; RSS (the full study's figure) on a state this small is noise.
     rows = {r["format"]: r for r in payload["rows"]}
-    assert rows["nnjax"]["save extra_mb"] < rows["nnjax"]["largest_mb"] * 1.2
-    assert rows["old"]["save extra_mb"] > rows["old"]["state_mb"]
+    assert rows["nnjax"]["save held_mb"] < rows["nnjax"]["largest_mb"] * 1.2
+    assert rows["old"]["save held_mb"] > rows["old"]["state_mb"]
+    assert rows["nnjax"]["restore held_mb"] < rows["nnjax"]["state_mb"] / 2
     assert "| nnjax |" in (tmp_path / "quick-checkpoint.md").read_text()
