@@ -29,6 +29,7 @@ from nnjax.layers.norm import LayerNorm, RMSNorm
 from nnjax.layers.rope import rotary
 from nnjax.layers.transformer import ACTIVATIONS, MLP, pre_norm_block, scale_plus_one
 from nnjax.models.causal_lm_config import CausalLMConfig
+from nnjax.training.chunked import LazyLogits
 
 __all__ = ["CausalLM"]
 
@@ -296,6 +297,20 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
             h = h + p
         return h  # (..., T, d)
 
+    def lazy_head(params, h):
+        """LazyLogits when the logits would reach ``lazy_logits_from`` and the head is a
+        plain table or kernel (no adapters, not quantized); else None."""
+        if c.lazy_logits_from is None or math.prod(np.shape(h)[:-1]) * c.vocab_size < (
+            c.lazy_logits_from
+        ):
+            return None
+        name, leaf = ("tok_embed", "embedding") if head is None else ("lm_head", "kernel")
+        if list(params[name]) != [leaf]:
+            return None
+        weight = params[name][leaf]
+        dtype_ = h.dtype if c.dtype is None else jnp.dtype(c.dtype)
+        return LazyLogits(h.astype(dtype_), weight.astype(dtype_), transposed=head is None)
+
     def apply(params, state, x, *, rng=None, train=False):
         ids, positions, segments = _read_ids(x)
         t = check_length(ids)
@@ -326,6 +341,9 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
             train=train,
         )
         h, _ = call_child("ln_f", ln_f.apply, params["ln_f"], {}, stream["query"])
+        lazy = lazy_head(params, h) if train and not decode else None
+        if lazy is not None:
+            return lazy, {}
         if head is None:
             logits = call_child("tok_embed", attend, params["tok_embed"], h)  # (..., T, V)
         else:

@@ -92,6 +92,12 @@ class CausalLMConfig:
             ``nnjax.layers.attention.IMPLEMENTATIONS``); ``None``: einsum on CPU,
             ``jax.nn.dot_product_attention`` elsewhere.
         scan_unroll: blocks per iteration of the scan over blocks.
+        lazy_logits_from: in training (``apply(..., train=True)``), return
+            :class:`~nnjax.losses.LazyLogits` (the head's input and weight) instead of the
+            ``(..., T, V)`` logits when ``batch x T x vocab_size`` reaches this many, so
+            :func:`nnjax.losses.softmax_cross_entropy` computes the loss and gradient over
+            vocabulary chunks without materialising them; ``None``: always logits. A
+            head with adapters or quantized leaves always gives logits.
         bos_token_id, eos_token_id, pad_token_id: the special ids the checkpoint names
             (``eos_token_id`` may be a tuple); used by ``generate`` and the data readers.
         family: the HF ``model_type`` this config came from (``"llama"``, ``"qwen2"``,
@@ -131,6 +137,7 @@ class CausalLMConfig:
     remat: bool = False
     attention_implementation: str | None = None
     scan_unroll: int = 1
+    lazy_logits_from: int | None = 1 << 24
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None

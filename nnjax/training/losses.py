@@ -22,8 +22,11 @@ import optax
 
 from nnjax.core.checks import labels_in_range, shape_str
 from nnjax.core.errors import ShapeError
+from nnjax.training.chunked import LazyLogits, chunked_token_nll, token_log_probs
 
 __all__ = [
+    "LazyLogits",
+    "token_log_probs",
     "softmax_cross_entropy",
     "softmax_cross_entropy_onehot",
     "sigmoid_binary_cross_entropy",
@@ -61,7 +64,9 @@ def softmax_cross_entropy(
 
     Args:
         logits: ``(..., C)`` unnormalised scores; ``(B, C)`` for classification,
-            ``(B, T, V)`` for a language model.
+            ``(B, T, V)`` for a language model, or :class:`LazyLogits` (what a
+            :func:`~nnjax.models.CausalLM` returns in training above a size): then the loss
+            and its gradient go over vocabulary chunks and never hold ``(B, T, V)``.
         labels: ``(...)`` integer class ids, ``logits.shape[:-1]``.
         label_smoothing: ``eps``: the target is ``(1 - eps) * onehot + eps / C``
             (``optax.smooth_labels``, as ``torch``'s ``label_smoothing``).
@@ -97,7 +102,9 @@ def softmax_cross_entropy(
     in_range = labels_in_range(labels, np.shape(logits)[-1], mask)
     if ignore_index is not None:
         labels = jnp.where(keep, labels, 0)
-    if label_smoothing:
+    if isinstance(logits, LazyLogits):
+        per_position = chunked_token_nll(logits, labels, label_smoothing=label_smoothing)
+    elif label_smoothing:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
         per_position = optax.losses.softmax_cross_entropy(logits, targets)
     else:

@@ -37,7 +37,15 @@ _DERIVED = (
     "dtype",
 )
 # fields that are not part of the checkpoint's architecture
-_RUNTIME = ("dtype", "param_dtype", "remat", "scan_unroll", "dropout", "extra")
+_RUNTIME = (
+    "dtype",
+    "param_dtype",
+    "remat",
+    "scan_unroll",
+    "dropout",
+    "extra",
+    "lazy_logits_from",
+)
 
 
 def _hashable(value: Any) -> Any:
