@@ -254,7 +254,7 @@ def chunked_token_nll(
     lead = np.shape(h)[:-1]
     h2 = jnp.reshape(h, (-1, np.shape(h)[-1]))
     c = _chunk_size(h2.shape[0], logits.vocab_size, chunk_size)
-    nll = _nll(
+    nll: Any = _nll(
         h2,
         jnp.asarray(logits.weight),
         jnp.reshape(jnp.asarray(labels, jnp.int32), (-1,)),
