@@ -228,6 +228,56 @@ def test_early_stopping_in_fit():
     assert len(history["loss"]) == 8
 
 
+def _val_history_with_params(tr, init, data, val, **kw):
+    """A reference run: val_loss at each eval and a host copy of the params there."""
+    seen = []
+
+    def record(step, ts, logs):
+        if "val_loss" in logs:
+            seen.append((logs["val_loss"], jax.device_get(ts.params)))
+
+    ts, _ = fit(tr, _fresh(tr, init), data, eval_data=val, callbacks=[record], progress=False, **kw)
+    return seen, jax.device_get(ts.params)
+
+
+@pytest.mark.parametrize("patience", [2, 100])  # stops early / runs to the end
+def test_early_stopping_restore_best_returns_the_best_evaluations_params(patience):
+    tr, init = _setup()
+    x, y = _data()
+    val = [(x[:16], (y[:16] + 1) % C)]  # labels the training moves away from: val_loss rises
+    data = nd.batches((x, y), 8, seed=0, epochs=6)
+    seen, last = _val_history_with_params(tr, init, data, val)
+    best = int(np.argmin([v for v, _ in seen]))
+    assert best < len(seen) - min(patience, 2)  # the best is not the last evaluation
+    stop = early_stopping("val_loss", patience=patience, restore_best=True)
+    ts, history = fit(tr, _fresh(tr, init), data, eval_data=val, callbacks=[stop], progress=False)
+    want = seen[best][1]
+    for got, ref in zip(jax.tree.leaves(ts.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), ref)
+    assert not all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(last), strict=True)
+    )
+    stopped_early = len(history["eval"]) < len(seen)
+    assert stopped_early == (patience == 2)
+    assert int(ts.step) == history["eval"][-1]["step"]  # the step count stays the last one
+    plain, _ = fit(tr, _fresh(tr, init), data, eval_data=val, progress=False,
+                   callbacks=[early_stopping("val_loss", patience=patience)])  # fmt: skip
+    final = seen[len(history["eval"]) - 1][1]  # without restore_best: the last step's params
+    for got, ref in zip(jax.tree.leaves(plain.params), jax.tree.leaves(final), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_early_stopping_restore_best_without_the_monitor_warns():
+    tr, init = _setup()
+    stop = early_stopping("val_accuracy", patience=2, mode="max", restore_best=True)
+    with pytest.warns(UserWarning, match="'val_accuracy' was never logged"):
+        fit(tr, _fresh(tr, init), nd.batches(_data(), 8, epochs=1), callbacks=[stop],
+            progress=False)  # fmt: skip
+    with pytest.raises(nj.ArgumentError, match="mode: expected 'min' or 'max', got 'up'"):
+        early_stopping(mode="up")
+
+
 def test_steps_per_call_matches_single_steps():
     x, y = _data()
     model = nj.serial(nj.Dense(16), jax.nn.relu, nj.Dense(C))  # no rng use: same losses

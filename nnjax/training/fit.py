@@ -42,7 +42,12 @@ Callback = Callable[[int, Any, dict[str, Any]], Any]
 
 
 def early_stopping(
-    monitor: str = "val_loss", patience: int = 3, *, mode: str = "min", min_delta: float = 0.0
+    monitor: str = "val_loss",
+    patience: int = 3,
+    *,
+    mode: str = "min",
+    min_delta: float = 0.0,
+    restore_best: bool = False,
 ) -> Callback:
     """A callback that stops ``fit`` when ``logs[monitor]`` has not improved ``patience`` times.
 
@@ -51,33 +56,70 @@ def early_stopping(
         patience: evaluations without improvement before stopping.
         mode: ``"min"`` (lower is better) or ``"max"``.
         min_delta: the least change that counts as an improvement.
+        restore_best: ``fit`` returns the params and layer state of the best evaluation
+            (Keras' ``restore_best_weights``), whether or not it stopped early; the
+            step count and optimizer state stay the last step's, and a checkpoint
+            ``fit`` writes holds the last step. Costs one device copy of params and
+            state, made at each improvement.
 
     Returns:
         ``callback(step, ts, logs) -> bool``; it only looks at logs that hold ``monitor``.
+        It has ``on_end(ts) -> ts``, which ``fit`` calls on the final train state.
+
+    Raises:
+        ArgumentError: ``mode`` is not ``"min"`` or ``"max"``.
+
+    Example:
+        >>> stop = nj.early_stopping("val_accuracy", patience=2, mode="max", restore_best=True)
+        >>> stop(100, None, {"loss": 0.3})   # no "val_accuracy" in these logs
+        False
     """
     if mode not in ("min", "max"):
-        raise ValueError(f"expected mode 'min' or 'max', got {mode!r}")
-    patience = check_int(patience, "patience")
-    best: float | None = None
-    bad = 0
+        raise ArgumentError(f"mode: expected 'min' or 'max', got {mode!r}")
+    return _EarlyStopping(monitor, check_int(patience, "patience"), mode, min_delta, restore_best)
 
-    def callback(step: int, ts: Any, logs: dict[str, Any]) -> bool:
-        nonlocal best, bad
-        if monitor not in logs:
+
+class _EarlyStopping:
+    """What :func:`early_stopping` returns: the callback and its ``on_end``."""
+
+    def __init__(self, monitor: str, patience: int, mode: str, min_delta: float, restore: bool):
+        self.monitor, self.patience, self.mode = monitor, patience, mode
+        self.min_delta, self.restore = min_delta, restore
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.kept: Any = None  # (params, state) copied at the best evaluation
+        self.bad = 0
+
+    def __call__(self, step: int, ts: Any, logs: dict[str, Any]) -> bool:
+        if self.monitor not in logs:
             return False
-        value = float(logs[monitor])
+        value, best = float(logs[self.monitor]), self.best
         better = (
             best is None
-            or (mode == "min" and value < best - min_delta)
-            or (mode == "max" and value > best + min_delta)
+            or (self.mode == "min" and value < best - self.min_delta)
+            or (self.mode == "max" and value > best + self.min_delta)
         )
         if better:
-            best, bad = value, 0
+            self.best, self.best_step, self.bad = value, step, 0
+            if self.restore:  # a copy: the next step donates ts
+                self.kept = jax.tree.map(jnp.copy, (ts.params, ts.state))
             return False
-        bad += 1
-        return bad >= patience
+        self.bad += 1
+        return self.bad >= self.patience
 
-    return callback
+    def on_end(self, ts: Any) -> Any:
+        """The final train state, with the best evaluation's params and state if asked."""
+        if not self.restore:
+            return ts
+        if self.kept is None:
+            warnings.warn(
+                f"early_stopping(restore_best=True): {self.monitor!r} was never logged; "
+                "fit returns the last step's params",
+                stacklevel=3,
+            )
+            return ts
+        params, state = self.kept
+        return ts._replace(params=params, state=state)
 
 
 # ---------------------------------------------------------------- the run's state
@@ -348,7 +390,10 @@ def fit(
         callbacks: ``callback(step, ts, logs)`` at each log or eval point; ``logs``
             holds the train metrics averaged since the last log (``loss``, ...) and,
             after an eval, ``val_loss``, ...; a truthy return stops training. ``ts`` is
-            valid during the call only (the next step donates it).
+            valid during the call only (the next step donates it). A callback with an
+            ``on_end(ts) -> ts`` method gets the final train state when the run ends
+            and may return another (``early_stopping(restore_best=True)`` returns the
+            best evaluation's params).
         checkpoint_dir: resume from the newest checkpoint here, and save into it.
         checkpoint_every: save every this many steps (and at the end, and on Ctrl-C or
             SIGTERM: ``fit`` stops after the current step, saves, then lets the signal
@@ -446,4 +491,8 @@ def fit(
                 checkpoint.wait(checkpoint_dir)  # a background save is complete (or raises)
     if terminated:  # the checkpoint is on disk: let SIGTERM do what it would have done
         signal.raise_signal(signal.SIGTERM)
-    return run.ts, run.history
+    ts = run.ts
+    for cb in plan.callbacks:
+        on_end = getattr(cb, "on_end", None)
+        ts = on_end(ts) if callable(on_end) else ts
+    return ts, run.history

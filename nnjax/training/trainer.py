@@ -38,7 +38,7 @@ from nnjax.core import masks
 from nnjax.core.checks import check_int
 from nnjax.core.combinators import Layer
 from nnjax.core.layer import Params
-from nnjax.training import guards
+from nnjax.training import guards, names
 from nnjax.training import step as parts
 from nnjax.training.step import TrainState
 
@@ -95,30 +95,16 @@ def _copy(tree: T) -> T:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
-def _metric_fns(metrics: Sequence[MetricFn] | Mapping[str, MetricFn]) -> dict[str, MetricFn]:
-    if isinstance(metrics, Mapping):
-        return dict(metrics)
-    fns: dict[str, MetricFn] = {}
-    for fn in metrics:
-        name = getattr(fn, "__name__", "")
-        if not name or name.startswith("<") or name in fns:
-            raise ValueError(
-                f"metric {fn!r} needs a unique __name__; pass metrics as a dict {{name: fn}}"
-            )
-        fns[name] = fn
-    return fns
-
-
 # --- the trainer ---------------------------------------------------------------------
 
 
 def trainer(
     model: Layer,
-    loss_fn: Callable[[Any, Any], Any],
-    optimizer: optax.GradientTransformation,
+    loss_fn: Callable[[Any, Any], Any] | str,
+    optimizer: optax.GradientTransformation | str,
     *,
     trainable: Any = None,
-    metrics: Sequence[MetricFn] | Mapping[str, MetricFn] = (),
+    metrics: Sequence[MetricFn | str] | Mapping[str, MetricFn | str] = (),
     steps_per_call: int = 1,
     accumulate: int = 1,
     compute_dtype: Any = None,
@@ -131,11 +117,17 @@ def trainer(
     Args:
         model: a :class:`~nnjax.Layer`.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` or ``(scalar, {name: scalar})``
-            (the dict is reported as extra metrics). Use a mean over examples.
-        optimizer: an optax ``GradientTransformation`` (chain clipping, schedules, ...).
+            (the dict is reported as extra metrics). Use a mean over examples. Or a
+            name: ``"sparse_categorical_crossentropy"``, ``"mse"``, ... (the table
+            :data:`nnjax.training.names.LOSSES`; the losses take logits).
+        optimizer: an optax ``GradientTransformation`` (chain clipping, schedules, ...),
+            or a name, ``"adam"``, ``"sgd"``, ... with Keras' default learning rate
+            (the table :data:`nnjax.training.names.OPTIMIZERS`).
         trainable: a bool pytree over params (True = trainable), see the module doc;
             ``None`` trains everything.
-        metrics: ``fn(outputs, targets) -> scalar``, keyed by ``__name__``, or a dict.
+        metrics: ``fn(outputs, targets) -> scalar``, keyed by ``__name__``, or names
+            (``"accuracy"``, keyed by the name; :data:`nnjax.training.names.METRICS`),
+            or a dict ``{key: fn or name}``.
         steps_per_call: ``K``; ``step`` takes batches with a leading axis ``K``
             (``(K, B, ...)``) and runs ``K`` optimizer steps in a ``lax.scan``; step
             ``i`` uses ``jax.random.split(rng, K)[i]``; metrics come stacked ``(K,)``.
@@ -160,6 +152,10 @@ def trainer(
     Returns:
         A :class:`TrainerFunctions` ``(init, step, evaluate, predict)``.
 
+    Raises:
+        ArgumentError: an unknown optimizer, loss or metric name (the message lists the
+            accepted ones), or an optimizer that is not an optax transformation.
+
     Example:
         >>> import optax
         >>> model = nj.serial(nj.Dense(64), jax.nn.relu, nj.Dense(10))
@@ -173,8 +169,10 @@ def trainer(
     """
     steps_per_call = check_int(steps_per_call, "steps_per_call")
     accumulate = check_int(accumulate, "accumulate")
+    loss_fn = names.resolve_loss(loss_fn)
+    optimizer = names.resolve_optimizer(optimizer)
     forward = parts.forward_fn(model, compute_dtype)
-    objective = parts.objective_fn(loss_fn, _metric_fns(metrics))
+    objective = parts.objective_fn(loss_fn, names.resolve_metrics(metrics))
     gradients = parts.gradients_fn(forward, objective, accumulate)
     one_step = parts.train_step_fn(model, optimizer, trainable, gradients, check_finite)
 
