@@ -1,4 +1,4 @@
-"""The ``nnjax`` command line: ``nnjax demo``."""
+"""The ``nnjax`` command line: ``nnjax demo``, ``nnjax tokenize``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from typing import Any
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,11 +36,74 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the data split and models")
     demo.add_argument("--no-text", action="store_true", help="skip the language-model part")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _tokenize_parser(sub)
     return parser
+
+
+def _tokenize_parser(sub: Any) -> None:
+    tok = sub.add_parser(
+        "tokenize",
+        help="a corpus to a token folder (train.bin, val.bin, meta.json), as nanoGPT's prepare.py",
+        description="Tokenize text files (one document each), a field of JSONL / JSON / Parquet "
+        "/ Arrow records, or a datasets folder (Dataset.save_to_disk) into OUT/train.bin and "
+        "OUT/val.bin (uint16 or uint32 token ids, the end-of-text id between documents) and "
+        "OUT/meta.json. Interrupted, the same command resumes where it stopped.",
+    )
+    tok.add_argument("sources", nargs="+", help="files or dataset folders, in order")
+    tok.add_argument(
+        "--tokenizer",
+        required=True,
+        help="a folder with tokenizer.json (a model folder), or 'bytes' (UTF-8 bytes)",
+    )
+    tok.add_argument("--out", required=True, help="the output folder")
+    tok.add_argument("--field", default="text", help="the text field of records (default text)")
+    tok.add_argument(
+        "--val-fraction", type=float, default=0.1, help="the last fraction of tokens for val.bin"
+    )
+    tok.add_argument(
+        "--eot-id",
+        default="auto",
+        help="id between documents: 'auto' (the tokenizer's end-of-sequence), 'none', or an int",
+    )
+    tok.add_argument("--batch-documents", type=int, default=256, help="documents per batch")
+    tok.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    tok.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from nnjax.data.corpus import tokenize_corpus
+
+    word = args.eot_id.lower()
+    eot: int | str | None = None if word == "none" else "auto" if word == "auto" else None
+    if word not in ("none", "auto"):
+        if not word.isdigit():
+            raise SystemExit(f"--eot-id: expected 'auto', 'none' or an int, got {args.eot_id!r}")
+        eot = int(word)
+    start = time.perf_counter()
+    meta = tokenize_corpus(
+        args.sources,
+        args.tokenizer,
+        args.out,
+        field=args.field,
+        val_fraction=args.val_fraction,
+        eot_id=eot,
+        batch_documents=args.batch_documents,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - start
+    print(
+        f"{args.out}: {meta['documents']:,} documents, {meta['train_tokens']:,} train + "
+        f"{meta['val_tokens']:,} val tokens ({meta['dtype']}, vocabulary {meta['vocab_size']:,}) "
+        f"in {seconds:.1f} s ({meta['tokens'] / max(seconds, 1e-9):,.0f} tokens/s)"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "tokenize":
+        return _tokenize(args)
 
     from nnjax.app import demo as demo_lib
 

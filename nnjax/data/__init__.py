@@ -3,6 +3,7 @@
 ``import nnjax as nj``; ``nj.data.batches((x, y), 64, seed=0)``.
 """
 
+from nnjax.data.corpus import *
 from nnjax.data.instruct import *
 from nnjax.data.iterators import *
 from nnjax.data.readers import *
