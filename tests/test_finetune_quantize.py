@@ -102,19 +102,131 @@ def test_quantize_errors_name_the_argument_or_path():
         ft.quantize(params, "**/qkv/kernel")
     with pytest.raises(nj.GlobError, match=r"selects no kernel"):
         ft.quantize(params, "head/bias")
-    with pytest.raises(
-        ValueError,
-        match=r"quantize: 'head/kernel': NF4 needs an even block_size that divides the "
-        r"kernel's size .*kernel \(8, 6\) \(48 values\) with block_size 64",
-    ):
-        ft.quantize(params, "head/kernel", bits=4)
+    for bad in (0, 2.0, True, "64"):
+        with pytest.raises(nj.ArgumentError, match=r"quantize: block_size: expected an int >= 1"):
+            ft.quantize(params, "head/kernel", bits=4, block_size=bad)
     with pytest.raises(
         nj.GlobError,
         match=r"only some copies of the stacked kernel 'blocks/stacked/fc/kernel' \(1 of 2\)",
     ):
         ft.quantize(params, "blocks/1/**")
-    with pytest.raises(ValueError, match=r"quantize: 'head/kernel' is already quantized"):
+    with pytest.raises(nj.ArgumentError, match=r"quantize: 'head/kernel' is already quantized"):
         ft.quantize(ft.quantize(params, "head/kernel"), "head/kernel")
+
+
+def _nf4_padded_reference(w, depth, block):
+    """NF4 of any kernel in NumPy float64: per copy, n = ceil(size / block) blocks of
+    ceil(size / n) row-major values, the last zero-padded; returns (codes in the kernel's
+    shape, scales (*stack, n), the dequantized kernel)."""
+    w = np.asarray(w, np.float64)
+    stack, size = w.shape[:depth], int(np.prod(w.shape[depth:]))
+    n = -(-size // block)
+    length = -(-size // n)
+    flat = np.zeros((*stack, n * length))
+    flat[..., :size] = w.reshape(*stack, size)
+    blocks = flat.reshape(*stack, n, length)
+    scale = np.abs(blocks).max(axis=-1)
+    codes = np.abs((blocks / scale[..., None])[..., None] - NF4).argmin(axis=-1)
+    back = (NF4[codes] * scale[..., None]).reshape(*stack, n * length)[..., :size]
+    codes = codes.reshape(*stack, n * length)[..., :size].reshape(w.shape)
+    return codes, scale, back.reshape(w.shape)
+
+
+def _unpack(kernel, out):
+    k = np.asarray(kernel)
+    return np.stack([k >> 4, k & 15], -1).reshape(*k.shape[:-1], -1)[..., :out]
+
+
+@pytest.mark.parametrize(
+    ("shape", "depth", "block"),
+    [((32, 101), 0, 64), ((2, 9, 7), 1, 16), ((3, 3, 3, 5), 0, 64), ((2, 10, 6), 1, 64)],
+)
+def test_nf4_pads_the_last_block_and_odd_last_axes(shape, depth, block):
+    """Sizes that do not divide into blocks and odd output axes (a head over an odd
+    vocabulary) quantize, as bitsandbytes pads them; dequantize equals NumPy's."""
+    w = np.random.default_rng(3).normal(size=shape).astype(np.float32)
+    path = "blocks/stacked/fc/kernel" if depth else "head/kernel"
+    params = nj.paths.unflatten({path: w})
+    glob = "blocks/**/kernel" if depth else path
+    flat = nj.paths.flatten(ft.quantize(params, glob, bits=4, block_size=block))
+    codes, scale, back = _nf4_padded_reference(w, depth, block)
+    out = shape[-1]
+    assert flat[path].shape == (*shape[:-1], -(-out // 2))
+    np.testing.assert_array_equal(_unpack(flat[path], out), codes)
+    np.testing.assert_allclose(
+        np.asarray(flat[path.replace("kernel", "kernel_scale")]).reshape(scale.shape),
+        scale,
+        rtol=1e-6,
+    )
+    q = nj.paths.unflatten(flat)
+    deq = nj.paths.flatten(ft.dequantize(q))[path]
+    assert deq.shape == shape
+    np.testing.assert_allclose(deq, back, rtol=1e-6, atol=1e-7)
+    assert (
+        nj.layers.adapters.kernel_shape(
+            {"kernel": flat[path], "kernel_scale": flat[path.replace("kernel", "kernel_scale")]}
+        )
+        == shape
+    )
+
+
+def test_nf4_head_over_an_odd_vocabulary_runs_in_a_causal_lm():
+    """``quantize(params, "**/kernel", bits=4)`` on a model with an untied head of an odd
+    vocabulary (GPT-2's 50,257 in small): the quantized model computes with the
+    dequantized kernels (a NumPy reference of each) and LoRA sits on the head."""
+    cfg = nj.models.CausalLMConfig(
+        vocab_size=101, hidden_size=32, num_heads=4, mlp_hidden=64, num_layers=2,
+        tie_embeddings=False,
+    )  # fmt: skip
+    model = nj.models.CausalLM(cfg)
+    ids = jnp.array([[1, 5, 100, 7]])
+    params, _ = model.init(jax.random.key(0), ids)
+    q = ft.quantize(params, "**/kernel", bits=4)
+    flat, qflat = nj.paths.flatten(params), nj.paths.flatten(q)
+    assert qflat["lm_head/kernel"].shape == (32, 51)
+    reference = {}
+    for path, w in flat.items():
+        if path.endswith("/kernel"):
+            depth = path.split("/").count("stacked")
+            reference[path] = _nf4_padded_reference(w, depth, 64)[2].astype(np.float32)
+        else:
+            reference[path] = w
+    want, _ = model.apply(nj.paths.unflatten(reference), {}, ids)
+    got, _ = model.apply(q, {}, ids)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    lora, _ = ft.add_lora(q, jax.random.key(1), "lm_head/kernel", rank=2)
+    assert lora["lm_head"]["lora_b"].shape == (2, 101)
+    assert model.apply(lora, {}, ids)[0].shape == (1, 4, 101)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused_naming_the_path(bits, bad):
+    params = _params()
+    params["head"]["kernel"][5, 3] = bad
+    with pytest.raises(
+        nj.ArgumentError,
+        match=rf"quantize: 'head/kernel' holds 1 non-finite value\(s\), the first {bad} at \[5, 3\]",
+    ):
+        ft.quantize(params, "**/kernel", bits=bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("big", [1e38, 3e38, -2e38])
+def test_huge_finite_weights_round_trip(bits, big):
+    """A block (NF4) or column (int8) whose largest magnitude is near float32's top
+    dequantizes to the NumPy float64 reference (before: NF4 gave all zeros)."""
+    w = np.random.default_rng(4).normal(size=(16, 8)).astype(np.float32)
+    w[2, 1] = big
+    q = ft.quantize({"d": {"kernel": w}}, "d/kernel", bits=bits, block_size=16)
+    back = np.asarray(ft.dequantize(q)["d"]["kernel"], np.float64)
+    if bits == 8:
+        ref_q, ref_s = _int8_reference(w, 0)
+        want = ref_q * np.expand_dims(ref_s, 0)
+    else:
+        want = _nf4_padded_reference(w, 0, 16)[2]
+    np.testing.assert_allclose(back, want, rtol=1e-6, atol=1e-7)
+    assert back[2, 1] == pytest.approx(float(np.float32(big)), rel=1e-6)
 
 
 CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=64)

@@ -8,10 +8,12 @@ was; the layer dequantizes inside its matmul. The formats are
 
 - ``bits=8``: ``kernel`` int8 (the kernel's shape), ``kernel_scale (*stack, out)``
   float32, symmetric per output channel (``absmax / 127``).
-- ``bits=4``: NF4 as QLoRA defines it: blocks of ``block_size`` consecutive values of
-  each copy's row-major kernel, ``kernel_scale (*stack, size // block_size)`` their
-  absmax, codes packed two per byte (first in the high nibble): ``kernel`` uint8
-  ``(*stack, ..., out // 2)``.
+- ``bits=4``: NF4 as QLoRA defines it: blocks of (at most) ``block_size`` consecutive
+  values of each copy's row-major kernel, the last one zero-padded when the size does
+  not divide (as bitsandbytes pads it), ``kernel_scale (*stack, ceil(size /
+  block_size))`` their absmax, codes packed two per byte (first in the high nibble):
+  ``kernel`` uint8 ``(*stack, ..., ceil(out / 2))``; any kernel quantizes, an output
+  head over an odd vocabulary too.
 
 A quantized kernel is frozen: the trainer refuses a mask that trains it or its
 scale. LoRA / DoRA / IA3 adapters sit on top of it (``add_lora`` after ``quantize``),
@@ -26,6 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.checks import check_int
 from nnjax.core.errors import ArgumentError, GlobError
 from nnjax.core.paths import STACKED, flatten, unflatten
 from nnjax.finetune.masks import mask
@@ -37,6 +40,19 @@ __all__ = ["quantize", "dequantize"]
 def _sibling(path: str, name: str) -> str:
     parent = path.rpartition("/")[0]
     return f"{parent}/{name}" if parent else name
+
+
+def _check_finite(path: str, kernel: Any) -> None:
+    """An ArgumentError naming ``path`` and the first non-finite value's index."""
+    finite = jnp.isfinite(kernel)
+    if bool(jnp.all(finite)):
+        return
+    bad = np.argwhere(~np.asarray(finite))
+    where = tuple(int(i) for i in bad[0])
+    raise ArgumentError(
+        f"quantize: {path!r} holds {len(bad)} non-finite value(s), the first "
+        f"{np.asarray(kernel)[where]} at {list(where)}; fix or exclude it"
+    )
 
 
 def quantize(
@@ -55,19 +71,18 @@ def quantize(
             quantized (other leaves they select are left as they are).
         exclude: globs taken out of ``include`` (``"head/**"``).
         bits: 8 (int8 per output channel) or 4 (NF4, block-wise).
-        block_size: values per NF4 block (``bits=4``); QLoRA uses 64.
+        block_size: the most values per NF4 block (``bits=4``); QLoRA uses 64.
 
     Returns:
         New params; the selected ``kernel`` leaves int8 / uint8 with a float32
         ``kernel_scale`` beside each.
 
     Raises:
-        ArgumentError: ``bits`` not 4 or 8, or a ``block_size`` that is not a positive
-            even int.
+        ArgumentError: ``bits`` not 4 or 8, a ``block_size`` that is not an int >= 1, a
+            kernel already quantized or holding a NaN or an infinity (named by path: a
+            non-finite weight would turn its whole column or block into NaN).
         GlobError: a glob that matches nothing, a selection with no kernel in it, or
             one that takes only some copies of a stacked kernel (one array, one format).
-        ValueError: a kernel whose size does not divide into blocks (named by path), or
-            one already quantized.
 
     Example:
         >>> model = nj.serial(nj.Dense(64), jax.nn.relu, head=nj.Dense(10))
@@ -78,8 +93,7 @@ def quantize(
     """
     if bits not in (4, 8) or isinstance(bits, bool):
         raise ArgumentError(f"quantize: bits must be 4 or 8, got {bits!r}")
-    if not isinstance(block_size, int) or block_size < 2 or block_size % 2:
-        raise ArgumentError(f"quantize: block_size must be a positive even int, got {block_size!r}")
+    block_size = check_int(block_size, "quantize: block_size")
     chosen = flatten(mask(params, include, exclude))
     flat = flatten(params)
     out = dict(flat)
@@ -94,14 +108,12 @@ def quantize(
             )
         kernel = flat[path]
         if quantized.is_quantized(kernel) or _sibling(path, quantized.SCALE) in flat:
-            raise ValueError(f"quantize: {path!r} is already quantized")
+            raise ArgumentError(f"quantize: {path!r} is already quantized")
         depth = path.split("/").count(STACKED)
         if np.ndim(kernel) - depth < 2:
             continue  # not a layer kernel
-        try:
-            q, scale = quantized.quantize(kernel, bits, depth=depth, block_size=block_size)
-        except ValueError as err:
-            raise ValueError(f"quantize: {path!r}: {err}") from None
+        _check_finite(path, kernel)
+        q, scale = quantized.quantize(kernel, bits, depth=depth, block_size=block_size)
         out[path], out[_sibling(path, quantized.SCALE)] = q, scale
         picked.append(path)
     if not picked:

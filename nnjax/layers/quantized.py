@@ -9,13 +9,17 @@ axes (``nj.repeat``) in front, and the scale has them too:
   (*stack, out)``, symmetric per output channel: ``scale = absmax / 127`` over all
   per-copy axes but the last, ``kernel = round(w / scale)``.
 - **NF4** (``bits=4``), as QLoRA (Dettmers et al. 2023) defines it: each copy's
-  kernel, flattened in row-major order, is cut into blocks of ``block_size``
-  values; ``kernel_scale (*stack, size // block_size)`` is each block's absmax, and
-  each value ``w / absmax`` is stored as the index of the nearest of the 16
-  :data:`NF4` code values. Two 4-bit codes share a byte, the first in the high
-  nibble: ``kernel`` uint8 ``(*stack, *shape[:-1], out // 2)``. The scales are
-  float32 (QLoRA's double quantization of the scales is not done: 0.5 bit per
-  weight more).
+  kernel, flattened in row-major order, is cut into ``n = ceil(size / block_size)``
+  blocks of ``ceil(size / n)`` values (``block_size`` when it divides the size; else
+  the last block is shorter and zero-padded, as bitsandbytes pads it, so any kernel
+  quantizes); ``kernel_scale (*stack, n)`` is each block's absmax, and each value
+  ``w / absmax`` is stored as the index of the nearest of the 16 :data:`NF4` code
+  values. Two 4-bit codes share a byte, the first in the high nibble: ``kernel``
+  uint8 ``(*stack, *shape[:-1], ceil(out / 2))``; an odd ``out`` (a head over a
+  vocabulary of 50,257) ends each row with a zero code, and its scale then has the
+  kernel's rank, ``(*stack, 1, ..., 1, n)``, which is how the shapes tell ``out``.
+  The scales are float32 (QLoRA's double quantization of the scales is not done:
+  0.5 bit per weight more).
 
 NF4 is chosen over plain int4 because its code values are the quantiles of a
 normal distribution, which pretrained weights follow: it is what QLoRA, peft and
@@ -30,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nnjax.core.errors import ArgumentError
 
 __all__ = ["SCALE", "NF4", "quantize", "dequantize", "logical_shape", "is_quantized"]
 
@@ -65,64 +71,90 @@ def is_quantized(kernel: Any) -> bool:
     return bool(jnp.issubdtype(jnp.result_type(kernel), jnp.integer))
 
 
+def _odd(kernel: Any, scale: Any) -> int:
+    """1 when a packed NF4 kernel's last axis is odd (its scale has the kernel's rank), else 0."""
+    return int(np.ndim(scale) >= np.ndim(kernel))
+
+
 def logical_shape(kernel: Any, scale: Any = None) -> tuple[int, ...]:
     """The float kernel's shape: a packed NF4 kernel holds two values per byte."""
     shape = tuple(int(d) for d in np.shape(kernel))
     if scale is not None and jnp.result_type(kernel) == jnp.uint8:
-        return (*shape[:-1], 2 * shape[-1])
+        return (*shape[:-1], 2 * shape[-1] - _odd(kernel, scale))
     return shape
+
+
+def _normalized(w: jax.Array, absmax: jax.Array) -> jax.Array:
+    """``w / absmax`` (``absmax`` broadcast against ``w``; 0 where it is 0), exact for huge scales.
+
+    XLA turns the division into a product with ``1 / absmax``, which flushes to zero
+    above about 8.5e37 (the reciprocal is subnormal); dividing by the mantissa and
+    shifting by the exponent keeps every factor normal.
+    """
+    mantissa, exponent = jnp.frexp(jnp.where(absmax > 0, absmax, 1.0))
+    return jnp.ldexp(w, -exponent) / mantissa
 
 
 def quantize(w: jax.Array, bits: int, *, depth: int = 0, block_size: int = 64):
     """``(kernel, kernel_scale)`` of the float kernel ``w`` (see the module docstring).
 
     Args:
-        w: ``(*stack, ..., out)`` with ``depth`` stacked axes in front.
+        w: ``(*stack, ..., out)`` with ``depth`` stacked axes in front; finite.
         bits: 8 (int8 per output channel) or 4 (NF4 block-wise).
         depth: the number of stacked axes.
-        block_size: values per NF4 block (``bits=4``); even, and it must divide each
-            copy's size.
+        block_size: the most values per NF4 block (``bits=4``).
 
     Raises:
-        ValueError: other ``bits``, or a shape the scheme cannot store.
+        ArgumentError: other ``bits``, or a ``block_size`` below 1.
     """
     w = jnp.asarray(w, jnp.float32)
     stack, shape = w.shape[:depth], w.shape[depth:]
     if bits == 8:
         axes = tuple(range(depth, w.ndim - 1))
         scale = jnp.max(jnp.abs(w), axis=axes) / 127.0  # (*stack, out)
-        s = jnp.expand_dims(scale, axes)
-        q = jnp.where(s > 0, jnp.round(w / jnp.where(s > 0, s, 1.0)), 0.0)
+        q = jnp.round(_normalized(w, jnp.expand_dims(scale, axes)))
         return q.astype(jnp.int8), scale
     if bits != 4:
-        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
-    size = math.prod(shape)
-    if block_size < 2 or block_size % 2 or size % block_size or shape[-1] % 2:
-        raise ValueError(
-            f"NF4 needs an even block_size that divides the kernel's size and an even "
-            f"last axis; kernel {tuple(shape)} ({size} values) with block_size {block_size}"
-        )
-    blocks = jnp.reshape(w, (*stack, size // block_size, block_size))
-    scale = jnp.max(jnp.abs(blocks), axis=-1)  # (*stack, n_blocks)
-    normed = blocks / jnp.where(scale > 0, scale, 1.0)[..., None]
+        raise ArgumentError(f"bits must be 4 or 8, got {bits!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ArgumentError(f"block_size must be an int >= 1, got {block_size!r}")
+    size, out = math.prod(shape), shape[-1]
+    n = -(-size // block_size)
+    length = -(-size // n)  # values per block: block_size when it divides the size
+    flat = jnp.reshape(w, (*stack, size))
+    blocks = jnp.pad(flat, [(0, 0)] * depth + [(0, n * length - size)])
+    blocks = jnp.reshape(blocks, (*stack, n, length))
+    scale = jnp.max(jnp.abs(blocks), axis=-1)  # (*stack, n)
+    normed = _normalized(blocks, scale[..., None])
     levels = jax.lax.broadcast_to_rank(jnp.asarray(NF4), normed.ndim + 1)
     codes = jnp.argmin(jnp.abs(normed[..., None] - levels), axis=-1).astype(jnp.uint8)
-    pairs = jnp.reshape(codes, (*stack, *shape[:-1], shape[-1] // 2, 2))
+    codes = jnp.reshape(jnp.reshape(codes, (*stack, n * length))[..., :size], w.shape)
+    if out % 2:  # a zero code (index 7) ends each row; the scale's rank records it
+        codes = jnp.pad(codes, [(0, 0)] * (w.ndim - 1) + [(0, 1)], constant_values=7)
+        scale = jnp.reshape(scale, (*stack, *(1,) * (len(shape) - 1), n))
+    pairs = jnp.reshape(codes, (*codes.shape[:-1], codes.shape[-1] // 2, 2))
     return (pairs[..., 0] << 4) | pairs[..., 1], scale
 
 
 def dequantize(kernel: jax.Array, scale: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
     """The float kernel, in ``dtype``, from a quantized ``kernel`` and its ``scale``.
 
-    The scale's leading axes (all but its last) are the stacked axes.
+    The int8 scale's leading axes (all but its last) are the stacked axes; an NF4
+    scale's last axis is the blocks, the others the copies.
     """
-    depth = jnp.ndim(scale) - 1
     scale = jnp.asarray(scale).astype(dtype)
     if jnp.result_type(kernel) == jnp.int8:
+        depth = jnp.ndim(scale) - 1
         s = jnp.reshape(scale, (*scale.shape[:-1], *(1,) * (kernel.ndim - depth - 1), -1))
         return kernel.astype(dtype) * s
-    codes = jnp.stack([kernel >> 4, kernel & 15], axis=-1)
-    values = jnp.asarray(NF4, dtype)[codes.astype(jnp.int32)]
     shape = logical_shape(kernel, scale)
-    blocks = jnp.reshape(values, (*scale.shape, -1)) * scale[..., None]
-    return jnp.reshape(blocks, shape)
+    codes = jnp.stack([kernel >> 4, kernel & 15], axis=-1)
+    codes = jnp.reshape(codes, (*kernel.shape[:-1], -1))[..., : shape[-1]]
+    n = scale.shape[-1]
+    copies = math.prod(scale.shape[:-1])
+    size = math.prod(shape) // copies
+    length = -(-size // n)
+    values = jnp.reshape(jnp.asarray(NF4, dtype)[codes.astype(jnp.int32)], (copies, size))
+    values = jnp.pad(values, [(0, 0), (0, n * length - size)])
+    blocks = jnp.reshape(values, (copies, n, length)) * jnp.reshape(scale, (copies, n, 1))
+    return jnp.reshape(jnp.reshape(blocks, (copies, n * length))[:, :size], shape)
