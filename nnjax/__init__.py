@@ -27,11 +27,11 @@ Errors (all are NNJaxError):
     LayerError, ShapeError, ArgumentError, DataError, GlobError, MaskError,
     OptimizerStateError, CheckpointError, ShardingError, TrainingDiverged.
 Modules:
-    nj.losses, nj.metrics, nj.data, nj.checkpoint, nj.finetune, nj.models,
+    nj.losses, nj.metrics, nj.data, nj.checkpoint, nj.finetune, nj.models, nj.post,
     nj.sharding, nj.paths (path globs), nj.layers (every layer and its helpers).
 """
 
-from nnjax import checkpoint, data, finetune, layers, models, sharding
+from nnjax import checkpoint, data, finetune, layers, models, post, sharding
 from nnjax.core import paths
 from nnjax.core.combinators import (
     by_platform,
@@ -181,6 +181,7 @@ __all__ = [
     "checkpoint",
     "finetune",
     "models",
+    "post",
     "sharding",
     "paths",
     "layers",
