@@ -9,3 +9,4 @@ from nnjax.data.iterators import *
 from nnjax.data.readers import *
 from nnjax.data.records import *
 from nnjax.data.tokens import *
+from nnjax.data.vocab import *
