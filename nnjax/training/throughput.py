@@ -52,7 +52,7 @@ def flops_per_token(config: Any, seq_len: int, *, training: bool = True) -> floa
         ...                                num_heads=4, mlp_hidden=64)
         >>> from nnjax.training.throughput import flops_per_token
         >>> flops_per_token(cfg, 16)
-        138240.0
+        154368.0
     """
     d, h, layers = config.hidden_size, config.num_heads, config.num_layers
     q = config.head_dim or d // h
