@@ -254,6 +254,18 @@ def _check_group(flat: dict[str, Any], names: dict[str, str], parent: str) -> No
         raise LayerError(err.detail, tuple(parent.split("/")) if parent else ()) from None
 
 
+def check_adapter_shapes(params: Any) -> None:
+    """Every adapter group is whole and fits its kernel (shapes only, nothing computed).
+
+    Raises:
+        LayerError: the first group that does not, named by the kernel's parent path.
+    """
+    flat = flatten(params)
+    for parent, names in _groups(flat).items():
+        if any(n in ADAPTER_KEYS for n in names):
+            _check_group(flat, names, parent)
+
+
 def _merge(params: Any, kinds: Iterable[str]) -> Any:
     """Fold the adapter ``kinds`` (in the table's order) into their kernels."""
     kinds = [k for k in ADAPTERS if k in kinds]

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core.errors import CheckpointError
+from nnjax.core.errors import CheckpointError, LayerError
 from nnjax.core.paths import STACKED, flatten, unflatten
-from nnjax.finetune.adapters import merge_adapters
+from nnjax.finetune.adapters import check_adapter_shapes, merge_adapters
 from nnjax.layers import quantized
 from nnjax.layers.adapters import ADAPTER_KEYS
 from nnjax.models.hf.files import Pending, TensorInfo
@@ -194,7 +194,8 @@ def params_to_tensors(
 
     Raises:
         CheckpointError: params that do not fit the model (missing, extra or wrongly
-            shaped leaves), or adapters with ``merge=False``.
+            shaped leaves), adapters that do not fit their kernels, or adapters with
+            ``merge=False``.
     """
     base, adapters, scales = split_adapters(params)
     flat_t = flatten(template)
@@ -203,6 +204,10 @@ def params_to_tensors(
             f"params hold adapters at {_listing(sorted(adapters))}; pass merge_adapters=True, "
             "or write them with nj.models.hf.save_peft_adapter"
         )
+    try:  # before any tensor is produced or written
+        check_adapter_shapes(params)
+    except LayerError as e:
+        raise CheckpointError(f"params: adapters that do not fit their kernel: {e}") from None
     missing, extra = sorted(set(flat_t) - set(base)), sorted(set(base) - set(flat_t))
     if missing or extra:
         raise CheckpointError(

@@ -8,6 +8,8 @@ is what keeps peak memory at the result plus one tensor.
 
 Writing: the safetensors header is written from the known shapes, then each
 tensor's bytes as it is produced: peak memory is one tensor, whatever the shard size.
+Files are written into a staging folder and moved in only when complete
+(:mod:`nnjax.models.hf.staging`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from nnjax.checkpoint.arrayfile import as_bytes
 from nnjax.core.errors import CheckpointError
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "read_tensor",
     "parse_size",
     "Pending",
+    "write_file",
     "write_model",
 ]
 
@@ -177,7 +181,13 @@ class Pending(NamedTuple):
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def _write_file(path: str, tensors: list[Pending]) -> None:
+def write_file(path: str, tensors: list[Pending]) -> None:
+    """One safetensors file of ``tensors``, each produced as its turn comes; flushed to disk.
+
+    Raises:
+        CheckpointError: a dtype safetensors has no name for (before anything is
+            written), a produced tensor of another shape.
+    """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
@@ -199,14 +209,15 @@ def _write_file(path: str, tensors: list[Pending]) -> None:
                 raise CheckpointError(
                     f"tensor {t.name!r}: produced {arr.shape}, declared {t.shape}"
                 )
-            f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).data)
+            f.write(as_bytes(arr.astype(arr.dtype.newbyteorder("<"), copy=False)))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_model(folder: str, tensors: list[Pending], max_shard_size: int | str) -> list[str]:
     """Write ``tensors`` as ``model.safetensors``, or shards of at most ``max_shard_size`` bytes
-    (a larger tensor gets a shard of its own) and ``model.safetensors.index.json``.
-
-    Weight files of an earlier save in ``folder`` are removed first. Returns the files written.
+    (a larger tensor gets a shard of its own) and ``model.safetensors.index.json``, into
+    ``folder`` (a staging folder: see :mod:`nnjax.models.hf.staging`). Returns the files written.
     """
     limit = parse_size(max_shard_size)
     shards: list[list[Pending]] = [[]]
@@ -217,15 +228,12 @@ def write_model(folder: str, tensors: list[Pending], max_shard_size: int | str) 
             size = 0
         shards[-1].append(t)
         size += t.nbytes
-    for old in os.listdir(folder):
-        if old in (SINGLE, INDEX) or _SHARD.fullmatch(old):
-            os.remove(os.path.join(folder, old))
     if len(shards) == 1:
-        _write_file(os.path.join(folder, SINGLE), shards[0])
+        write_file(os.path.join(folder, SINGLE), shards[0])
         return [SINGLE]
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     for name, shard in zip(names, shards, strict=True):
-        _write_file(os.path.join(folder, name), shard)
+        write_file(os.path.join(folder, name), shard)
     index = {
         "metadata": {"total_size": sum(t.nbytes for t in tensors)},
         "weight_map": {
@@ -234,4 +242,6 @@ def write_model(folder: str, tensors: list[Pending], max_shard_size: int | str) 
     }
     with open(os.path.join(folder, INDEX), "w") as f:
         json.dump(index, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
     return [*names, INDEX]

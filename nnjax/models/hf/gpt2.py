@@ -28,7 +28,8 @@ from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.gpt import GPT, GPTConfig, causal_lm_config
 from nnjax.models.hf.configs import config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
-from nnjax.models.hf.files import TensorInfo, model_files, read_headers, read_tensor, write_model
+from nnjax.models.hf.files import TensorInfo, model_files, read_headers, read_tensor
+from nnjax.models.hf.staging import save_model_folder
 from nnjax.models.hf.tables import GPT2
 from nnjax.models.hf.torch_state import to_numpy
 
@@ -209,8 +210,5 @@ def save_gpt2(directory: str | os.PathLike, config: GPTConfig, params: Mapping[s
     first = params["tok_embed"]["embedding"]
     hf = config_to_hf(causal, dtype=str(np.dtype(first.dtype)))
     hf["bos_token_id"] = hf["eos_token_id"] = None
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    write_model(directory, params_to_tensors(params, GPT2, causal, _template(config)), 2**62)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
+    tensors = params_to_tensors(params, GPT2, causal, _template(config))
+    save_model_folder(os.fspath(directory), tensors, 2**62, {"config.json": hf})

@@ -37,7 +37,8 @@ from nnjax.core.paths import STACKED, flatten, unflatten
 from nnjax.layers import quantized
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.hf.convert import split_adapters
-from nnjax.models.hf.files import Pending, TensorInfo, read_headers, read_tensor, write_model
+from nnjax.models.hf.files import Pending, TensorInfo, read_headers, read_tensor, write_file
+from nnjax.models.hf.staging import commit_files, staging, write_json
 from nnjax.models.hf.tables import Slot, check_family, layout
 
 __all__ = ["save_peft_adapter", "load_peft_adapter"]
@@ -109,7 +110,9 @@ def save_peft_adapter(
     ``lora_alpha = r`` (nnjax's ``lora_a`` already holds the scale).
 
     Args:
-        path: the folder (created).
+        path: the folder (created). Only ``adapter_config.json`` and
+            ``adapter_model.safetensors`` are replaced (each once complete); a model's
+            weights in the same folder are never touched.
         config: the model's config (its family names the modules).
         params: ``CausalLM(config)`` params with adapters (``nj.finetune.add_lora``).
         base_model_name_or_path: recorded in ``adapter_config.json``.
@@ -161,10 +164,6 @@ def save_peft_adapter(
         for layer in layers:
             key = PREFIX + (name.format(i=layer) if layer is not None else name)
             tensors += _module_tensors(key, [adapters.get(p) for p in parents], layer, r)
-    folder = os.fspath(path)
-    os.makedirs(folder, exist_ok=True)
-    write_model(folder, tensors, 2**62)
-    os.replace(os.path.join(folder, "model.safetensors"), os.path.join(folder, WEIGHTS))
     targets = sorted({modules[p][0].rpartition(".")[2] for p in adapters})
     adapter_config = {
         "peft_type": "LORA",
@@ -183,8 +182,12 @@ def save_peft_adapter(
         "modules_to_save": None,
         "inference_mode": True,
     }
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump(adapter_config, f, indent=2)
+    folder = os.fspath(path)
+    with staging(folder) as staged:  # the folder's own files (a model's weights) stay untouched
+        write_file(os.path.join(staged, WEIGHTS), tensors)
+        write_json(os.path.join(staged, CONFIG), adapter_config)
+        read_headers([os.path.join(staged, WEIGHTS)], None)
+        commit_files(staged, folder, [WEIGHTS, CONFIG])
     return [CONFIG, WEIGHTS]
 
 
@@ -278,6 +281,37 @@ def _group_tensors(infos: Mapping[str, TensorInfo], modules: Mapping[str, Any], 
     return groups
 
 
+def _check_shapes(
+    by_parent: Mapping[str, Mapping[int | None, tuple[dict[str, str], int, int]]],
+    flat: Mapping[str, Any],
+    infos: Mapping[str, TensorInfo],
+    where: str,
+) -> None:
+    """Each tensor's shape and dtype from its header against the kernel it adapts.
+
+    Raises:
+        CheckpointError: naming the tensor, its shape or dtype and the kernel's.
+    """
+    for parent, layers in by_parent.items():
+        kernel, scale = flat[f"{parent}/kernel"], flat.get(f"{parent}/{quantized.SCALE}")
+        n_in, n_out = quantized.logical_shape(kernel, scale)[-2:]
+        for g, _, parts in layers.values():
+            r = infos[g["lora_a"]].shape[0] if infos[g["lora_a"]].shape else 0
+            want = {"lora_a": (r, n_in), "lora_b": (n_out * parts, r), "dora": (n_out * parts,)}
+            for kind, key in g.items():
+                info = infos[key]
+                fused = f" x {parts} fused" if parts > 1 else ""
+                if info.shape != want[kind] or r < 1:
+                    raise CheckpointError(
+                        f"{where}: {key} has shape {info.shape}, expected {want[kind]} for "
+                        f"{parent}/kernel ({n_in}, {n_out}){fused} and rank {r} (from lora_A)"
+                    )
+                if not jnp.issubdtype(info.dtype, jnp.floating):
+                    raise CheckpointError(
+                        f"{where}: {key} has dtype {info.dtype}, expected a floating-point one"
+                    )
+
+
 def load_peft_adapter(
     path: str | os.PathLike, config: CausalLMConfig, params: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -323,6 +357,7 @@ def load_peft_adapter(
             raise CheckpointError(f"{weights}: DoRA on the fused {g['dora']} is not supported")
         for k, parent in enumerate(parents):
             by_parent.setdefault(parent, {})[layer] = (g, k, len(parents))
+    _check_shapes(by_parent, flat, infos, weights)  # every tensor, before any is read
     for parent, layers in by_parent.items():
         kernel, scale = flat[f"{parent}/kernel"], flat.get(f"{parent}/{quantized.SCALE}")
         w = kernel if scale is None else quantized.dequantize(kernel, scale)
@@ -334,18 +369,12 @@ def load_peft_adapter(
         b = np.zeros((*lead, rank, n_out), np.float32)
         dora = any("dora" in g for g, _, _ in layers.values())
         m = np.array(jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=-2)))
-        for layer, (g, k, parts) in layers.items():
+        for layer, (g, k, _) in layers.items():
             ta, tb = (
                 read_tensor(g["lora_a"], infos[g["lora_a"]]),
                 read_tensor(g["lora_b"], infos[g["lora_b"]]),
             )
             r = ta.shape[0]
-            if ta.shape != (r, n_in) or tb.shape != (n_out * parts, r):
-                raise CheckpointError(
-                    f"{weights}: {g['lora_a']} {ta.shape} / {g['lora_b']} {tb.shape} do not fit "
-                    f"{parent}/kernel ({n_in}, {n_out})"
-                    + (f" x {parts} fused" if parts > 1 else "")
-                )
             tb = tb[k * n_out : (k + 1) * n_out]  # this part's rows of a fused (q|k|v) B
             module = g["lora_a"].removeprefix(PREFIX).removesuffix(".lora_A.weight")
             alpha = _pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))

@@ -23,7 +23,8 @@ from nnjax.core.errors import CheckpointError
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.hf.configs import config_from_hf, config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
-from nnjax.models.hf.files import model_files, read_headers, read_tensor, write_model
+from nnjax.models.hf.files import model_files, read_headers, read_tensor
+from nnjax.models.hf.staging import save_model_folder
 from nnjax.models.hf.tables import check_family
 
 __all__ = ["from_pretrained", "save_pretrained", "load_config", "param_template"]
@@ -156,7 +157,9 @@ def save_pretrained(
     whatever the shard size), in the params' dtype.
 
     Args:
-        path: the folder (created; earlier weight files in it are replaced).
+        path: the folder (created). Earlier weight files in it are replaced atomically:
+            the new set is written beside them and moved in only when complete, so
+            whatever fails, the folder holds a loadable model (the old or the new).
         config: the model's config; ``config.family`` picks the HF architecture.
         params: ``CausalLM(config)`` params.
         max_shard_size: bytes, or ``"500MB"`` / ``"2GiB"``.
@@ -168,7 +171,7 @@ def save_pretrained(
 
     Raises:
         CheckpointError: a family that cannot express the config, params that do not fit
-            it; nothing is written then.
+            it, a dtype safetensors cannot hold; the folder's earlier files are kept then.
 
     Example:
         >>> config = nj.models.hf.config_from_hf({"model_type": "qwen2", "vocab_size": 100,
@@ -182,12 +185,5 @@ def save_pretrained(
     table = check_family(config.family, "config.family")
     tensors = params_to_tensors(params, table, config, param_template(config), merge=merge_adapters)
     folder = os.fspath(path)
-    os.makedirs(folder, exist_ok=True)
-    written = write_model(folder, tensors, max_shard_size)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    generation = _generation_config(hf)
-    if generation:
-        with open(os.path.join(folder, "generation_config.json"), "w") as f:
-            json.dump(generation, f, indent=2)
-    return written
+    jsons = {"config.json": hf, "generation_config.json": _generation_config(hf)}
+    return save_model_folder(folder, tensors, max_shard_size, {k: v for k, v in jsons.items() if v})
