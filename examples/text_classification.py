@@ -12,18 +12,17 @@ order matters::
     python examples/text_classification.py --cell gru --bidirectional --pooling mean
 
 Sentences are split 80/20 into train and test with a fixed seed; the vocabulary
-(lower-cased words) is built on the train split only, with id 0 for padding and 1
-for unknown words. Each batch is right-padded to ``--max-len`` and carries the
-true lengths, so the recurrent encoder ignores the padding.
+(``nj.data.fit_vocabulary``: lower-cased words) is fitted on the train split only,
+with id 0 for padding and 1 for unknown words. Each batch is right-padded to
+``--max-len`` and carries the true lengths, so the recurrent encoder ignores the
+padding.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import glob
 import os
-import re
 import sys
 import time
 
@@ -36,7 +35,6 @@ import optax
 import nnjax as nj
 from nnjax.models import TextClassifier, TextClassifierConfig
 
-PAD, UNK = 0, 1
 POSITIVE = ["good", "great", "excellent", "love", "wonderful", "best", "happy", "fine", "nice"]
 NEGATIVE = ["bad", "awful", "terrible", "hate", "worst", "poor", "sad", "boring", "ugly"]
 FILLER = ["the", "a", "this", "that", "it", "is", "was", "i", "we", "they", "movie", "phone"]
@@ -82,27 +80,6 @@ def read_labelled(path: str) -> tuple[list[str], np.ndarray]:
     return texts, np.array(labels, np.int32)
 
 
-def tokenize(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def build_vocab(texts: list[str], min_count: int) -> dict[str, int]:
-    counts = collections.Counter(w for t in texts for w in tokenize(t))
-    words = sorted(w for w, c in counts.items() if c >= min_count)
-    return {w: i for i, w in enumerate(words, start=2)}  # 0: padding, 1: unknown
-
-
-def encode(texts: list[str], vocab: dict[str, int], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ids ``(N, max_len)`` int32 and lengths ``(N,)`` (at least 1)."""
-    ids = np.full((len(texts), max_len), PAD, np.int32)
-    lengths = np.zeros(len(texts), np.int32)
-    for i, text in enumerate(texts):
-        tokens = [vocab.get(w, UNK) for w in tokenize(text)][:max_len] or [UNK]
-        ids[i, : len(tokens)] = tokens
-        lengths[i] = len(tokens)
-    return ids, lengths
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-path", default=None, help="a labelled-sentences file or folder")
@@ -135,18 +112,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         texts, labels = texts[:200], labels[:200]
     index = np.arange(len(texts))
     train_ix, test_ix = nj.data.train_test_split(index, test_fraction=0.2, seed=args.seed)
-    vocab = build_vocab([texts[i] for i in train_ix], args.min_count)
-    ids, lengths = encode(texts, vocab, args.max_len)
-    train = ({"ids": ids[train_ix], "lengths": lengths[train_ix]}, labels[train_ix])
-    test = ({"ids": ids[test_ix], "lengths": lengths[test_ix]}, labels[test_ix])
+    vocab = nj.data.fit_vocabulary([texts[i] for i in train_ix], min_count=args.min_count)
+    x = vocab.encode(texts, max_length=args.max_len)  # {"inputs": (N, T), "lengths": (N,)}
+    train = (jax.tree.map(lambda a: a[train_ix], x), labels[train_ix])
+    test = (jax.tree.map(lambda a: a[test_ix], x), labels[test_ix])
     print(
         f"{source}: {len(train_ix)} train, {len(test_ix)} test sentences, "
-        f"vocabulary {len(vocab) + 2} (train split), {np.mean(labels):.0%} positive"
+        f"vocabulary {vocab.size} (train split), {np.mean(labels):.0%} positive"
     )
     print(f"example: {texts[train_ix[0]]!r} -> label {labels[train_ix[0]]}")
 
     config = TextClassifierConfig(
-        vocab_size=len(vocab) + 2,
+        vocab_size=vocab.size,
         embed_dim=args.embed_dim,
         hidden=args.hidden,
         cell=args.cell,

@@ -307,7 +307,9 @@ def test_error_initial_carry_and_input_keys():
     ):
         gru.apply(p, s, {"inputs": x, "initial_carry": jnp.zeros(H)})
     with pytest.raises(
-        nj.LayerError, match=r"missing input key\(s\) \['inputs'\]; got keys \['x'\]"
+        nj.LayerError,
+        match=r'expected an array or a padded batch \{"inputs": x, "lengths": lengths\}, got a '
+        r"dict with keys \['x'\]",
     ):
         layer.apply(params, state, {"x": x})
     with pytest.raises(nj.LayerError, match=r"unexpected input key\(s\) \['mask'\]"):

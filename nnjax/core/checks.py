@@ -18,6 +18,7 @@ from nnjax.core.errors import ArgumentError, LayerError, ShapeError
 
 __all__ = [
     "shape_str",
+    "check_array",
     "check_rank",
     "check_float",
     "check_keys",
@@ -32,8 +33,20 @@ def shape_str(shape: Iterable[int]) -> str:
     return str(tuple(int(d) for d in shape))
 
 
+def check_array(x: Any) -> None:
+    """``x`` is an array, not a dict: a padded batch reaching a layer that takes arrays says so."""
+    if isinstance(x, Mapping):
+        raise LayerError(
+            f"expected an array x, got a dict with keys {sorted(x)}. A padded batch "
+            '{"inputs": ids, "lengths": lengths} goes first into Embedding, which hands the '
+            "lengths on to a recurrent layer (LSTM, GRU, SimpleRNN, Bidirectional) that reads "
+            'them; any other layer takes the array alone (x["inputs"])'
+        )
+
+
 def check_rank(x: Any, min_rank: int, what: str) -> None:
     """``x`` must have at least ``min_rank`` axes (``what`` says which, e.g. ``(..., features)``)."""
+    check_array(x)
     if np.ndim(x) < min_rank:
         raise LayerError(
             f"expected x with at least {min_rank} axes {what}, got x.shape == {shape_str(np.shape(x))}"
@@ -41,6 +54,7 @@ def check_rank(x: Any, min_rank: int, what: str) -> None:
 
 
 def check_float(x: Any) -> None:
+    check_array(x)
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise LayerError(

@@ -10,3 +10,4 @@ from nnjax.data.readers import *
 from nnjax.data.records import *
 from nnjax.data.tokens import *
 from nnjax.data.vocab import *
+from nnjax.data.vocabulary import *

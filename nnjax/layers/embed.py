@@ -10,6 +10,7 @@ import jax.core  # for type checkers: jax's __init__ loads jax.core only under a
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core import padded
 from nnjax.core.checks import check_float, check_keys, check_rank, get_param, shape_str
 from nnjax.core.errors import LayerError
 from nnjax.core.layer import (
@@ -67,6 +68,12 @@ def Embedding(
 ) -> Layer:
     """A lookup table: integer ids ``(...)`` -> vectors ``(..., features)``.
 
+    A padded batch ``{"inputs": ids (B, T), "lengths": (B,)}`` gives
+    ``{"inputs": vectors (B, T, features), "lengths": ...}``: the lengths (and any
+    ``initial_carry``) pass on to the recurrent layer after it, so
+    ``serial(Embedding(...), LSTM(...))`` reads a padded batch of token ids
+    (:mod:`nnjax.core.padded`).
+
     Ids must lie in ``[0, num_embeddings)``. Eagerly (concrete ids) an id outside
     is a LayerError. Under ``jax.jit`` the ids cannot be checked; a lookup of an
     id outside the range (negative ids included) returns NaN (``jnp.take``
@@ -99,11 +106,12 @@ def Embedding(
     table_shape = (num_embeddings, features)
 
     def init(key, x):
-        _check_ids(x, num_embeddings)
+        _check_ids(padded.split(x)[0], num_embeddings)
         return {"embedding": embedding_init(key, table_shape, param_dtype)}, {}
 
     def apply(params, state, x, *, rng=None, train=False):
         del rng, train
+        x, rest = padded.split(x)
         _check_ids(x, num_embeddings)
         check_keys(params, ["embedding"])
         table = get_param(params, "embedding", table_shape)
@@ -113,7 +121,8 @@ def Embedding(
             # negative ids are out of range (NaN), not wrapped around as in NumPy
             ids = ids.astype(jnp.promote_types(ids.dtype, jnp.int32))
             ids = jnp.where(ids < 0, num_embeddings, ids)
-        return jnp.take(table.astype(dtype_), ids, axis=0, mode="fill"), state
+        y = jnp.take(table.astype(dtype_), ids, axis=0, mode="fill")
+        return padded.join(y, rest), state
 
     return Layer(init, apply, name)
 

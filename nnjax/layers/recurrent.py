@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core import padded
 from nnjax.core.checks import check_keys, get_param, shape_str
 from nnjax.core.errors import LayerError
 from nnjax.core.layer import (
@@ -52,15 +53,12 @@ from nnjax.layers.base import compute_dtype
 __all__ = ["SimpleRNN", "LSTM", "GRU", "Bidirectional"]
 
 
-_INPUT_KEYS = ("inputs", "lengths", "initial_carry")
-
-
 def _parse_input(x: Any) -> tuple[Any, Any, Any, str]:
     """``(inputs, lengths or None, initial_carry or None, name of inputs in messages)``."""
-    if isinstance(x, Mapping):
-        check_keys(x, ["inputs"], _INPUT_KEYS[1:], kind="input key")
-        return x["inputs"], x.get("lengths"), x.get("initial_carry"), 'x["inputs"]'
-    return x, None, None, "x"
+    inputs, rest = padded.split(x)
+    if rest is None:
+        return x, None, None, "x"
+    return inputs, rest.get("lengths"), rest.get("initial_carry"), 'x["inputs"]'
 
 
 def _check_inputs(inputs: Any, what: str) -> None:

@@ -51,10 +51,11 @@ class TextClassifierConfig:
 
 
 def _split_input(x: Any) -> tuple[Any, Any]:
-    """``(ids (B, T), lengths (B,) or None)`` from ids or ``{"ids", "lengths"}``, checked."""
+    """``(ids (B, T), lengths (B,) or None)`` from ids or ``{"inputs", "lengths"}``, checked."""
     if isinstance(x, Mapping):
-        check_keys(x, ["ids"], ["lengths"], kind="input key")
-        ids, lengths, what = x["ids"], x.get("lengths"), 'x["ids"]'
+        key = "ids" if "ids" in x else "inputs"  # "ids": the form before padded batches
+        check_keys(x, [key], ["lengths"], kind="input key")
+        ids, lengths, what = x[key], x.get("lengths"), f'x["{key}"]'
     else:
         ids, lengths, what = x, None, "x"
     if np.ndim(ids) != 2:
@@ -72,8 +73,10 @@ def _split_input(x: Any) -> tuple[Any, Any]:
 def TextClassifier(config: TextClassifierConfig) -> Layer:
     """Classify token sequences: embed, run an LSTM/GRU over the padded batch, pool, a Dense head.
 
-    Input: token ids ``(B, T)`` int (every sequence ``T`` long), or a dict
-    ``{"ids": (B, T) int, "lengths": (B,) int}`` for a right-padded batch:
+    Input: token ids ``(B, T)`` int (every sequence ``T`` long), or a padded batch
+    ``{"inputs": (B, T) int, "lengths": (B,) int}`` (as
+    :meth:`nnjax.data.Vocabulary.encode` makes it; ``"ids"`` is accepted for
+    ``"inputs"``) for a right-padded batch:
     sequence ``b`` is ``ids[b, :lengths[b]]`` and the padding after it does not
     change the output. Output: logits ``(B, num_classes)``.
 
@@ -92,7 +95,7 @@ def TextClassifier(config: TextClassifierConfig) -> Layer:
 
     Example:
         >>> model = nj.models.TextClassifier(nj.models.TextClassifierConfig(vocab_size=100, embed_dim=8, hidden=16))
-        >>> x = {"ids": jnp.zeros((4, 12), jnp.int32), "lengths": jnp.array([12, 5, 3, 9])}
+        >>> x = {"inputs": jnp.zeros((4, 12), jnp.int32), "lengths": jnp.array([12, 5, 3, 9])}
         >>> params, state = model.init(key, x)
         >>> jax.tree.map(jnp.shape, params)
         {'embed': {'embedding': (100, 8)}, 'encoder': {'bias': (64,), 'kernel': (8, 64), 'recurrent_kernel': (16, 64)}, 'head': {'bias': (2,), 'kernel': (16, 2)}}
