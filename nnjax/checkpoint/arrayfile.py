@@ -14,8 +14,8 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import ml_dtypes
@@ -99,8 +99,10 @@ def write(path: str, tensors: list[Tensor]) -> Written:
     digest = hashlib.sha256()
     size = 0
     # The hash of each tensor runs in a second thread while the tensor is written
-    # (both release the GIL): the save costs max(write, hash), not their sum.
-    with open(path, "wb") as f, ThreadPoolExecutor(1) as hasher:
+    # (both release the GIL): the save costs max(write, hash), not their sum. A plain
+    # thread, not an executor: executors refuse work once the interpreter is shutting
+    # down, which is when a background save started on a script's last line runs.
+    with open(path, "wb") as f:
         head = header(tensors)
         f.write(head)
         digest.update(head)
@@ -113,9 +115,12 @@ def write(path: str, tensors: list[Tensor]) -> Written:
                     f"got {array.dtype.name} {array.shape}"
                 )
             data = as_bytes(array)
-            hashed = hasher.submit(digest.update, data)
-            f.write(data)
-            hashed.result()
+            hashing = threading.Thread(target=digest.update, args=(data,))
+            hashing.start()
+            try:
+                f.write(data)
+            finally:
+                hashing.join()
             size += data.nbytes
             del array, data  # one tensor on the host at a time
         f.flush()

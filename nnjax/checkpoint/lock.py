@@ -10,14 +10,20 @@ folder's one-thread executor, so the next save waits for it.
 
 A process-wide table maps each held folder to its lock: an OS lock belongs to
 the process, so the table is the one place that knows which folders it holds.
+
+A background save still running when the script ends is finished before the
+interpreter exits (its thread is joined); one that failed, and whose error no
+``save`` or ``wait`` raised, is reported on stderr at exit, never left inside a future.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -107,6 +113,25 @@ def _drop(real: str) -> None:
     held.executor.shutdown(wait=True)
     if held.fd is not None:
         os.close(held.fd)
+
+
+def _report_at_exit() -> None:
+    """Say on stderr which background saves failed (their threads have finished by now)."""
+    for real, writer in list(_HELD.items()):
+        pending, writer.pending = writer.pending, None
+        if pending is None:
+            continue
+        error = pending.exception() if not pending.cancelled() else RuntimeError("never run")
+        if error is not None:
+            print(
+                f"nnjax: the background checkpoint save into {real} FAILED, nothing was "
+                f"written: {type(error).__name__}: {error}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+atexit.register(_report_at_exit)
 
 
 def held(directory: str | os.PathLike) -> Writer | None:

@@ -23,6 +23,8 @@ import os
 from collections.abc import Mapping
 from typing import Any, TypeGuard
 
+import numpy as np
+
 from nnjax.checkpoint.arrayfile import NAMES
 from nnjax.core.errors import CheckpointError
 
@@ -127,7 +129,7 @@ def _problem(meta: Mapping[str, Any]) -> str | None:
     for path, info in leaves.items():
         if (bad := _check_leaf(path, info)) is not None:
             return bad
-    covered = dict.fromkeys(leaves, 0)
+    covered: dict[str, list[tuple[str, Any]]] = {p: [] for p in leaves}
     for name, info in files.items():
         if (
             not isinstance(name, str)
@@ -141,10 +143,29 @@ def _problem(meta: Mapping[str, Any]) -> str | None:
         for key, piece in info["pieces"].items():
             if (bad := _check_piece(leaves, key, piece)) is not None:
                 return bad
-            covered[piece["path"]] += math.prod(piece["shape"])
-    for path, n in covered.items():
-        if n != math.prod(leaves[path]["shape"]):
-            return f"leaf {path}: pieces hold {n} of {math.prod(leaves[path]['shape'])} elements"
+            covered[piece["path"]].append((key, piece))
+    for path, pieces in covered.items():
+        if (bad := _check_tiling(path, leaves[path]["shape"], pieces)) is not None:
+            return bad
+    return None
+
+
+def _check_tiling(path: str, shape: list[int], pieces: list[tuple[str, Any]]) -> str | None:
+    """The pieces (each inside the leaf) tile it exactly: no two overlap and together they
+    hold every element (disjoint boxes whose sizes add up to the leaf's cover it)."""
+    n = sum(math.prod(p["shape"]) for _, p in pieces)
+    if n != math.prod(shape):
+        return f"leaf {path}: pieces hold {n} of {math.prod(shape)} elements"
+    boxes = [(k, p) for k, p in pieces if math.prod(p["shape"])]
+    if len(boxes) < 2:
+        return None
+    lo = np.array([p["start"] for _, p in boxes], np.int64).reshape(len(boxes), -1)
+    hi = lo + np.array([p["shape"] for _, p in boxes], np.int64).reshape(len(boxes), -1)
+    meet = np.all((lo[:, None] < hi[None]) & (lo[None] < hi[:, None]), axis=-1)
+    np.fill_diagonal(meet, False)
+    if meet.any():
+        i, j = np.argwhere(meet)[0]
+        return f"leaf {path}: pieces {boxes[i][0]} and {boxes[j][0]} overlap (they must tile it)"
     return None
 
 
