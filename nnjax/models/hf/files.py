@@ -68,26 +68,30 @@ class TensorInfo(NamedTuple):
 
 
 def _inside(folder: str, name: str, index: str) -> str:
-    """``folder/name`` for a plain file name in the index; anything else is refused."""
+    """``folder/name`` for a plain file name in the index; a path (``../x``, ``/x``, ``a/x``) is refused.
+
+    The rule, for single files and shards alike: the index names files of the folder
+    by their plain names, and a file of the folder may be a symlink, followed wherever
+    it points (Hugging Face's cache keeps ``snapshots/<rev>/model.safetensors`` as a
+    link into ``../../blobs/``); whoever made the folder made its links, while an index
+    entry is data that must not reach outside the folder on its own.
+    """
     if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
         raise CheckpointError(
             f"{index}: weight file {name!r} is not a file name inside the folder; refusing it"
         )
-    path = os.path.join(folder, name)
-    if os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
-        raise CheckpointError(
-            f"{index}: weight file {name!r} links outside the folder; refusing it"
-        )
-    return path
+    return os.path.join(folder, name)
 
 
 def model_files(folder: str) -> tuple[list[str], dict[str, str] | None]:
     """The folder's weight files and, when sharded, its ``weight_map`` (names -> file path).
 
+    Files may be symlinks (Hugging Face's cache layout), followed; see ``_inside``.
+
     Raises:
         CheckpointError: no weights, an unreadable index, an index entry that is not a
-            file inside the folder (``../x.safetensors``, an absolute path, a link
-            out), or a listed file that does not exist.
+            plain file name (``../x.safetensors``, an absolute path, ``sub/x``), or a
+            listed file that does not exist (a dangling link too).
     """
     single = os.path.join(folder, SINGLE)
     if os.path.isfile(single):

@@ -94,7 +94,10 @@ def from_pretrained(
     Raises:
         CheckpointError: no folder, no ``config.json`` or weights; an unsupported
             ``model_type``; missing, unexpected or wrongly shaped tensors; a truncated
-            file; an index entry outside the folder (refused before reading anything).
+            file; an index entry that is a path rather than a file name of the folder
+            (``../x``, ``/x``: refused before reading anything). Files that are symlinks
+            (Hugging Face's cache: ``snapshots/<rev>/*`` link into ``../../blobs/``) are
+            followed, single files and shards alike.
             Each names the file and the tensor.
         ShardingError, GlobError: rules that do not fit the params.
 
