@@ -146,6 +146,131 @@ def test_repeat_traces_body_a_fixed_number_of_times(cpu_remat):
         assert len(traces) == per_call
 
 
+# --- mixed stacks: repeat of a pattern of layer kinds -----------------------------
+
+
+def _kinds():
+    """Two kinds with different params (a mixed stack's dense and MoE-like layers)."""
+    a = nj.serial(nj.Dense(5), jnp.tanh, nj.LayerNorm())
+    b = nj.serial(nj.Dense(7), jax.nn.relu, nj.Dense(5))
+    return a, b
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [None, [0, 0, 0, 1] * 2 + [0, 0], [0] * 3 + [1] * 4, [1, 0, 0, 0, 0, 0, 1]],
+)
+def test_mixed_repeat_equals_its_layers_applied_in_turn(layout):
+    kinds = _kinds()
+    n = 6 if layout is None else len(layout)
+    kind_of = [i % 2 for i in range(n)] if layout is None else layout
+    model = nj.repeat(list(kinds), n, layout=layout)
+    x = jax.random.normal(jax.random.key(1), (3, 5))
+    params, state = model.init(jax.random.key(0), x)
+    flat = nj.paths.flatten(params)
+
+    def copy(params, i):  # layer i's params, found through the stack keys
+        for key, tree in params.items():
+            start, step = nj.paths.parse_stack_key(key)
+            j, r = divmod(i - start, step)
+            count = jax.tree.leaves(tree)[0].shape[0]
+            if r == 0 and 0 <= j < count:
+                return jax.tree.map(lambda a, j=j: a[j], tree)
+        raise AssertionError(f"no copy for layer {i}")
+
+    def reference(params, x):
+        h = x
+        for i, k in enumerate(kind_of):
+            h, _ = kinds[k].apply(copy(params, i), {}, h)
+        return h
+
+    y, _ = model.apply(params, state, x)
+    np.testing.assert_allclose(y, reference(params, x), rtol=1e-5, atol=1e-5)
+    # every layer appears once under its logical path, with its kind's params
+    logical = nj.paths.leaf_paths(params)
+    for i, k in enumerate(kind_of):
+        mine = sorted(p.partition("/")[2] for p in logical if p.split("/")[0] == str(i))
+        assert mine == sorted(nj.paths.leaf_paths(kinds[k].init(jax.random.key(0), x)[0]))
+    assert len(logical) == sum(np.prod(np.shape(v)[:1]) for v in flat.values())
+    # gradients through the scanned segments equal the unrolled reference's
+    g = jax.grad(lambda p: jnp.sum(model.apply(p, state, x)[0] ** 2))(params)
+    want = jax.grad(lambda p: jnp.sum(reference(p, x) ** 2))(params)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_repeat_of_one_kind_is_the_uniform_stack():
+    block = nj.serial(nj.Dense(5), jnp.tanh)
+    x = jnp.ones((2, 5))
+    uniform, _ = nj.repeat(block, 4).init(jax.random.key(0), x)
+    mixed, _ = nj.repeat([block, nj.Dense(5)], 4, layout=[0] * 4).init(jax.random.key(0), x)
+    assert jax.tree.structure(uniform) == jax.tree.structure(mixed)
+    for a, b in zip(jax.tree.leaves(uniform), jax.tree.leaves(mixed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_plan_segments_cuts_layouts_into_whole_periods():
+    seg = nj.core.combinators.Segment
+    assert nj.core.combinators.plan_segments([0, 1] * 16) == [seg(0, 32, (0, 1))]
+    assert nj.core.combinators.plan_segments([0] * 3 + [1] * 29) == [
+        seg(0, 3, (0,)),
+        seg(3, 32, (1,)),
+    ]
+    gemma3 = ([0] * 5 + [1]) * 4 + [0, 0]
+    assert nj.core.combinators.plan_segments(gemma3) == [
+        seg(0, 24, (0,) * 5 + (1,)),
+        seg(24, 26, (0,)),
+    ]
+
+
+def test_mixed_repeat_compiles_a_fixed_program_whatever_the_depth():
+    # Each kind's body is traced once per call and the lowered program holds the same
+    # number of matmuls at 4 and at 32 layers: compile time is flat in depth.
+    traces = {"local": 0, "global": 0}
+
+    def counting(name):
+        def f(x):
+            traces[name] += 1
+            return jnp.tanh(x)
+
+        return f
+
+    kinds = [nj.serial(nj.Dense(4), counting("local")), nj.serial(nj.Dense(4), counting("global"))]
+    x = jnp.ones((2, 4))
+    dots = []
+    for n in (4, 32):
+        model = nj.repeat(kinds, n, cpu_remat=False)
+        params, state = model.init(jax.random.key(0), x)
+        for k in traces:
+            traces[k] = 0
+        f = jax.jit(lambda p, model=model, state=state: model.apply(p, state, x)[0])
+        dots.append(f.lower(params).as_text().count("stablehlo.dot_general"))
+        assert traces == {"local": 1, "global": 1}
+    assert dots[0] == dots[1] == 2
+
+
+def test_globs_select_the_same_logical_leaves_on_mixed_and_uniform_stacks():
+    block = nj.serial(nj.Dense(4, name="attn"), jnp.tanh)
+    other = nj.serial(nj.Dense(4, name="attn"), jax.nn.relu)  # same params, another kind
+    x = jnp.ones((2, 4))
+    uniform, _ = nj.serial(blocks=nj.repeat(block, 6)).init(jax.random.key(0), x)
+    mixed, _ = nj.serial(blocks=nj.repeat([block, other], 6)).init(jax.random.key(0), x)
+    assert "blocks/stacked[1::2]/attn_0/kernel" in nj.paths.flatten(mixed)
+    for glob in ("blocks/*/attn_0/kernel", "blocks/3/**", "blocks/[024]/attn_0/bias"):
+        assert sorted(nj.paths.match(mixed, glob)) == sorted(nj.paths.match(uniform, glob))
+    masks = [nj.finetune.mask(p, "blocks/3/**") for p in (uniform, mixed)]
+    assert nj.finetune.trainable_count(uniform, masks[0]) == 20
+    assert nj.finetune.trainable_count(mixed, masks[1]) == 20
+    odd = nj.finetune.mask(mixed, "blocks/[135]/**")["blocks"]
+    assert odd["stacked[1::2]"]["attn_0"]["kernel"] is True
+    assert odd["stacked[0::2]"]["attn_0"]["kernel"] is False
+
+
+def test_mixed_repeat_rejects_a_bad_layout():
+    with pytest.raises(ValueError, match=r"layout must give each of the n=3 layers a kind"):
+        nj.repeat([nj.Dense(4), nj.Dense(4)], 3, layout=[0, 2, 1])
+
+
 def _branches():
     traced = []
 

@@ -164,9 +164,12 @@ def test_config_rope_scaling_and_windows_from_config_json():
         "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0
     ).config
     assert hf.config_from_hf(qwen.to_dict()).sliding_window == 4
-    mixed = {**qwen.to_dict(), "layer_types": ["full_attention", "sliding_attention"]}
-    with pytest.raises(nj.CheckpointError, match=r"sliding-window attention on only some layers"):
-        hf.config_from_hf(mixed)
+    mixed = hf.config_from_hf(
+        {**qwen.to_dict(), "layer_types": ["full_attention", "sliding_attention"]}
+    )
+    assert mixed.layer_types == ("full_attention", "sliding_attention")
+    assert mixed.kind_config("sliding_attention").sliding_window == 4
+    assert mixed.kind_config("full_attention").sliding_window is None
     with pytest.raises(nj.CheckpointError, match=r"model_type 'bert' is not supported"):
         hf.config_from_hf({**base, "model_type": "bert"})
     c = hf.config_from_hf({**base, "model_type": "qwen2"})
@@ -176,6 +179,38 @@ def test_config_rope_scaling_and_windows_from_config_json():
         nj.CheckpointError, match=r"an HF qwen2 config cannot express qkv_bias=False"
     ):
         hf.config_to_hf(dataclasses.replace(c, qkv_bias=False))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_windows_on_some_layers_are_a_mixed_stack(family, tmp_path):
+    """Qwen's max_window_layers: full attention below, a window above (transformers' own)."""
+    import transformers
+
+    model = hf_tiny.build(
+        family, tmp_path / "m", num_hidden_layers=5, use_sliding_window=True, sliding_window=3,
+        max_window_layers=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    assert model.config.layer_types[1:3] == ["full_attention", "sliding_attention"]
+    config, params = hf.from_pretrained(tmp_path / "m")
+    assert sorted(params["blocks"]) == ["stacked", "stacked[2::1]"]  # layers 0-1, then 2-4
+    token_ids = hf_tiny.ids((2, hf_tiny.SEQ))
+    np.testing.assert_allclose(
+        _nnjax_logits(config, params, token_ids), hf_tiny.logits(model, token_ids),
+        rtol=1e-4, atol=1e-4,
+    )  # fmt: skip
+    prompt = hf_tiny.ids((2, 5), seed=1)
+    with torch.no_grad():
+        want = model.generate(
+            torch.from_numpy(prompt).long(), max_new_tokens=8, do_sample=False, pad_token_id=0
+        ).numpy()
+    got = np.asarray(nj.models.generate(config, params, prompt, 8, temperature=0.0))
+    np.testing.assert_array_equal(got[:, : want.shape[1]], want)
+    hf.save_pretrained(tmp_path / "out", config, params)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert again.config.layer_types == model.config.layer_types
+    np.testing.assert_allclose(
+        hf_tiny.logits(again, token_ids), hf_tiny.logits(model, token_ids), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_sharded_and_bf16_checkpoints(tmp_path):

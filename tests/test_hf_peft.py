@@ -49,9 +49,9 @@ def _merged(config, params):
     """nnjax's export of the params with adapters merged: ``{HF name: array}``."""
     from nnjax.models.hf.convert import params_to_tensors
     from nnjax.models.hf.pretrained import param_template
-    from nnjax.models.hf.tables import TABLES
 
-    tensors = params_to_tensors(params, TABLES[config.family], config, param_template(config))
+    table = hf.FAMILIES[config.family].table
+    tensors = params_to_tensors(params, table, config, param_template(config))
     return {t.name: t.produce() for t in tensors}
 
 

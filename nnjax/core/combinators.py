@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextvars
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -33,13 +33,15 @@ from nnjax.core.layer import (
     non_empty,
     output_shape,
 )
-from nnjax.core.paths import STACKED
+from nnjax.core.paths import stack_key
 
 __all__ = [
     "serial",
     "fan_out",
     "residual",
     "repeat",
+    "plan_segments",
+    "Segment",
     "remat",
     "by_platform",
     "output_shape",
@@ -261,13 +263,71 @@ def by_platform(cpu: Callable[..., Any], default: Callable[..., Any], *args: Any
     return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
-def repeat(layer: Layer, n: int, *, unroll: int = 1, cpu_remat: bool = True) -> Layer:
+class Segment(NamedTuple):
+    """Layers ``start .. stop - 1`` of a mixed stack: ``pattern`` (kind indices) repeated.
+
+    ``(stop - start)`` is a multiple of ``len(pattern)``; one ``lax.scan`` runs the
+    segment, one iteration per repetition of the pattern.
+    """
+
+    start: int
+    stop: int
+    pattern: tuple[int, ...]
+
+
+def plan_segments(layout: Sequence[int], max_period: int = 16) -> list[Segment]:
+    """Cut a per-layer kind list into few periodic segments, greedily from the front.
+
+    At each start the period covering the most layers (whole repetitions, at least
+    two of a period over 1; ties: the shortest period) is taken, so ``[0, 1] * 16`` is one segment,
+    ``[0] * 3 + [1] * 29`` (dense, then mixture of experts) two and
+    ``([0] * 5 + [1]) * 4 + [0, 0]`` (Gemma 3's 26 layers) two.
+
+    Example:
+        >>> nj.core.combinators.plan_segments([0, 0, 0, 1] * 2 + [0])
+        [Segment(start=0, stop=8, pattern=(0, 0, 0, 1)), Segment(start=8, stop=9, pattern=(0,))]
+    """
+    kinds = list(layout)
+    out, a = [], 0
+    while a < len(kinds):
+        best = (0, 1)
+        for p in range(1, min(max_period, len(kinds) - a) + 1):
+            b = a
+            while b < len(kinds) and kinds[b] == kinds[a + (b - a) % p]:
+                b += 1
+            covered = (b - a) // p * p
+            if covered > best[0] and (p == 1 or covered >= 2 * p):  # once is no pattern
+                best = (covered, p)
+        covered, p = best
+        out.append(Segment(a, a + covered, tuple(kinds[a : a + p])))
+        a += covered
+    return out
+
+
+def repeat(
+    layer: Layer | Sequence[Layer],
+    n: int,
+    *,
+    layout: Sequence[int] | None = None,
+    unroll: int = 1,
+    cpu_remat: bool = True,
+) -> Layer:
     """``n`` copies of ``layer`` applied in turn, params stacked on a leading axis.
 
     Runs with ``jax.lax.scan``, so compile time does not grow with ``n``. The
     copies' params and state live under the key ``"stacked"`` with a leading axis
     of size ``n``; their logical paths are ``0/...``, ``1/...`` (see
     :mod:`nnjax.core.paths`). The layer must keep its input's shape and dtype.
+
+    A *mixed stack*: ``layer`` a sequence of layers (the kinds) and layer ``i`` is
+    ``layer[layout[i]]`` (default ``layout[i] = i % len(layer)``: the kinds alternate).
+    The layout is cut into periodic segments (:func:`plan_segments`); each segment is
+    one scan whose body applies one repetition of its pattern, so compile time grows
+    with the pattern, not with ``n``. The copies of one kind in one segment are stacked
+    under ``stacked[start::step]`` (layers ``start, start + step, ...``), so kinds
+    may differ in params and state (a window's KV cache, a mixture of experts) while
+    every layer keeps the logical path ``{i}/...``. A layout of one kind is
+    exactly the uniform stack.
 
     On CPU (chosen by :func:`by_platform`; other backends run the plain scan) the
     scanned body is wrapped in ``jax.checkpoint`` saving only matmul outputs without
@@ -279,57 +339,115 @@ def repeat(layer: Layer, n: int, *, unroll: int = 1, cpu_remat: bool = True) -> 
     same either way; ``cpu_remat=False`` turns it off.
 
     Args:
-        layer: the block; it must keep its input's shape and dtype.
+        layer: the block, or the kinds of a mixed stack; each must keep its input's
+            shape and dtype.
         n: number of copies.
-        unroll: copies per scan iteration (``jax.lax.scan``'s ``unroll``).
+        layout: each layer's kind (an index into ``layer``), ``n`` of them.
+        unroll: copies (pattern repetitions) per scan iteration (``jax.lax.scan``'s ``unroll``).
         cpu_remat: recompute the body's non-matmul residuals in the backward pass on CPU.
 
     Params:
-        stacked: the child's params, each leaf with shape ``(n, *leaf.shape)``.
+        stacked: the child's params, each leaf with shape ``(n, *leaf.shape)``;
+        a mixed stack: ``stacked[start::step]`` per kind and segment instead.
+
+    Example:
+        >>> local, full = nj.Dense(4, name="local"), nj.Dense(4, name="full")
+        >>> model = nj.repeat([local, full], 4)
+        >>> params, _ = model.init(key, jnp.zeros((2, 4)))
+        >>> sorted(params), params["stacked[1::2]"]["kernel"].shape
+        (['stacked[0::2]', 'stacked[1::2]'], (2, 4, 4))
+        >>> sorted(nj.paths.leaf_paths(params))[:3]
+        ['0/bias', '0/kernel', '1/bias']
     """
     if n < 1:
         raise ValueError(f"repeat: n must be >= 1, got {n}")
-    layer = as_layer(layer)
+    if isinstance(layer, Layer) or callable(layer):  # a Layer is a tuple too
+        kinds = [as_layer(cast(Any, layer))]
+    else:
+        kinds = [as_layer(k) for k in cast(Sequence[Layer], layer)]
+    if not kinds:
+        raise ValueError("repeat: expected at least one layer kind, got an empty sequence")
+    kind_of = [i % len(kinds) for i in range(n)] if layout is None else list(layout)
+    if len(kind_of) != n or any(not 0 <= k < len(kinds) for k in kind_of):
+        raise ValueError(
+            f"repeat: layout must give each of the n={n} layers a kind in "
+            f"[0, {len(kinds)}), got {list(kind_of)}"
+        )
+    segments = plan_segments(kind_of)
+    # one stack per (segment, position in its pattern): (key, kind, first layer, step, copies)
+    stacks = [
+        (stack_key(sg.start + k, len(sg.pattern)), kind, sg.start + k, len(sg.pattern),
+         (sg.stop - sg.start) // len(sg.pattern))
+        for sg in segments
+        for k, kind in enumerate(sg.pattern)
+    ]  # fmt: skip
+    keys_ = [st[0] for st in stacks]
 
     def init(key, x):
         keys = jax.random.split(key, n)
-        p0, s0 = jax.eval_shape(functools.partial(checked_init, layer), keys[0], x)
-        out = output_shape(layer, p0, s0, x)
         x_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), x)
-        if _signature(out) != _signature(x_spec):
-            raise LayerError(
-                f"repeat: the layer must keep its input's shape and dtype, "
-                f"got input {_describe(x_spec)} -> output {_describe(out)}"
+        for k in sorted(set(kind_of)):
+            p0, s0 = jax.eval_shape(functools.partial(checked_init, kinds[k]), keys[0], x)
+            out = output_shape(kinds[k], p0, s0, x)
+            if _signature(out) != _signature(x_spec):
+                raise LayerError(
+                    f"repeat: the layer must keep its input's shape and dtype, "
+                    f"got input {_describe(x_spec)} -> output {_describe(out)}"
+                )
+        params, state = {}, {}
+        for key_, kind, first, step, count in stacks:
+            ks = keys[first : first + step * count : step]
+            params[key_], state[key_] = jax.vmap(lambda k, kind=kind: kinds[kind].init(k, x_spec))(
+                ks
             )
-        params, state = jax.vmap(lambda k: layer.init(k, x_spec))(keys)
-        return ({STACKED: params} if params else {}), ({STACKED: state} if state else {})
+        return non_empty(**params), non_empty(**state)
 
     def apply(params, state, x, *, rng=None, train=False):
-        _check_keys("param", params, [STACKED])
-        _check_keys("state", state, [STACKED])
-        stacked_p = params.get(STACKED, {})
-        stacked_s = state.get(STACKED, {})
+        _check_keys("param", params, keys_)
+        _check_keys("state", state, keys_)
         rngs = None if rng is None else jax.random.split(rng, n)
+        new_state = {}
+        for sg in segments:
+            x, seg_state = _apply_segment(sg, params, state, x, rngs, train)
+            new_state.update(seg_state)
+        return x, non_empty(**new_state)
+
+    def _apply_segment(sg, params, state, x, rngs, train):
+        p_len = len(sg.pattern)
+        reps = (sg.stop - sg.start) // p_len
+        names = [stack_key(sg.start + k, p_len) for k in range(p_len)]
+        seg_rngs = None
+        if rngs is not None:
+            seg_rngs = rngs[sg.start : sg.stop].reshape(reps, p_len, *rngs.shape[1:])
+            seg_rngs = tuple(seg_rngs[:, k] for k in range(p_len))
 
         def body(carry, xs):
-            p, s, r = xs
-            y, s = checked_apply(layer, p, s, carry, rng=r, train=train)
-            return y, s
+            ps, ss, rs = xs
+            out_states = []
+            for k, kind in enumerate(sg.pattern):
+                r = None if rs is None else rs[k]
+                carry, s = checked_apply(kinds[kind], ps[k], ss[k], carry, rng=r, train=train)
+                out_states.append(s)
+            return carry, tuple(out_states)
 
         def scan(body, x, xs):
-            return jax.lax.scan(body, x, xs, length=n, unroll=unroll)
+            return jax.lax.scan(body, x, xs, length=reps, unroll=unroll)
 
-        xs = (stacked_p, stacked_s, rngs)
+        xs = (
+            tuple(params.get(k, {}) for k in names),
+            tuple(state.get(k, {}) for k in names),
+            seg_rngs,
+        )
         if cpu_remat:
             saved = jax.checkpoint(body, policy=_CPU_SAVED_RESIDUALS, prevent_cse=False)
-            y, new_state = by_platform(
+            y, out = by_platform(
                 lambda x, xs: scan(saved, x, xs), lambda x, xs: scan(body, x, xs), x, xs
             )
         else:
-            y, new_state = scan(body, x, xs)
-        return y, ({STACKED: new_state} if new_state else {})
+            y, out = scan(body, x, xs)
+        return y, dict(zip(names, out, strict=True))
 
-    return Layer(init, apply, layer.name)
+    return Layer(init, apply, kinds[0].name if len(kinds) == 1 else "repeat")
 
 
 def remat(layer: Layer, *, policy: Callable | None = None) -> Layer:

@@ -17,7 +17,7 @@ import numpy as np
 
 from nnjax.core.checks import shape_str
 from nnjax.core.errors import MaskError
-from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.core.paths import flatten, stack_depth, unflatten
 
 __all__ = [
     "collapse",
@@ -56,7 +56,7 @@ def _leaf(path: str, value: Any) -> bool | np.ndarray:
 
 def check_copies(path: str, m: np.ndarray, shape: tuple[int, ...]) -> None:
     """A bool array ``m`` must lie over the stacked axes of the leaf ``path`` of ``shape``."""
-    n_stacked = path.split("/").count(STACKED)
+    n_stacked = stack_depth(path)
     if m.ndim > n_stacked or tuple(shape[: m.ndim]) != m.shape:
         raise MaskError(
             f"trainable[{path!r}]: expected a bool array over the {n_stacked} stacked axes "

@@ -5,6 +5,13 @@ A leaf's path joins its dict keys with ``/``: ``blocks/attn/query/kernel``.
 *logical* paths expand it into one path per copy (``blocks/3/attn/query/kernel``)
 so a glob can pick single copies of a stacked layer.
 
+A mixed stack (``repeat`` of a pattern of layers) keeps each kind's copies under a
+key that says which layers they are: ``stacked[1::2]`` holds layers 1, 3, 5, ...
+(copy ``j`` is layer ``1 + 2 * j``, as Python's slice). Its logical paths are the
+same ``blocks/{i}/...`` as a uniform stack's, so globs, masks and sharding rules
+do not see the difference. :func:`stack_key` writes such a key, :func:`parse_stack_key`
+reads one; ``STACKED`` is ``stacked[0::1]``.
+
 Globs: ``*`` matches within one segment (``fnmatch`` style), ``**`` matches zero
 or more whole segments. A glob that matches nothing is a :class:`GlobError`.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import functools
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -33,10 +41,46 @@ __all__ = [
     "count_params",
     "keypath_str",
     "logical_copies",
+    "stack_key",
+    "parse_stack_key",
+    "stack_depth",
+    "logical_path",
+    "logical_places",
 ]
 
 STACKED = "stacked"
 """Key under which ``repeat`` stores its copies' params, stacked on axis 0."""
+
+_STACK_KEY = re.compile(r"stacked\[(\d+)::(\d+)\]")
+
+
+def stack_key(start: int, step: int) -> str:
+    """The key of copies that are layers ``start, start + step, ...`` (``STACKED`` for 0, 1).
+
+    Example:
+        >>> nj.paths.stack_key(1, 2), nj.paths.stack_key(0, 1)
+        ('stacked[1::2]', 'stacked')
+    """
+    return STACKED if (start, step) == (0, 1) else f"{STACKED}[{start}::{step}]"
+
+
+def parse_stack_key(key: str) -> tuple[int, int] | None:
+    """``(start, step)`` of a stack key (copy ``j`` is logical index ``start + step * j``),
+    ``None`` for any other key.
+
+    Example:
+        >>> nj.paths.parse_stack_key("stacked[1::2]"), nj.paths.parse_stack_key("attn")
+        ((1, 2), None)
+    """
+    if key == STACKED:
+        return 0, 1
+    m = _STACK_KEY.fullmatch(key)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def stack_depth(path: str) -> int:
+    """How many leading axes of the leaf at ``path`` are stacked copies (one per ``repeat``)."""
+    return sum(parse_stack_key(k) is not None for k in path.split("/"))
 
 
 def _items(
@@ -67,10 +111,6 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _stack_depth(path: tuple[str, ...]) -> list[int]:
-    return [i for i, key in enumerate(path) if key == STACKED]
-
-
 def leaf_paths(tree: Mapping[str, Any]) -> list[str]:
     """Every logical leaf path, stacked copies expanded (``blocks/0/...``, ``blocks/1/...``)."""
     out = []
@@ -84,8 +124,10 @@ def _expand(path: tuple[str, ...], shape: tuple[int, ...]) -> list[str]:
     paths = [()]
     axis = 0
     for key in path:
-        if key == STACKED:
-            paths = [(*p, str(i)) for p in paths for i in range(shape[axis])]
+        stack = parse_stack_key(key)
+        if stack is not None:
+            start, step = stack
+            paths = [(*p, str(start + step * j)) for p in paths for j in range(shape[axis])]
             axis += 1
         else:
             paths = [(*p, key) for p in paths]
@@ -157,6 +199,36 @@ def keypath_str(keypath: tuple[Any, ...]) -> str:
     return "/".join(parts)
 
 
+def logical_path(path: str, index: tuple[int, ...]) -> str:
+    """The logical path of copy ``index`` (one int per stacked axis) of the leaf at ``path``.
+
+    Example:
+        >>> nj.paths.logical_path("blocks/stacked[1::2]/attn/query/kernel", (2,))
+        'blocks/5/attn/query/kernel'
+    """
+    it = iter(index)
+    out = []
+    for key in path.split("/"):
+        stack = parse_stack_key(key)
+        out.append(key if stack is None else str(stack[0] + stack[1] * next(it)))
+    return "/".join(out)
+
+
+def logical_places(tree: Mapping[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{logical path: (physical path, index over its stacked axes)}`` of every leaf copy.
+
+    Example:
+        >>> params = {"blocks": {"stacked[1::2]": {"w": np.zeros((2, 3))}}}
+        >>> nj.paths.logical_places(params)
+        {'blocks/1/w': ('blocks/stacked[1::2]/w', (0,)), 'blocks/3/w': ('blocks/stacked[1::2]/w', (1,))}
+    """
+    out = {}
+    for path, leaf in flatten(tree).items():
+        for idx in np.ndindex(*np.shape(leaf)[: stack_depth(path)]):
+            out[logical_path(path, idx)] = (path, tuple(int(i) for i in idx))
+    return out
+
+
 def logical_copies(path: str, shape: tuple[int, ...]) -> np.ndarray:
     """Logical paths of one physical leaf, as an object array over its stacked axes.
 
@@ -164,10 +236,8 @@ def logical_copies(path: str, shape: tuple[int, ...]) -> np.ndarray:
     ``["blocks/0/w", "blocks/1/w", "blocks/2/w"]`` (shape ``(3,)``); a leaf outside
     any ``repeat`` gives a 0-d array holding ``path``.
     """
-    segs = path.split("/")
-    dims = tuple(int(d) for d in shape[: segs.count(STACKED)])
+    dims = tuple(int(d) for d in shape[: stack_depth(path)])
     out = np.empty(dims, dtype=object)
     for idx in np.ndindex(*dims):
-        it = iter(idx)
-        out[idx] = "/".join(str(next(it)) if s == STACKED else s for s in segs)
+        out[idx] = logical_path(path, idx)
     return out

@@ -38,7 +38,7 @@ import numpy as np
 from nnjax.checkpoint.state import load_params, save_params
 from nnjax.core.errors import CheckpointError, LayerError
 from nnjax.core.layer import Initializer
-from nnjax.core.paths import STACKED, flatten, match, unflatten
+from nnjax.core.paths import flatten, match, stack_depth, unflatten
 from nnjax.finetune.masks import map_copies
 from nnjax.layers import quantized
 from nnjax.layers.adapters import ADAPTER_KEYS, ADAPTERS, check_adapters, leaf_shape
@@ -69,7 +69,7 @@ def _parent(path: str) -> str:
 
 
 def _depth(path: str) -> int:
-    return path.split("/").count(STACKED)
+    return stack_depth(path)
 
 
 def _kernel_shape(flat: dict[str, Any], path: str) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from nnjax.core.checks import check_int
 from nnjax.core.errors import ArgumentError, GlobError
-from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.core.paths import flatten, stack_depth, unflatten
 from nnjax.finetune.masks import mask
 from nnjax.layers import quantized
 
@@ -109,7 +109,7 @@ def quantize(
         kernel = flat[path]
         if quantized.is_quantized(kernel) or _sibling(path, quantized.SCALE) in flat:
             raise ArgumentError(f"quantize: {path!r} is already quantized")
-        depth = path.split("/").count(STACKED)
+        depth = stack_depth(path)
         if np.ndim(kernel) - depth < 2:
             continue  # not a layer kernel
         _check_finite(path, kernel)

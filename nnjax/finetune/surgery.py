@@ -21,7 +21,7 @@ import numpy as np
 
 from nnjax.core.errors import CheckpointError
 from nnjax.core.layer import Layer, as_layer, call_child, checked_init
-from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.core.paths import flatten, stack_depth, unflatten
 from nnjax.core.report import shorten
 from nnjax.finetune.masks import logical_copies
 
@@ -103,7 +103,7 @@ def load_pretrained(
     loaded, missing, mismatched = [], [], []
     out = {}
     for path, leaf in new_flat.items():
-        depth = path.split("/").count(STACKED)
+        depth = stack_depth(path)
         shape = tuple(np.shape(leaf))
         value = leaf
         logical = logical_copies(path, shape)

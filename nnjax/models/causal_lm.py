@@ -8,6 +8,7 @@ stacked by :func:`~nnjax.core.repeat` (one ``lax.scan``: compile time flat in de
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,9 +19,8 @@ import numpy as np
 
 from nnjax.core.checks import check_keys, check_rank, shape_str
 from nnjax.core.combinators import Layer, remat, repeat
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import call_child
-from nnjax.core.paths import STACKED
 from nnjax.layers.attention import MultiHeadAttention
 from nnjax.layers.dense import Dense
 from nnjax.layers.dropout import Dropout
@@ -66,6 +66,56 @@ def _check_config(c: CausalLMConfig) -> tuple[int, int]:
         if value not in allowed:
             raise ValueError(f"CausalLM: {field} must be one of {allowed}, got {value!r}")
     return kv, c.head_dim or c.hidden_size // c.num_heads
+
+
+# fields a layer kind may not override: they shape the whole model, not one block
+_MODEL_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "tie_embeddings",
+    "embed_scale",
+    "initializer_range",
+    "dtype",
+    "param_dtype",
+    "scan_unroll",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "layer_types",
+    "layer_kinds",
+    "family",
+    "extra",
+)
+
+
+def _check_kinds(c: CausalLMConfig) -> None:
+    if c.layer_types is not None and len(c.layer_types) != c.num_layers:
+        raise ArgumentError(
+            f"CausalLM: layer_types must name num_layers ({c.num_layers}) kinds, got "
+            f"{len(c.layer_types)}"
+        )
+    fields = {f.name for f in dataclasses.fields(CausalLMConfig)}
+    for kind, overrides in c.layer_kinds or ():
+        bad = [k for k, _ in overrides if k not in fields or k in _MODEL_FIELDS]
+        if bad:
+            raise ArgumentError(
+                f"CausalLM: layer_kinds[{kind!r}] overrides {bad}: a kind may override only "
+                f"per-block fields (not {', '.join(_MODEL_FIELDS)})"
+            )
+
+
+def _blocks(c: CausalLMConfig, decode: bool) -> Layer:
+    """The stack: ``repeat`` of one block, or of one block per layer kind (a mixed stack)."""
+    _check_kinds(c)
+    kinds = c.kinds()
+    names = list(dict.fromkeys(kinds))
+    built = [_block(c.kind_config(k), decode) for k in names]
+    built = [remat(b) if c.remat else b for b in built]
+    if len(built) == 1:
+        return repeat(built[0], c.num_layers, unroll=c.scan_unroll)
+    layout = [names.index(k) for k in kinds]
+    return repeat(built, c.num_layers, layout=layout, unroll=c.scan_unroll)
 
 
 def _norm(c: CausalLMConfig, param_dtype: Any) -> Layer:
@@ -217,8 +267,7 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
     # Over 80 lines only through the closures it returns (embed, check_length, init, embed_tokens,
     # apply; the longest is 37 lines): a layer's functions close over its constructor's arguments.
     c = config
-    block = _block(c, decode)
-    blocks = repeat(remat(block) if c.remat else block, c.num_layers, unroll=c.scan_unroll)
+    blocks = _blocks(c, decode)
     param_dtype = c.param_dtype or jnp.float32
     normal = jax.nn.initializers.normal(c.initializer_range)
     ln_f = _norm(c, param_dtype)
@@ -264,12 +313,12 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
         h = jax.ShapeDtypeStruct((*np.shape(ids), c.hidden_size), dtype_)
         stream = {"query": h, "positions": jax.ShapeDtypeStruct(np.shape(ids), jnp.int32)}
         p_blocks, s_blocks = call_child("blocks", blocks.init, k_blocks, stream)
-        stacked = p_blocks[STACKED]
         scale = 1.0 / math.sqrt(2 * c.num_layers)
-        for a, b in _RESIDUAL_KERNELS:
-            if b in stacked.get(a, {}):
-                kernel = stacked[a][b]["kernel"]
-                stacked[a][b]["kernel"] = kernel * jnp.asarray(scale, kernel.dtype)
+        for stacked in p_blocks.values():  # one stack per kind of a mixed stack
+            for a, b in _RESIDUAL_KERNELS:
+                if b in stacked.get(a, {}):
+                    kernel = stacked[a][b]["kernel"]
+                    stacked[a][b]["kernel"] = kernel * jnp.asarray(scale, kernel.dtype)
         params["blocks"] = p_blocks
         params["ln_f"] = call_child("ln_f", ln_f.init, k_ln, h)[0]
         if head is not None:

@@ -39,6 +39,7 @@ orientation; Hugging Face's ``nn.Linear`` weights are the transpose). A norm's
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,8 +101,17 @@ class CausalLMConfig:
             head with adapters or quantized leaves always gives logits.
         bos_token_id, eos_token_id, pad_token_id: the special ids the checkpoint names
             (``eos_token_id`` may be a tuple); used by ``generate`` and the data readers.
-        family: the HF ``model_type`` this config came from (``"llama"``, ``"qwen2"``,
-            ``"qwen3"``, ``"mistral"``, ``"gemma"``, ``"gpt2"``), for export.
+        layer_types: each layer's kind name (``("sliding_attention", "full_attention") *
+            13``, as HF's ``layer_types``); ``None``: every layer alike. The layers are a
+            mixed stack (``nj.repeat`` of a pattern): still one scan per periodic
+            segment, and logical paths ``blocks/{i}/...`` for every layer.
+        layer_kinds: ``{kind name: {field: value}}``, the fields of this config a kind
+            overrides (``{"sliding_attention": {"sliding_window": 512},
+            "full_attention": {"rope_theta": 1e6}}``); any per-block field may differ
+            (window, rotary base and scaling, ``position="none"`` for a layer without
+            positions). Kept as sorted pairs (hashable); a kind not named overrides nothing.
+        family: the HF ``model_type`` this config came from (a key of
+            ``nj.models.hf.FAMILIES``), for export.
         extra: other HF config fields kept for a faithful export (read-only).
     """
 
@@ -141,5 +151,38 @@ class CausalLMConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    layer_kinds: Any = None
     family: str = "llama"
     extra: Any = field(default=None, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        # dicts and lists in, sorted tuples kept: the config stays hashable (a static jit argument)
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.layer_kinds is not None:
+            kinds = dict(self.layer_kinds)
+            object.__setattr__(
+                self,
+                "layer_kinds",
+                tuple(sorted((str(k), tuple(sorted(dict(v).items()))) for k, v in kinds.items())),
+            )
+
+    def kind_config(self, kind: str | None) -> CausalLMConfig:
+        """The config of a layer of ``kind`` (``None``: this one): its overrides applied.
+
+        Example:
+            >>> c = nj.models.CausalLMConfig(num_layers=4,
+            ...     layer_types=("sliding_attention", "full_attention") * 2,
+            ...     layer_kinds={"sliding_attention": {"sliding_window": 8}})
+            >>> c.kind_config("sliding_attention").sliding_window, c.kind_config("full_attention").sliding_window
+            (8, None)
+        """
+        overrides = dict(dict(self.layer_kinds or ()).get(kind, ()))
+        if not overrides:
+            return self
+        return dataclasses.replace(self, layer_types=None, layer_kinds=None, **overrides)
+
+    def kinds(self) -> list[str | None]:
+        """Every layer's kind name (``[None] * num_layers`` without ``layer_types``)."""
+        return list(self.layer_types) if self.layer_types else [None] * self.num_layers

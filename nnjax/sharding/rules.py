@@ -30,11 +30,11 @@ from jax.sharding import PartitionSpec as P
 
 from nnjax.core.errors import GlobError
 from nnjax.core.paths import (
-    STACKED,
     glob_match,
     keypath_str,
     logical_copies,
     match,
+    stack_depth,
 )
 from nnjax.sharding.mesh import ShardingError, put, replicated
 
@@ -126,7 +126,7 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules, *, check_unused: bool = T
     def leaf(kp, x):
         path = keypath_str(kp)
         shape = tuple(np.shape(x))
-        depth = path.split("/").count(STACKED)
+        depth = stack_depth(path)
         copies = list(logical_copies(path, shape).ravel())
         for g, value in rules.items():
             hits = [glob_match(g, c) for c in copies]

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.errors import CheckpointError, LayerError
-from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.core.paths import flatten, leaf_paths, stack_depth, unflatten
 from nnjax.finetune.adapters import check_adapter_shapes, merge_adapters
 from nnjax.layers import quantized
 from nnjax.layers.adapters import ADAPTER_KEYS
@@ -35,16 +35,21 @@ def _listing(names: list[str], n: int = 8) -> str:
 
 def _copy_shape(path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """One copy's shape of a (possibly stacked) leaf."""
-    return tuple(shape[path.split("/").count(STACKED) :])
+    return tuple(shape[stack_depth(path) :])
+
+
+def _copy_shapes(slot: Slot, flat_t: Mapping[str, Any]) -> list[tuple[int, ...]]:
+    return [_copy_shape(p, tuple(flat_t[p].shape)) for p, _ in slot.places]
 
 
 def _check_paths(slots: Mapping[str, Slot], template: Mapping[str, Any], family: str) -> None:
-    """The table and the model's params name the same leaves (a mismatch is a bug, said plainly)."""
-    covered = {p for s in slots.values() for p in s.entry.paths}
-    if covered != set(template):
+    """Every param copy has a tensor (a mismatch is a bug of the table, said plainly)."""
+    covered = {p for s in slots.values() for p in s.logical}
+    uncovered = sorted(set(leaf_paths(template)) - covered)
+    if uncovered:
         raise CheckpointError(
             f"the {family} table and the model's params disagree: params without a tensor "
-            f"{sorted(set(template) - covered)}, tensors for no param {sorted(covered - set(template))}"
+            f"{_listing(uncovered)}"
         )
 
 
@@ -70,13 +75,11 @@ def _check_shapes(
     infos: Mapping[str, TensorInfo], slots: Mapping[str, Slot], template: Mapping[str, Any]
 ) -> None:
     for name, slot in slots.items():
-        path = slot.entry.paths[0]
-        want = hf_shape(slot, _copy_shape(path, template[path].shape))
+        want = hf_shape(slot, _copy_shapes(slot, template))
         if infos[name].shape != want:
-            logical = path if slot.layer is None else path.replace(STACKED, str(slot.layer), 1)
             raise CheckpointError(
-                f"{infos[name].file}: tensor {name!r} -> {logical}: expected shape {want}, "
-                f"got {infos[name].shape}"
+                f"{infos[name].file}: tensor {name!r} -> {slot.logical[0]}: expected "
+                f"shape {want}, got {infos[name].shape}"
             )
         if not jnp.issubdtype(infos[name].dtype, jnp.floating):
             raise CheckpointError(
@@ -85,8 +88,8 @@ def _check_shapes(
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _set_copy(stack: jax.Array, value: jax.Array, i: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), i, 0)
+def _set_copy(stack: jax.Array, value: jax.Array, index: tuple[jax.Array, ...]) -> jax.Array:
+    return stack.at[index].set(value.astype(stack.dtype))
 
 
 def tensors_to_params(
@@ -114,26 +117,28 @@ def tensors_to_params(
         CheckpointError: missing, unexpected or wrongly shaped tensors, named with their
             file, before any tensor is read.
     """
-    slots = layout(table, config)
     flat_t = flatten(template)
-    _check_paths(slots, flat_t, config.family)
+    slots = layout(table, config, template)
+    _check_paths(slots, template, config.family)
     _check_names(infos, slots, table, config)
     _check_shapes(infos, slots, flat_t)
-    places = flatten(shardings) if shardings is not None else {}
+    devices = flatten(shardings) if shardings is not None else {}
     out: dict[str, jax.Array] = {}
     for name in infos:  # file order, then each file's order: each file is read front to back
         if name not in slots:
             continue
         slot = slots[name]
-        for path, value in zip(slot.entry.paths, to_nnjax(slot, read(name)), strict=True):
+        widths = [s[-1] for s in _copy_shapes(slot, flat_t)]
+        values = to_nnjax(slot, read(name), widths)
+        for (path, index), value in zip(slot.places, values, strict=True):
             target = np.dtype(dtype) if dtype is not None else value.dtype
-            where = places.get(path)
-            if slot.layer is None:
+            where = devices.get(path)
+            if not index:
                 out[path] = jax.device_put(np.asarray(value, dtype=target), where)
                 continue
             if path not in out:
                 out[path] = jnp.zeros(flat_t[path].shape, target, device=where)
-            out[path] = _set_copy(out[path], value, np.int32(slot.layer))
+            out[path] = _set_copy(out[path], value, tuple(np.int32(i) for i in index))
     return unflatten(out)
 
 
@@ -163,11 +168,11 @@ class _Source(NamedTuple):
     dtype: np.dtype  # the float dtype a quantized kernel is written in
 
 
-def _host_copy(src: _Source, path: str, layer: int | None) -> np.ndarray:
+def _host_copy(src: _Source, path: str, index: tuple[int, ...]) -> np.ndarray:
     """One copy of a leaf on the host: dequantized, with the adapters beside it merged in."""
 
     def take(leaf):
-        return leaf if layer is None else leaf[layer]
+        return leaf[index] if index else leaf
 
     value = take(src.base[path])
     if path in src.scales:
@@ -224,16 +229,16 @@ def params_to_tensors(
     src = _Source(
         base, adapters, scales, np.dtype(embed.dtype if embed is not None else np.float32)
     )
-    slots = layout(table, config)
-    _check_paths(slots, flat_t, config.family)
+    slots = layout(table, config, template)
+    _check_paths(slots, template, config.family)
     out = []
     for name, slot in slots.items():
-        paths = slot.entry.paths
-        shape = hf_shape(slot, _copy_shape(paths[0], flat_t[paths[0]].shape))
+        shape = hf_shape(slot, _copy_shapes(slot, flat_t))
 
         def produce(slot=slot):
-            return to_hf(slot, [_host_copy(src, p, slot.layer) for p in slot.entry.paths])
+            return to_hf(slot, [_host_copy(src, p, index) for p, index in slot.places])
 
-        dtype = src.dtype if paths[0] in scales else np.dtype(base[paths[0]].dtype)
+        first = slot.places[0][0]
+        dtype = src.dtype if first in scales else np.dtype(base[first].dtype)
         out.append(Pending(name, shape, dtype, produce))
     return out

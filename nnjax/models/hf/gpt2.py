@@ -1,6 +1,6 @@
 """GPT-2 checkpoints for :func:`nnjax.models.gpt.GPT` (``GPTConfig``), through the GPT-2 table.
 
-GPT-2 is one family of the table-driven converter (:mod:`nnjax.models.hf.tables`);
+GPT-2 is one family of the table-driven converter (:mod:`nnjax.models.hf.families`);
 :func:`~nnjax.models.hf.from_pretrained` loads it as a ``CausalLM``. These functions
 give the same weights as :func:`~nnjax.models.gpt.GPT` params (the same paths),
 from a folder, a ``.safetensors`` file or a state dict, and back::
@@ -28,9 +28,9 @@ from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.gpt import GPT, GPTConfig, causal_lm_config
 from nnjax.models.hf.configs import config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
+from nnjax.models.hf.families.gpt2 import TABLE as GPT2
 from nnjax.models.hf.files import TensorInfo, model_files, read_headers, read_tensor
 from nnjax.models.hf.staging import save_model_folder
-from nnjax.models.hf.tables import GPT2
 from nnjax.models.hf.torch_state import to_numpy
 
 __all__ = ["gpt2_config", "gpt2_to_params", "params_to_gpt2", "load_gpt2", "save_gpt2"]

@@ -33,13 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.errors import CheckpointError
-from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.core.paths import flatten, stack_depth, unflatten
 from nnjax.layers import quantized
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.hf.convert import split_adapters
 from nnjax.models.hf.files import Pending, TensorInfo, read_headers, read_tensor, write_file
 from nnjax.models.hf.staging import commit_files, staging, write_json
-from nnjax.models.hf.tables import Slot, check_family, layout
+from nnjax.models.hf.families import family_of
+from nnjax.models.hf.tables import Slot, layout
 
 __all__ = ["save_peft_adapter", "load_peft_adapter"]
 
@@ -62,37 +63,27 @@ _SUFFIXES = {
 }
 
 
-def _kernel_slots(config: CausalLMConfig) -> list[tuple[Slot, tuple[str, ...]]]:
-    """Every kernel tensor's slot and the kernels' parent paths (three for GPT-2's ``c_attn``)."""
+def _kernel_slots(config: CausalLMConfig) -> list[tuple[str, Slot, tuple[str, ...]]]:
+    """``(HF module name, slot, kernels' physical parent paths)`` of every kernel tensor
+    (three parents for GPT-2's ``c_attn``), in table order."""
+    from nnjax.models.hf.pretrained import param_template  # lazily: pretrained imports convert
+
+    table = family_of(config.family, "config.family").table
     out = []
-    for slot in layout(check_family(config.family, "config.family"), config).values():
-        if slot.entry.hf.endswith(".weight") and all(
-            p.endswith("/kernel") for p in slot.entry.paths
-        ):
-            out.append((slot, tuple(p.rpartition("/")[0] for p in slot.entry.paths)))
+    for name, slot in layout(table, config, param_template(config)).items():
+        if name.endswith(".weight") and all(p.endswith("/kernel") for p in slot.logical):
+            parents = tuple(p.rpartition("/")[0] for p, _ in slot.places)
+            out.append((name.removesuffix(".weight"), slot, parents))
     return out
 
 
-def _modules(config: CausalLMConfig) -> dict[str, tuple[str, Slot, tuple[str, ...]]]:
-    """``{kernel's parent path: ({layer-less HF module name}, slot, the module's parents)}``
-    (HF module name with ``{i}``: ``model.layers.{i}.self_attn.q_proj``)."""
-    return {
-        p: (slot.entry.hf.removesuffix(".weight"), slot, parents)
-        for slot, parents in _kernel_slots(config)
-        for p in parents
-    }
+def _index(slot: Slot) -> tuple[int, ...]:
+    """The copy the slot's kernels are (the same for each of its parts)."""
+    return slot.places[0][1]
 
 
-def _by_module_name(config: CausalLMConfig) -> dict[str, tuple[tuple[str, ...], int | None]]:
-    """``{HF module name: (kernels' parent paths, layer)}`` for every module of every layer."""
-    return {
-        slot.entry.hf.format(i=slot.layer).removesuffix(".weight"): (parents, slot.layer)
-        for slot, parents in _kernel_slots(config)
-    }
-
-
-def _copy(leaf: Any, layer: int | None) -> np.ndarray:
-    return np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
+def _copy(leaf: Any, index: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(jax.device_get(leaf[index] if index else leaf))
 
 
 def save_peft_adapter(
@@ -135,11 +126,14 @@ def save_peft_adapter(
         ['adapter_config.json', 'adapter_model.safetensors']
     """
     _, adapters, _ = split_adapters(params)
-    modules = _modules(config)
+    slots = _kernel_slots(config)
+    parents_of = {p for _, _, parents in slots for p in parents}
     if not adapters:
         raise CheckpointError("save_peft_adapter: params hold no adapters (nj.finetune.add_lora)")
     bad = [
-        p for p, g in adapters.items() if p not in modules or "lora_a" not in g or "ia3_scale" in g
+        p
+        for p, g in adapters.items()
+        if p not in parents_of or "lora_a" not in g or "ia3_scale" in g
     ]
     if bad:
         raise CheckpointError(
@@ -157,14 +151,16 @@ def save_peft_adapter(
     r = next(iter(ranks.values()))
     tensors = []
     fused = {}  # {module name: its rank}, for PEFT's rank_pattern when it is not r
-    for name, (_, slot, parents) in sorted({modules[p][0]: modules[p] for p in adapters}.items()):
+    targets = set()
+    for name, slot, parents in slots:
+        groups = [adapters.get(p) for p in parents]
+        if not any(groups):
+            continue
+        short = name.rpartition(".")[2]
+        targets.add(short)
         if len(parents) > 1:
-            fused[name.rpartition(".")[2]] = r * len(parents)
-        layers = range(config.num_layers) if slot.layer is not None else [None]
-        for layer in layers:
-            key = PREFIX + (name.format(i=layer) if layer is not None else name)
-            tensors += _module_tensors(key, [adapters.get(p) for p in parents], layer, r)
-    targets = sorted({modules[p][0].rpartition(".")[2] for p in adapters})
+            fused[short] = r * len(parents)
+        tensors += _module_tensors(PREFIX + name, groups, _index(slot), r)
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -173,10 +169,11 @@ def save_peft_adapter(
         "lora_alpha": r,  # scale 1: nnjax's lora_a holds alpha / r already
         "rank_pattern": fused,
         "alpha_pattern": fused,
-        "target_modules": targets,
+        "target_modules": sorted(targets),
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": config.family == "gpt2",  # Conv1D: PEFT sets it True anyway
+        # Conv1D (GPT-2): PEFT sets it True anyway
+        "fan_in_fan_out": family_of(config.family, "config.family").peft_fan_in_fan_out,
         "use_rslora": False,
         "use_dora": doras == {True},
         "modules_to_save": None,
@@ -191,7 +188,7 @@ def save_peft_adapter(
     return [CONFIG, WEIGHTS]
 
 
-def _module_tensors(key: str, groups: list[Any], layer: int | None, r: int) -> list[Pending]:
+def _module_tensors(key: str, groups: list[Any], layer: tuple[int, ...], r: int) -> list[Pending]:
     """PEFT's tensors of one module from the adapter groups of its parts (``None``: none).
 
     One part: ``lora_A = lora_a.T``, ``lora_B = lora_b.T``. Several (GPT-2's ``c_attn``):
@@ -265,8 +262,8 @@ def _read_config(folder: str) -> dict[str, Any]:
 
 
 def _group_tensors(infos: Mapping[str, TensorInfo], modules: Mapping[str, Any], where: str):
-    """``{(kernel parents, layer): {"lora_a" | "lora_b" | "dora": HF key}}``."""
-    groups: dict[tuple[tuple[str, ...], int | None], dict[str, str]] = {}
+    """``{(kernel parents, copy index): {"lora_a" | "lora_b" | "dora": HF key}}``."""
+    groups: dict[tuple[tuple[str, ...], tuple[int, ...]], dict[str, str]] = {}
     for key in infos:
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         module = key.removeprefix(PREFIX).removesuffix(suffix or "")
@@ -277,12 +274,12 @@ def _group_tensors(infos: Mapping[str, TensorInfo], modules: Mapping[str, Any], 
         groups.setdefault(modules[module], {})[_SUFFIXES[suffix]] = key
     for (parent, layer), g in groups.items():
         if "lora_a" not in g or "lora_b" not in g:
-            raise CheckpointError(f"{where}: {parent} (layer {layer}) lacks lora_A or lora_B")
+            raise CheckpointError(f"{where}: {parent} (copy {layer}) lacks lora_A or lora_B")
     return groups
 
 
 def _check_shapes(
-    by_parent: Mapping[str, Mapping[int | None, tuple[dict[str, str], int, int]]],
+    by_parent: Mapping[str, Mapping[tuple[int, ...], tuple[dict[str, str], int, int]]],
     flat: Mapping[str, Any],
     infos: Mapping[str, TensorInfo],
     where: str,
@@ -347,11 +344,11 @@ def load_peft_adapter(
     if not os.path.isfile(weights):
         raise CheckpointError(f"{weights} does not exist")
     infos = read_headers([weights], None)
-    modules = _by_module_name(config)
+    modules = {name: (parents, _index(slot)) for name, slot, parents in _kernel_slots(config)}
     groups = _group_tensors(infos, modules, weights)
     flat = flatten(params)
     # {kernel parent: {layer: (tensor keys, this part's index, number of parts)}}
-    by_parent: dict[str, dict[int | None, tuple[dict[str, str], int, int]]] = {}
+    by_parent: dict[str, dict[tuple[int, ...], tuple[dict[str, str], int, int]]] = {}
     for (parents, layer), g in groups.items():
         if "dora" in g and len(parents) > 1:
             raise CheckpointError(f"{weights}: DoRA on the fused {g['dora']} is not supported")
@@ -361,15 +358,14 @@ def load_peft_adapter(
     for parent, layers in by_parent.items():
         kernel, scale = flat[f"{parent}/kernel"], flat.get(f"{parent}/{quantized.SCALE}")
         w = kernel if scale is None else quantized.dequantize(kernel, scale)
-        stacked = STACKED in parent.split("/")
         n_in, n_out = np.shape(w)[-2:]
         rank = max(infos[g["lora_a"]].shape[0] for g, _, _ in layers.values())
-        lead = (np.shape(w)[0],) if stacked else ()
+        lead = tuple(np.shape(w)[: stack_depth(parent)])
         a = np.zeros((*lead, n_in, rank), np.float32)
         b = np.zeros((*lead, rank, n_out), np.float32)
         dora = any("dora" in g for g, _, _ in layers.values())
         m = np.array(jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=-2)))
-        for layer, (g, k, _) in layers.items():
+        for idx, (g, k, _) in layers.items():
             ta, tb = (
                 read_tensor(g["lora_a"], infos[g["lora_a"]]),
                 read_tensor(g["lora_b"], infos[g["lora_b"]]),
@@ -379,7 +375,6 @@ def load_peft_adapter(
             module = g["lora_a"].removeprefix(PREFIX).removesuffix(".lora_A.weight")
             alpha = _pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
             factor = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-            idx = (layer,) if stacked else ()
             a[(*idx, slice(None), slice(0, r))] = factor * ta.astype(np.float32).T
             b[(*idx, slice(0, r), slice(None))] = tb.astype(np.float32).T
             if "dora" in g:

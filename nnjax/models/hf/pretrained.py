@@ -23,9 +23,9 @@ from nnjax.core.errors import CheckpointError
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.hf.configs import config_from_hf, config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
+from nnjax.models.hf.families import family_of
 from nnjax.models.hf.files import model_files, read_headers, read_tensor
 from nnjax.models.hf.staging import save_model_folder
-from nnjax.models.hf.tables import check_family
 
 __all__ = ["from_pretrained", "save_pretrained", "load_config", "param_template"]
 
@@ -74,7 +74,7 @@ def from_pretrained(
     """Load a local Hugging Face model folder as ``(config, params)`` for ``nj.models.CausalLM``.
 
     Names and layouts are mapped by the family's table
-    (:mod:`nnjax.models.hf.tables`); per-layer tensors fill the ``blocks/stacked/...``
+    (:mod:`nnjax.models.hf.families`); per-layer tensors fill the ``blocks/stacked/...``
     leaves. One tensor is in host memory at a time, placed (cast to ``dtype``, put
     on its sharding) before the next is read: peak host memory is about the params
     plus the largest tensor.
@@ -129,7 +129,7 @@ def from_pretrained(
     params = tensors_to_params(
         infos,
         lambda n: read_tensor(n, infos[n]),
-        check_family(config.family, "config.json"),
+        family_of(config.family, "config.json").table,
         config,
         template,
         dtype=dtype,
@@ -185,7 +185,7 @@ def save_pretrained(
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
     """
     hf = config_to_hf(config, dtype=str(np.dtype(params["tok_embed"]["embedding"].dtype)))
-    table = check_family(config.family, "config.family")
+    table = family_of(config.family, "config.family").table
     tensors = params_to_tensors(params, table, config, param_template(config), merge=merge_adapters)
     folder = os.fspath(path)
     jsons = {"config.json": hf, "generation_config.json": _generation_config(hf)}

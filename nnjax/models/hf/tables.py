@@ -1,34 +1,41 @@
-"""Hugging Face tensor names <-> nnjax param paths: one table per family.
+"""Hugging Face tensor names <-> nnjax logical paths: the mechanism of a family's table.
 
-A table is data: each :class:`Entry` names an HF tensor (``{i}`` for the layer
-index), the nnjax path(s) it fills, whether its layout is transposed
-(``nn.Linear`` stores ``(out, in)``, nnjax kernels ``(in, out)``) and the config
-field that must be true for it to exist. Per-layer tensors fill one copy of a
-``blocks/stacked/...`` leaf (leading axis ``num_layers``). One HF tensor may fill
-several paths: GPT-2's ``c_attn`` is query | key | value along its last axis.
-
-The Llama-style families (Llama, Qwen2, Qwen3, Mistral, Gemma) share HF's names;
-their differences (biases, q/k norms, a tied head) are the conditions.
+A table is data: each :class:`Entry` names an HF tensor and the nnjax *logical*
+path(s) it fills, with ``{i}`` (or any ``{name}``) standing for an index that both
+share (``model.layers.{i}.self_attn.q_proj.weight`` <-> ``blocks/{i}/attn/query/kernel``;
+a mixture of experts adds ``{e}``). Which copies exist is read from the model's
+params, so a uniform stack (``blocks/stacked/...``), a mixed one
+(``blocks/stacked[1::2]/...``) or experts on only some layers need nothing more in
+the table. An entry also says whether its layout is transposed (``nn.Linear``
+stores ``(out, in)``, nnjax kernels ``(in, out)``) and the config field that must be
+true for it to exist. One HF tensor may fill several paths, split along the last
+nnjax axis in their widths: GPT-2's ``c_attn`` and Phi-3's ``qkv_proj`` are
+query | key | value, Phi-3's ``gate_up_proj`` gate | up. The tables themselves live
+in the family records (:mod:`nnjax.models.hf.families`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from nnjax.core.errors import CheckpointError
+from nnjax.core.paths import logical_places
 
-__all__ = ["Entry", "Table", "TABLES", "Slot", "layout"]
+__all__ = ["Entry", "Table", "Slot", "linear", "layout", "ignored", "hf_shape", "to_nnjax", "to_hf"]
 
 
 class Entry(NamedTuple):
     """One HF tensor.
 
     Attributes:
-        hf: the HF name; ``{i}`` stands for the layer index.
-        paths: nnjax param paths it fills (split evenly along the last nnjax axis).
+        hf: the HF name; ``{i}`` (``{e}``, ...) stands for an index shared with ``paths``.
+        paths: nnjax logical paths it fills (split along the last nnjax axis, each
+            taking its own width).
         transpose: HF's layout is the transpose of nnjax's (``nn.Linear`` weights).
         when: a :class:`~nnjax.models.CausalLMConfig` field that must be true
             (``"!field"``: false) for the tensor to exist; ``None``: always.
@@ -49,78 +56,25 @@ class Table(NamedTuple):
 
 
 class Slot(NamedTuple):
-    """Where one HF tensor goes for a given config: ``entry`` and the layer (``None``: not per layer)."""
+    """Where one HF tensor goes in a given model.
+
+    Attributes:
+        entry: the table's entry.
+        layer: its ``{i}`` (``None``: not per layer).
+        logical: the logical path of each of ``entry.paths``.
+        places: ``(physical path, index over its stacked axes)`` of each.
+    """
 
     entry: Entry
     layer: int | None
+    logical: tuple[str, ...]
+    places: tuple[tuple[str, tuple[int, ...]], ...]
 
 
-def _linear(hf: str, path: str, bias_when: str | None = None) -> tuple[Entry, ...]:
+def linear(hf: str, path: str, bias_when: str | None = None) -> tuple[Entry, ...]:
     """An ``nn.Linear``: its weight (transposed) and, when ``bias_when`` holds, its bias."""
     out = (Entry(f"{hf}.weight", (f"{path}/kernel",), True),)
     return out + ((Entry(f"{hf}.bias", (f"{path}/bias",), when=bias_when),) if bias_when else ())
-
-
-_L, _B = "model.layers.{i}", "blocks/stacked"
-LLAMA = Table(
-    entries=(
-        Entry("model.embed_tokens.weight", ("tok_embed/embedding",)),
-        Entry(f"{_L}.input_layernorm.weight", (f"{_B}/ln_1/scale",)),
-        *_linear(f"{_L}.self_attn.q_proj", f"{_B}/attn/query", "qkv_bias"),
-        *_linear(f"{_L}.self_attn.k_proj", f"{_B}/attn/key", "qkv_bias"),
-        *_linear(f"{_L}.self_attn.v_proj", f"{_B}/attn/value", "qkv_bias"),
-        *_linear(f"{_L}.self_attn.o_proj", f"{_B}/attn/out", "out_bias"),
-        Entry(f"{_L}.self_attn.q_norm.weight", (f"{_B}/attn/q_norm/scale",), when="qk_norm"),
-        Entry(f"{_L}.self_attn.k_norm.weight", (f"{_B}/attn/k_norm/scale",), when="qk_norm"),
-        Entry(f"{_L}.post_attention_layernorm.weight", (f"{_B}/ln_2/scale",)),
-        *_linear(f"{_L}.mlp.gate_proj", f"{_B}/mlp/gate", "mlp_bias"),
-        *_linear(f"{_L}.mlp.up_proj", f"{_B}/mlp/up", "mlp_bias"),
-        *_linear(f"{_L}.mlp.down_proj", f"{_B}/mlp/down", "mlp_bias"),
-        Entry("model.norm.weight", ("ln_f/scale",)),
-        Entry("lm_head.weight", ("lm_head/kernel",), True, when="!tie_embeddings"),
-    ),
-    tied_head="lm_head.weight",
-)
-
-_H = "transformer.h.{i}"
-
-
-def _norm(hf: str, path: str) -> tuple[Entry, ...]:
-    return (Entry(f"{hf}.weight", (f"{path}/scale",)), Entry(f"{hf}.bias", (f"{path}/bias",)))
-
-
-def _conv1d(hf: str, paths: tuple[str, ...]) -> tuple[Entry, ...]:
-    """GPT-2's ``Conv1D``: weight ``(in, out)`` as nnjax's kernel, and a bias."""
-    return (
-        Entry(f"{hf}.weight", tuple(f"{p}/kernel" for p in paths)),
-        Entry(f"{hf}.bias", tuple(f"{p}/bias" for p in paths)),
-    )
-
-
-GPT2 = Table(
-    entries=(
-        Entry("transformer.wte.weight", ("tok_embed/embedding",)),
-        Entry("transformer.wpe.weight", ("pos_embed/embedding",)),
-        *_norm(f"{_H}.ln_1", f"{_B}/ln_1"),
-        *_conv1d(f"{_H}.attn.c_attn", tuple(f"{_B}/attn/{p}" for p in ("query", "key", "value"))),
-        *_conv1d(f"{_H}.attn.c_proj", (f"{_B}/attn/out",)),
-        *_norm(f"{_H}.ln_2", f"{_B}/ln_2"),
-        *_conv1d(f"{_H}.mlp.c_fc", (f"{_B}/mlp/fc",)),
-        *_conv1d(f"{_H}.mlp.c_proj", (f"{_B}/mlp/proj",)),
-        *_norm("transformer.ln_f", "ln_f"),
-    ),
-    ignore=(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)",),  # causal-mask buffers
-    tied_head="lm_head.weight",
-)
-
-TABLES = {
-    "llama": LLAMA,
-    "mistral": LLAMA,
-    "qwen2": LLAMA,
-    "qwen3": LLAMA,
-    "gemma": LLAMA,
-    "gpt2": GPT2,
-}
 
 
 def _holds(config: Any, when: str | None) -> bool:
@@ -130,17 +84,60 @@ def _holds(config: Any, when: str | None) -> bool:
     return bool(getattr(config, when.lstrip("!"))) != negate
 
 
-def layout(table: Table, config: Any) -> dict[str, Slot]:
-    """``{HF name: Slot}`` of every tensor a checkpoint of ``config`` holds, in table order."""
+@functools.lru_cache(maxsize=1024)
+def _regex(path: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", path)  # literal, name, literal, name, ...
+    return re.compile(
+        "".join(re.escape(p) if k % 2 == 0 else rf"(?P<{p}>\d+)" for k, p in enumerate(parts))
+    )
+
+
+def layout(table: Table, config: Any, template: Mapping[str, Any]) -> dict[str, Slot]:
+    """``{HF name: Slot}`` of every tensor a checkpoint of the model ``template`` holds.
+
+    In table order, each entry's copies in index order (layer 0, 1, ...).
+
+    Args:
+        table: the family's table.
+        config: the model's config (the entries' ``when`` fields).
+        template: the model's params (arrays or ``ShapeDtypeStruct``s).
+
+    Raises:
+        CheckpointError: an entry the config requires that names no param (the table
+            and the model disagree: a bug, said plainly).
+    """
+    places = logical_places(template)
     out = {}
     for entry in table.entries:
         if not _holds(config, entry.when):
             continue
-        if "{i}" in entry.hf:
-            for i in range(config.num_layers):
-                out[entry.hf.format(i=i)] = Slot(entry, i)
+        first = entry.paths[0]
+        if "{" not in first:
+            found: list[dict[str, int]] = [{}] if first in places else []
         else:
-            out[entry.hf] = Slot(entry, None)
+            rx = _regex(first)
+            found = [
+                {k: int(v) for k, v in m.groupdict().items()}
+                for m in map(rx.fullmatch, places)
+                if m is not None
+            ]
+            found.sort(key=lambda d: tuple(d.values()))
+        if not found:
+            raise CheckpointError(
+                f"the {config.family} table and the model's params disagree: {entry.hf} -> "
+                f"{first} names no param"
+            )
+        for idx in found:
+            logical = tuple(p.format(**idx) for p in entry.paths)
+            missing = [p for p in logical if p not in places]
+            if missing:
+                raise CheckpointError(
+                    f"the {config.family} table and the model's params disagree: "
+                    f"{entry.hf.format(**idx)} -> {missing} names no param"
+                )
+            out[entry.hf.format(**idx)] = Slot(
+                entry, idx.get("i"), logical, tuple(places[p] for p in logical)
+            )
     return out
 
 
@@ -151,28 +148,19 @@ def ignored(table: Table, name: str, config: Any) -> bool:
     return any(re.fullmatch(p, name) for p in table.ignore)
 
 
-def hf_shape(slot: Slot, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor's shape, from one nnjax path's (per-copy) shape."""
-    shape = (*leaf_shape[:-1], leaf_shape[-1] * len(slot.entry.paths))
+def hf_shape(slot: Slot, copy_shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The HF tensor's shape, from the per-copy shape of each of ``slot``'s paths."""
+    shape = (*copy_shapes[0][:-1], sum(s[-1] for s in copy_shapes))
     return shape[::-1] if slot.entry.transpose else shape
 
 
-def to_nnjax(slot: Slot, tensor: np.ndarray) -> list[np.ndarray]:
-    """An HF tensor as the nnjax value of each of ``slot``'s paths."""
+def to_nnjax(slot: Slot, tensor: np.ndarray, widths: list[int]) -> list[np.ndarray]:
+    """An HF tensor as the nnjax value of each of ``slot``'s paths (``widths``: their last axes)."""
     arr = tensor.T if slot.entry.transpose else tensor
-    return np.split(arr, len(slot.entry.paths), axis=-1)
+    return np.split(arr, np.cumsum(widths)[:-1], axis=-1)
 
 
 def to_hf(slot: Slot, values: list[np.ndarray]) -> np.ndarray:
     """The HF tensor from the nnjax value of each of ``slot``'s paths."""
     arr = values[0] if len(values) == 1 else np.concatenate(values, axis=-1)
     return np.ascontiguousarray(arr.T if slot.entry.transpose else arr)
-
-
-def check_family(family: str, where: str) -> Table:
-    """The table of ``family``, or a :class:`CheckpointError` naming ``where`` and the supported ones."""
-    if family not in TABLES:
-        raise CheckpointError(
-            f"{where}: model_type {family!r} is not supported; supported: {sorted(TABLES)}"
-        )
-    return TABLES[family]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.errors import CheckpointError
-from nnjax.core.paths import STACKED, flatten, unflatten
+from nnjax.core.paths import flatten, logical_path, stack_depth, unflatten
 
 __all__ = ["load_torch_state_dict", "to_torch_state_dict", "to_numpy"]
 
@@ -33,12 +33,6 @@ def to_numpy(value: Any) -> np.ndarray:
         except TypeError:  # bfloat16 has no NumPy dtype in torch
             return value.float().numpy()
     return np.asarray(value)
-
-
-def _logical(path: str, index: tuple[int, ...]) -> str:
-    """``blocks/stacked/attn/...`` with copy ``(3,)`` -> ``blocks/3/attn/...``."""
-    it = iter(index)
-    return "/".join(str(next(it)) if key == STACKED else key for key in path.split("/"))
 
 
 def _assemble(
@@ -57,11 +51,11 @@ def _assemble(
     out, missing, used = {}, [], set()
     for path, leaf in flatten(template).items():
         shape = tuple(np.shape(leaf))
-        n = path.split("/").count(STACKED)
+        n = stack_depth(path)
         dtype = np.dtype(leaf.dtype)
         arr = None
         for index in itertools.product(*(range(s) for s in shape[:n])):
-            logical = _logical(path, index)
+            logical = logical_path(path, index)
             if logical not in values:
                 missing.append(logical)
                 continue
@@ -96,9 +90,9 @@ def _read_logical(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out = {}
     for path, leaf in flatten(params).items():
         arr = np.asarray(jax.device_get(leaf))
-        n = path.split("/").count(STACKED)
+        n = stack_depth(path)
         for index in itertools.product(*(range(s) for s in arr.shape[:n])):
-            out[_logical(path, index)] = arr[index]
+            out[logical_path(path, index)] = arr[index]
     return out
 
 

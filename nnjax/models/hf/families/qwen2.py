@@ -1,0 +1,37 @@
+"""Qwen2 (``Qwen2ForCausalLM``): Llama with q/k/v biases (and no output bias)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nnjax.models.hf.families.common import (
+    LLAMA_TABLE,
+    llama_in,
+    llama_out,
+    qwen_sliding_in,
+    qwen_sliding_out,
+)
+from nnjax.models.hf.families.record import Family
+
+
+def _in(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
+    return {
+        **llama_in(hf, where),
+        "qkv_bias": True,
+        "out_bias": False,
+        **qwen_sliding_in(hf, where),
+    }
+
+
+def _out(c: Any) -> dict[str, Any]:
+    return {**llama_out(c), **qwen_sliding_out(c)}
+
+
+FAMILY = Family(
+    model_type="qwen2",
+    architecture="Qwen2ForCausalLM",
+    table=LLAMA_TABLE,
+    config_in=_in,
+    config_out=_out,
+)
