@@ -37,9 +37,9 @@ from nnjax.core.paths import flatten, stack_depth, unflatten
 from nnjax.layers import quantized
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.hf.convert import split_adapters
+from nnjax.models.hf.families import family_of
 from nnjax.models.hf.files import Pending, TensorInfo, read_headers, read_tensor, write_file
 from nnjax.models.hf.staging import commit_files, staging, write_json
-from nnjax.models.hf.families import family_of
 from nnjax.models.hf.tables import Slot, layout
 
 __all__ = ["save_peft_adapter", "load_peft_adapter"]
