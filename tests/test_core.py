@@ -404,6 +404,19 @@ def test_summary_lists_every_leaf_and_output():
     assert "(output)  (8, 10) float32" in text
 
 
+def test_print_summary_prints_the_table_once(capsys):
+    model = nj.serial(nj.Dense(4), head=nj.Dense(2))
+    text = nj.summary(model, jnp.zeros((1, 3)))
+    assert capsys.readouterr().out == ""  # returned, not printed
+    print(nj.summary(model, jnp.zeros((1, 3))))
+    out = capsys.readouterr().out
+    assert out == text + "\n" and out.count("head/kernel") == 1
+    assert repr(text) == text  # a REPL shows the table, not a quoted string
+    seen = []
+    nj.summary(model, jnp.zeros((1, 3)), print_fn=seen.append)
+    assert seen == [text]
+
+
 def _layer(init=None, apply=None):
     def good_init(key, x):
         return {"w": jnp.ones(np.shape(x)[-1])}, {}

@@ -296,9 +296,43 @@ def test_steps_per_call_matches_single_steps():
 def test_progress_bar_shows_loss_and_throughput(capsys):
     tr, init = _setup()
     x, y = _data()
-    fit(tr, _fresh(tr, init), nd.batches((x, y), 8), log_every=2, progress=True)
+    fit(tr, _fresh(tr, init), nd.batches((x, y), 8), log_every=2, progress="bar")
     err = capsys.readouterr().err
     assert "6/6" in err and "loss=" in err and "ex/s=" in err
+
+
+def test_redirected_output_gets_plain_lines_not_bar_redraws(capsys):
+    tr, init = _setup()
+    x, y = _data()  # under capsys neither stdout nor stderr is a terminal
+    _, history = fit(tr, _fresh(tr, init), nd.batches((x, y), 8, epochs=2), log_every=2)
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "it/s" not in err and "step/s" not in err
+    lines = out.splitlines()
+    assert [ln.split("  ")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
+    for line, entry in zip(lines, history["epoch"], strict=True):
+        assert f"loss {entry['loss']:.4g}" in line and line.endswith(" s")
+    stream = lambda epoch: iter(list(nd.batches((x, y), 8, seed=epoch)))  # epoch length unknown
+    fit(tr, _fresh(tr, init), stream, steps=4, log_every=2)
+    steps = capsys.readouterr().out.splitlines()  # no epochs: a line per log point
+    assert [ln.split("  ")[0] for ln in steps] == ["step 2/4", "step 4/4"]
+    with pytest.raises(nj.ArgumentError, match="progress: expected True, False, 'bar' or"):
+        fit(tr, _fresh(tr, init), nd.batches((x, y), 8), progress="yes")
+
+
+@pytest.mark.parametrize(
+    "seconds, shown",
+    [
+        (0.0123, "0.0123 s"),
+        (0.0004, "0.0004 s"),
+        (0.5, "0.5 s"),
+        (1.234, "1.23 s"),
+        (123.4, "123 s"),
+    ],
+)
+def test_epoch_seconds_keep_three_significant_digits(seconds, shown):
+    from nnjax.training.logs import seconds_str
+
+    assert seconds_str(seconds) == shown
 
 
 def test_endless_data_needs_steps():

@@ -486,3 +486,23 @@ def test_onednn_dots_train_a_transformer_like_the_default():
 def test_counts_that_are_not_positive_ints_name_the_argument(kwargs, match):
     with pytest.raises(nj.ArgumentError, match=match):
         train.trainer(_mlp(), losses.mse, optax.sgd(0.1), **kwargs)
+
+
+def test_reusing_a_donated_state_says_it_was_donated():
+    model = nj.serial(nj.Dense(2))
+    params, state = model.init(jax.random.key(0), jnp.zeros((1, 3)))
+    tr = nj.trainer(model, nj.losses.mse, optax.sgd(0.1))
+    batch = (jnp.ones((4, 3)), jnp.ones((4, 2)))
+    ts = tr.init(params, state)
+    new, _ = tr.step(ts, batch)
+    donated = r"ts: this TrainState was donated to an earlier train step.*donate=False"
+    for call in (lambda: tr.step(ts, batch), lambda: tr.evaluate(ts, batch)):
+        with pytest.raises(nj.ArgumentError, match=donated):
+            call()
+    new, _ = tr.step(new, batch)  # the returned state is the one to use
+    keep = nj.trainer(model, nj.losses.mse, optax.sgd(0.1), donate=False)
+    ts = keep.init(params, state)
+    keep.step(ts, batch)
+    keep.step(ts, batch)  # donate=False: the state stays valid
+    with pytest.raises(nj.ShapeError):  # other errors pass through unchanged
+        tr.step(new, (jnp.ones((4, 3)), jnp.ones((4, 5))))

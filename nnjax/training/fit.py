@@ -351,7 +351,7 @@ def fit(
     async_checkpoint: bool = False,
     rng: jax.Array | None = None,
     log_every: int = 50,
-    progress: bool = True,
+    progress: bool | str = True,
     steps_per_call: int | None = None,
     prefetch: int = 2,
     batch_size: int | None = None,
@@ -408,7 +408,11 @@ def fit(
             every this many steps.
         progress: show a tqdm progress bar (loss, metrics, examples/s) and, where the
             epoch length is known, a summary line per epoch beside it (mean loss and
-            metrics over the epoch, the evaluation made in it, wall time).
+            metrics over the epoch, the evaluation made in it, wall time). ``True``
+            draws the bar on a terminal (or in a notebook) and, where output is
+            redirected, prints plain lines instead (one per epoch, or one per log
+            point when epochs are unknown); ``"bar"`` or ``"lines"`` choose; ``False``
+            prints nothing.
         steps_per_call: defaults to ``trainer.steps_per_call`` ``K``: ``K`` batches are
             stacked into one call; ``steps`` should be a multiple of ``K``.
         prefetch: batches put on the device ahead of use (0: none).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -19,9 +20,39 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from nnjax.core.errors import TrainingDiverged
+from nnjax.core.errors import ArgumentError, TrainingDiverged
 
-__all__ = ["Logger", "jsonl_logger", "tensorboard_logger"]
+__all__ = ["Logger", "jsonl_logger", "tensorboard_logger", "progress_mode", "seconds_str"]
+
+
+def progress_mode(progress: bool | str) -> str:
+    """``"bar"``, ``"lines"`` or ``"off"`` for ``fit(progress=...)``.
+
+    ``True`` picks a redrawn bar where one can be drawn (a terminal, where tqdm writes:
+    stderr; or a notebook) and plain lines otherwise, so a redirected log holds one
+    line per epoch (or per log point), not every redraw of a bar.
+
+    Raises:
+        ArgumentError: ``progress`` is not a bool, ``"bar"`` or ``"lines"``.
+    """
+    if progress is False:
+        return "off"
+    if progress is True:
+        notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)  # tqdm.auto's pick
+        return "bar" if notebook or _is_terminal(sys.stderr) else "lines"
+    if progress in ("bar", "lines"):
+        return str(progress)
+    raise ArgumentError(f"progress: expected True, False, 'bar' or 'lines', got {progress!r}")
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def seconds_str(seconds: float) -> str:
+    """``"0.0123 s"``, ``"1.23 s"``, ``"123 s"``: three significant digits, never ``"0.0 s"``."""
+    return f"{seconds:.0f} s" if seconds >= 100 else f"{seconds:.3g} s"
 
 
 def jsonable(value: Any) -> Any:
@@ -86,14 +117,17 @@ class MetricLog:
         k: int,
         total: int | None,
         step: int,
-        bar: bool,
+        progress: bool | str,
         loggers: tuple[Logger, ...] = (),
         epochs: tuple[int | None, int | None] = (None, None),
     ):
-        self.history, self.k, self.loggers = history, k, loggers
+        self.history, self.k, self.loggers, self.total = history, k, loggers, total
+        self.mode = progress_mode(progress)
         self.pending: list[tuple[int, dict[str, Any]]] = []
         self.window_start, self.window_examples = time.perf_counter(), 0
-        self.bar = tqdm(total=total, initial=step, disable=not bar, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=step, disable=self.mode != "bar", unit="step", dynamic_ncols=True
+        )
         self.epochs = _Epochs(*epochs, step, self)
 
     def add(self, first_step: int, metrics: dict[str, Any], examples: int) -> None:
@@ -148,6 +182,17 @@ class MetricLog:
         self.bar.update(step - self.bar.n)
         post = {n: f"{v:.4g}" for n, v in logs.items() if isinstance(v, float)}
         self.bar.set_postfix({**post, "ex/s": f"{rate:.4g}"}, refresh=False)
+        if self.mode == "lines" and not self.epochs.per_epoch:  # else: a line per epoch
+            of = f"/{self.total}" if self.total else ""
+            shown = "  ".join(f"{n} {v}" for n, v in {**post, "ex/s": f"{rate:.4g}"}.items())
+            self.line(f"step {step}{of}  {shown}")
+
+    def line(self, text: str) -> None:
+        """One line of the report: above the bar, or plain on stdout."""
+        if self.mode == "bar":
+            self.bar.write(text)
+        elif self.mode == "lines":
+            print(text, flush=True)
 
     def close(self) -> None:
         self.bar.close()
@@ -200,13 +245,13 @@ class _Epochs:
     def _emit(
         self, epoch: int, step: int, values: dict[str, Any], seconds: float, history: dict
     ) -> None:
-        entry = {"epoch": epoch, "step": step, **values, "seconds": round(seconds, 3)}
+        entry = {"epoch": epoch, "step": step, **values, "seconds": float(f"{seconds:.3g}")}
         history.setdefault("epoch", []).append(entry)
         self.log.write("epoch", step, {k: v for k, v in entry.items() if k != "step"})
-        if not self.log.bar.disable:
+        if self.log.mode != "off":
             of = f"/{self.epochs}" if self.epochs else ""
             names = sorted(
                 values, key=lambda n: (n.startswith("val_"), n != "loss", n != "val_loss")
             )
             shown = "  ".join(f"{n} {values[n]:.4g}" for n in names if isinstance(values[n], float))
-            self.log.bar.write(f"epoch {epoch}{of}  {shown}  {seconds:.1f} s")
+            self.log.line(f"epoch {epoch}{of}  {shown}  {seconds_str(seconds)}")

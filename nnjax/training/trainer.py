@@ -37,6 +37,7 @@ import optax
 from nnjax.core import masks
 from nnjax.core.checks import check_int
 from nnjax.core.combinators import Layer
+from nnjax.core.errors import ArgumentError
 from nnjax.core.layer import Params
 from nnjax.training import guards, names
 from nnjax.training import step as parts
@@ -93,6 +94,38 @@ T = TypeVar("T")
 
 def _copy(tree: T) -> T:
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+DONATED = (
+    "ts: this TrainState was donated to an earlier train step, which reused its buffers; "
+    "use the one that step returned (ts, metrics = tr.step(ts, batch, rng)), or build the "
+    "trainer with donate=False to keep every state valid (a copy per step)"
+)
+
+
+class _Donated:
+    """A jitted function of a TrainState whose error for a donated state says what happened.
+
+    Reusing a state after ``step`` donated it fails inside XLA ("Buffer has been deleted
+    or donated"); the arrays are checked only then, so a good call pays nothing. Every
+    other attribute (``lower``, ``_cache_size``) is the jitted function's.
+    """
+
+    def __init__(self, jitted: Callable[..., Any]):
+        self._jitted = jitted
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, ts: TrainState, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._jitted(ts, *args, **kwargs)
+        except (RuntimeError, ValueError) as e:
+            deleted = [x for x in jax.tree.leaves(ts) if isinstance(x, jax.Array)]
+            if not any(x.is_deleted() for x in deleted):
+                raise
+            raise ArgumentError(DONATED) from e
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._jitted, name)
 
 
 # --- the trainer ---------------------------------------------------------------------
@@ -192,13 +225,15 @@ def trainer(
 
     return TrainerFunctions(
         init=functools.partial(_init, optimizer, trainable),
-        step=jax.jit(
-            step if steps_per_call == 1 else parts.scanned(one_step, steps_per_call),
-            donate_argnums=0 if donate else (),
-            compiler_options=dict(compiler_options) if compiler_options else None,
+        step=_Donated(
+            jax.jit(
+                step if steps_per_call == 1 else parts.scanned(one_step, steps_per_call),
+                donate_argnums=0 if donate else (),
+                compiler_options=dict(compiler_options) if compiler_options else None,
+            )
         ),
-        evaluate=jax.jit(evaluate),
-        predict=jax.jit(predict),
+        evaluate=_Donated(jax.jit(evaluate)),
+        predict=_Donated(jax.jit(predict)),
         steps_per_call=steps_per_call,
     )
 
