@@ -6,6 +6,7 @@
 from nnjax.data.corpus import *
 from nnjax.data.instruct import *
 from nnjax.data.iterators import *
+from nnjax.data.preference import *
 from nnjax.data.readers import *
 from nnjax.data.records import *
 from nnjax.data.tokens import *

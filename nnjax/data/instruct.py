@@ -231,31 +231,43 @@ def tokenize(
     problem = _record_problem(record)
     if problem is not None:
         raise DataError(problem)
-    encode = _encoder(tokenizer)
-    eos = _eos(tokenizer, eos_id)
+    pieces, add_eos = _record_pieces(record, tokenizer, template)
+    eos = _eos(tokenizer, eos_id) if add_eos else None
+    return _encode_pieces(pieces, _encoder(tokenizer), eos)
+
+
+def _record_pieces(record: Record, tokenizer: Any, template: str | Template) -> tuple[Pieces, bool]:
+    """A checked record as ``[(text, learn), ...]``, and whether an end token follows."""
     if "messages" in record:
         fn = _resolve_template(template, tokenizer)
-        pieces = fn(record["messages"])
-        add_eos = fn is simple_chat_template
-    else:
-        pieces = [(record["prompt"], False), (record["response"], True)]
-        add_eos = True
+        return fn(record["messages"]), fn is simple_chat_template
+    return [(record["prompt"], False), (record["response"], True)], True
+
+
+def _encode_pieces(
+    pieces: Pieces, encode: Callable[[str], list[int]], eos: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each piece encoded on its own (so the mask's boundaries are exact), then ``eos``."""
     ids: list[int] = []
     learn: list[bool] = []
     for text, train in pieces:
         piece = list(encode(text)) if text else []
         ids += piece
         learn += [train] * len(piece)
-    if add_eos and eos is not None:
+    if eos is not None:
         ids.append(int(eos))
         learn.append(True)
     return np.asarray(ids, np.int32), np.asarray(learn, bool)
 
 
+def _shifted(ids: np.ndarray, learn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Model inputs ``ids[:-1]`` and targets ``ids[1:]`` where learnt, else IGNORE_INDEX."""
+    return ids[:-1], np.where(learn[1:], ids[1:], IGNORE_INDEX).astype(np.int32)
+
+
 def _pieces(ids: np.ndarray, learn: np.ndarray, seq_len: int, overflow: str):
     """``(inputs, targets)`` of one example, cut to ``seq_len`` by ``overflow``."""
-    x = ids[:-1]
-    t = np.where(learn[1:], ids[1:], IGNORE_INDEX).astype(np.int32)
+    x, t = _shifted(ids, learn)
     if len(x) <= seq_len:
         return [(x, t)] if len(x) else []
     if overflow == "truncate":

@@ -8,7 +8,11 @@ Log-probabilities:
 Losses (pure functions of log-probabilities, returning the loss and TRL's metrics):
     dpo_loss, ipo_loss, hinge_loss, simpo_loss, orpo_loss; the table PREFERENCE_LOSSES
     of PreferenceLoss entries.
+Preference training:
+    preference_trainer (nj.trainer with a preference loss and a reference: adapters off,
+    a params tree, or precomputed), preference_model, preference_loss, precompute_reference.
 """
 
 from nnjax.post.logprobs import *
 from nnjax.post.losses import *
+from nnjax.post.trainer import *
