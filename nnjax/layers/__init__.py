@@ -5,6 +5,7 @@ from nnjax.layers.conv import *
 from nnjax.layers.dense import *
 from nnjax.layers.dropout import *
 from nnjax.layers.embed import *
+from nnjax.layers.moe import *
 from nnjax.layers.norm import *
 from nnjax.layers.pool import *
 from nnjax.layers.recurrent import *

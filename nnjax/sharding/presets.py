@@ -1,4 +1,5 @@
-"""Rule presets: data parallel, FSDP (ZeRO-3), and Megatron tensor parallelism for the GPT block.
+"""Rule presets: data parallel, FSDP (ZeRO-3), Megatron tensor parallelism for the GPT block,
+expert parallelism for mixtures of experts.
 
 Each preset is a plain rules dict (print it, edit it, add rules in front of it).
 """
@@ -12,6 +13,8 @@ from typing import Any
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from nnjax.core.errors import ShardingError
+from nnjax.core.paths import STACKED
 from nnjax.layers.adapters import ADAPTERS
 from nnjax.sharding.mesh import axis_size
 
@@ -24,6 +27,8 @@ __all__ = [
     "tensor_parallel_rules",
     "GATED_COLUMN",
     "GATED_ROW",
+    "expert_parallel",
+    "expert_parallel_rules",
 ]
 
 COLUMN = ("attn/query", "attn/key", "attn/value", "mlp/fc")
@@ -171,3 +176,57 @@ def tensor_parallel_rules(
     rules.update({f"**/{r}/*": row_parallel(axis) for r in row})
     rules["**"] = P()
     return rules
+
+
+def _expert(path: str, shape: tuple[int, ...], mesh: Mesh, *, axis: str) -> P:
+    del mesh
+    segs = path.split("/")
+    stacks = [i for i, s in enumerate(segs) if s == STACKED or s.startswith(f"{STACKED}[")]
+    at = [j for j, i in enumerate(stacks) if i > 0 and segs[i - 1] == "experts"]
+    if not at:
+        raise ShardingError(
+            f"expert_parallel: {path!r} (shape {tuple(shape)}) is not a stacked expert leaf "
+            f"(.../experts/{STACKED}/...)"
+        )
+    return P(*(None,) * at[-1], axis)
+
+
+def expert_parallel(axis: str = "expert") -> Any:
+    """Spec function splitting the experts' stacked axis along ``axis`` (each device holds
+    ``E / n`` whole experts); a ``whole_leaf`` spec (see :mod:`nnjax.sharding.rules`).
+
+    ``blocks/stacked/moe/experts/stacked/gate/kernel (L, E, d, f)`` -> ``P(None, axis)``;
+    the experts' adapters and quantization scales (stacked the same way) follow.
+    """
+    fn = functools.partial(_expert, axis=axis)
+    fn.whole_leaf = True  # type: ignore[attr-defined]
+    return fn
+
+
+def expert_parallel_rules(axis: str = "expert", rules: Any = None) -> dict[str, Any]:
+    """Expert parallelism: every leaf under ``experts/`` split on the experts' axis.
+
+    The other leaves follow ``rules`` (default: replicated), so expert parallelism
+    composes with data parallelism on another mesh axis, or with tensor parallelism of
+    the attention. Use the MoE layer's ``dispatch="capacity"`` on such a mesh: its
+    batched product over the experts' axis stays on the devices that hold each expert,
+    and the partitioner moves tokens between devices instead of weights.
+
+    Args:
+        axis: the mesh axis the experts are split over; the number of experts must be a
+            multiple of its size.
+        rules: rules for everything else (first match wins after the experts' rule).
+
+    Returns:
+        ``{"**/experts/*/**": expert_parallel(axis), **rules}`` (``rules`` default ``{"**": P()}``).
+
+    Example:
+        >>> from jax.sharding import AbstractMesh
+        >>> moe = nj.layers.MoE(4, 2, 16)
+        >>> params = jax.eval_shape(moe.init, key, jnp.zeros((2, 8)))[0]
+        >>> mesh = AbstractMesh((2,), ("expert",))
+        >>> specs = nj.sharding.param_specs(params, mesh, nj.sharding.expert_parallel_rules())
+        >>> print(specs["experts"]["stacked"]["gate"]["kernel"], specs["router"]["kernel"])
+        P('expert',) P()
+    """
+    return {"**/experts/*/**": expert_parallel(axis), **(rules or {"**": P()})}

@@ -15,7 +15,10 @@ Stacked leaves: a leaf that ``nj.repeat`` stacks under ``"stacked"`` has a
 leading axis per ``repeat``; a rule is written for one copy (``kernel (in, out)``
 gets ``P(None, "model")``) and the stacked axes are prepended as ``None``
 (``(n, in, out)`` gets ``P(None, None, "model")``). A glob must then match all
-copies or none: one array has one sharding.
+copies or none: one array has one sharding. A spec function with the attribute
+``whole_leaf = True`` is given the whole shape (stacked axes included) and its spec is
+used as is: how a rule splits a stacked axis (the experts' axis,
+:func:`nnjax.sharding.expert_parallel_rules`).
 """
 
 from __future__ import annotations
@@ -138,8 +141,11 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules, *, check_unused: bool = T
                     f"copies of {path!r}; one array takes one sharding: match all copies "
                     f"(blocks/*/...) or none"
                 )
-            spec = value(path, shape[depth:], mesh) if callable(value) else value
-            entries = [*(None,) * depth, *_as_spec(g, path, spec)]
+            if callable(value) and getattr(value, "whole_leaf", False):
+                entries = list(_as_spec(g, path, value(path, shape, mesh)))
+            else:
+                spec = value(path, shape[depth:], mesh) if callable(value) else value
+                entries = [*(None,) * depth, *_as_spec(g, path, spec)]
             check_spec(path, shape, P(*entries), mesh)
             while entries and entries[-1] is None:  # canonical, as jit writes them
                 entries.pop()

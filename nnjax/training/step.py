@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nnjax.core import masks
+from nnjax.core import aux, masks
 from nnjax.core.combinators import Layer
 from nnjax.core.layer import Params
 from nnjax.training import guards
@@ -90,8 +90,10 @@ def objective_fn(loss_fn: Callable, metric_fns: Mapping[str, Callable]) -> Calla
 def gradients_fn(forward: Callable, objective: Callable, accumulate: int) -> Callable:
     """``grads(train_p, frozen, template, state, batch, rng) -> (grads, state, values)``.
 
-    Differentiates the trainable params only (the frozen ones enter as constants). With
-    ``accumulate`` ``M > 1`` the batch is split into ``M`` micro-batches in a
+    Differentiates the trainable params only (the frozen ones enter as constants). The
+    objective is the loss plus the weighted auxiliary losses the layers report in their
+    state (:mod:`nnjax.core.aux`); ``values`` gains their unweighted ``aux/{kind}``, and
+    the state comes back without them. With ``accumulate`` ``M > 1`` the batch is split into ``M`` micro-batches in a
     ``lax.scan``, gradients and metrics averaged, layer state threaded in order.
     """
 
@@ -102,7 +104,8 @@ def gradients_fn(forward: Callable, objective: Callable, accumulate: int) -> Cal
             params = masks.merge(template, train_p, frozen)
             outputs, new_state = forward(params, state, inputs, rng, True)
             loss, values = objective(outputs, targets)
-            return loss, (new_state, values)
+            aux_total, aux_values = aux.losses(new_state)
+            return loss + aux_total, (aux.strip(new_state), {**values, **aux_values})
 
         (_, (new_state, values)), grads = jax.value_and_grad(loss_of, has_aux=True)(train_p)
         if jax.tree.structure(new_state) != jax.tree.structure(state):

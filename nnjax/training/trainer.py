@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nnjax.core import masks
+from nnjax.core import aux, masks
 from nnjax.core.checks import check_int
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import ArgumentError
@@ -152,7 +152,10 @@ def trainer(
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` or ``(scalar, {name: scalar})``
             (the dict is reported as extra metrics). Use a mean over examples. Or a
             name: ``"sparse_categorical_crossentropy"``, ``"mse"``, ... (the table
-            :data:`nnjax.training.names.LOSSES`; the losses take logits).
+            :data:`nnjax.training.names.LOSSES`; the losses take logits). Auxiliary
+            losses the model's layers report (a mixture of experts' load balancing, see
+            :mod:`nnjax.core.aux`) are added to it with their weights and reported as
+            ``aux/{kind}`` (unweighted); ``"loss"`` stays the task loss.
         optimizer: an optax ``GradientTransformation`` (chain clipping, schedules, ...),
             or a name, ``"adam"``, ``"sgd"``, ... with Keras' default learning rate
             (the table :data:`nnjax.training.names.OPTIMIZERS`).
@@ -216,8 +219,8 @@ def trainer(
         guards.check_batch(batch)
         inputs, targets = batch
         guards.check_params(model, ts.params, inputs)
-        outputs, _ = forward(ts.params, ts.state, inputs, None, False)
-        return objective(outputs, targets)[1]
+        outputs, new_state = forward(ts.params, ts.state, inputs, None, False)
+        return {**objective(outputs, targets)[1], **aux.losses(new_state)[1]}
 
     def predict(ts: TrainState, inputs: Any):
         guards.check_params(model, ts.params, inputs)
