@@ -111,10 +111,15 @@ def _put(tree, path, value):
 def nnjax_params(model) -> dict:
     """CausalLM params (float32 NumPy) from the model's state dict."""
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    n = model.config.num_hidden_layers
+    return nnjax_params_from(sd, model.config)
+
+
+def nnjax_params_from(sd: dict, hf_config) -> dict:
+    """CausalLM params from a state dict of NumPy arrays (names in ``_LAYER`` per layer)."""
+    n = hf_config.num_hidden_layers
     params: dict = {"tok_embed": {"embedding": sd["model.embed_tokens.weight"]}}
     params["ln_f"] = {"scale": sd["model.norm.weight"]}
-    if not model.config.tie_word_embeddings:
+    if not hf_config.tie_word_embeddings:
         params["lm_head"] = {"kernel": sd["lm_head.weight"].T}
     layers = [{} for _ in range(n)]
     for i in range(n):

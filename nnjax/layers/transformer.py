@@ -133,7 +133,8 @@ def pre_norm_block(
     Params:
         ln_1, attn, ln_2, mlp: the layers' params (``ln_*``: two copies of ``norm``).
 
-    State: ``{"attn": ...}`` (a KV cache) when the attention has state.
+    State: ``{"attn": ...}`` (a KV cache) when the attention has state; ``{"mlp": {"aux": ...}}``
+    from a mixture of experts (its auxiliary-loss statistics, :mod:`nnjax.core.aux`).
 
     Example:
         >>> block = nj.pre_norm_block(nj.MultiHeadAttention(4, causal=True), nj.layers.MLP(64), nj.RMSNorm())
@@ -162,7 +163,7 @@ def pre_norm_block(
     def apply(params, state, x, *, rng=None, train=False):
         _check_stream(x)
         check_keys(params, ["ln_1", "attn", "ln_2", "mlp"])
-        check_keys(state, [], ["attn"], kind="state")
+        check_keys(state, [], ["attn", "mlp"], kind="state")  # mlp: a MoE's aux statistics
         rngs = [None, None] if rng is None else list(jax.random.split(rng))
         new_state = {}
         for (keys, branch), r in zip(branches, rngs, strict=True):

@@ -25,6 +25,7 @@ from nnjax.layers.attention import MultiHeadAttention
 from nnjax.layers.dense import Dense
 from nnjax.layers.dropout import Dropout
 from nnjax.layers.embed import Embedding, attend
+from nnjax.layers.moe import MoE
 from nnjax.layers.norm import LayerNorm, RMSNorm
 from nnjax.layers.rope import rotary
 from nnjax.layers.transformer import ACTIVATIONS, MLP, pre_norm_block, scale_plus_one
@@ -153,14 +154,34 @@ def _block(c: CausalLMConfig, decode: bool) -> Layer:
         implementation=c.attention_implementation,
         **dense_kw,
     )
-    mlp = MLP(
-        c.mlp_hidden,
-        gated=c.mlp == "gated",
-        activation=_activation(c.activation),
-        use_bias=c.mlp_bias,
-        **dense_kw,
-    )
+    mlp = _mlp(c, dense_kw)
     return pre_norm_block(attn, mlp, _norm(c, param_dtype), dropout_rate=c.dropout)
+
+
+def _mlp(c: CausalLMConfig, dense_kw: dict[str, Any]) -> Layer:
+    """The block's MLP: dense, or a mixture of experts when ``num_experts > 0``."""
+    if c.num_experts <= 0:
+        return MLP(
+            c.mlp_hidden,
+            gated=c.mlp == "gated",
+            activation=_activation(c.activation),
+            use_bias=c.mlp_bias,
+            **dense_kw,
+        )
+    if c.mlp != "gated" or c.mlp_bias:
+        raise ArgumentError("CausalLM: experts are gated MLPs without biases (mlp='gated')")
+    return MoE(
+        c.num_experts,
+        c.num_experts_per_tok,
+        c.moe_hidden or c.mlp_hidden,
+        normalize_top_k=c.normalize_top_k,
+        shared_features=c.shared_expert_hidden,
+        activation=_activation(c.activation),
+        dispatch=c.moe_dispatch,
+        aux_loss_weight=c.router_aux_loss_coef,
+        **dense_kw,
+        name="mlp",
+    )
 
 
 def _read_ids(x: Any) -> tuple[Any, Any, Any]:
@@ -397,8 +418,8 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
             logits = call_child("tok_embed", attend, params["tok_embed"], h)  # (..., T, V)
         else:
             logits, _ = call_child("lm_head", head.apply, params["lm_head"], {}, h)
-        if not decode:
-            return logits, {}
+        if not decode:  # the blocks' state is the MoE auxiliary-loss channel, if any
+            return logits, ({"blocks": s_blocks} if s_blocks else {})
         return logits, {"blocks": s_blocks, "position": (offset + t).astype(jnp.int32)}
 
     return Layer(init, apply, name)

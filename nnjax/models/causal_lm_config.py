@@ -27,11 +27,18 @@ path                               shape                                  presen
 ``blocks/stacked/mlp/down``        ``kernel (mlp_hidden, hidden_size)``   ``mlp == "gated"``
 ``blocks/stacked/mlp/fc``          ``kernel (hidden_size, mlp_hidden)``   ``mlp == "plain"``
 ``blocks/stacked/mlp/proj``        ``kernel (mlp_hidden, hidden_size)``   ``mlp == "plain"``
+``blocks/stacked/mlp/router``      ``kernel (hidden_size, E)``            ``num_experts > 0``
+``.../mlp/experts/stacked/gate|up`` ``kernel (L, E, hidden_size, F)``     ``num_experts > 0``
+``.../mlp/experts/stacked/down``   ``kernel (L, E, F, hidden_size)``      ``num_experts > 0``
+``.../mlp/shared_expert/...``      ``gate|up|down`` kernels               ``shared_expert_hidden``
+``.../mlp/shared_expert_gate``     ``kernel (hidden_size, 1)``            ``shared_expert_hidden``
 ``ln_f/scale``                     ``(hidden_size,)``                     always
 ``lm_head/kernel``                 ``(hidden_size, vocab_size)``          not ``tie_embeddings``
 =================================  =====================================  ===========================
 
-``H`` is ``num_heads``, ``KV`` is ``num_kv_heads``. Kernels are ``(in, out)`` (JAX's
+``H`` is ``num_heads``, ``KV`` is ``num_kv_heads``, ``E`` is ``num_experts``, ``F``
+``moe_hidden``, ``L`` ``num_layers`` (an expert's logical path is
+``blocks/{i}/mlp/experts/{e}/gate/kernel``). Kernels are ``(in, out)`` (JAX's
 orientation; Hugging Face's ``nn.Linear`` weights are the transpose). A norm's
 ``scale`` is stored as the checkpoint stores it: with ``norm_scale_plus_one``
 (Gemma) the layer multiplies by ``1 + scale``.
@@ -78,6 +85,19 @@ class CausalLMConfig:
         qkv_bias: biases on the q/k/v projections (Qwen2, GPT-2).
         out_bias: a bias on the attention output projection (GPT-2).
         mlp_bias: biases in the MLP (GPT-2).
+        num_experts: ``E > 0``: the MLP is a mixture of ``E`` gated experts
+            (:func:`nnjax.layers.MoE`; params ``blocks/*/mlp/router/kernel``,
+            ``blocks/*/mlp/experts/{e}/{gate,up,down}/kernel``); 0: a dense MLP.
+        num_experts_per_tok: experts per token (top-k).
+        moe_hidden: each expert's hidden width (HF ``moe_intermediate_size``);
+            ``None``: ``mlp_hidden``.
+        shared_expert_hidden: a shared expert of this width with a sigmoid gate
+            (Qwen2-MoE); ``None``: none.
+        normalize_top_k: renormalise the chosen experts' probabilities (Mixtral, HF
+            ``norm_topk_prob``).
+        router_aux_loss_coef: weight of the load-balancing loss in the training
+            objective (reported as ``aux/load_balance`` whatever the weight).
+        moe_dispatch: the MoE dispatch (``"sorted"``, ``"capacity"``, ``"dense"``).
         qk_norm: RMSNorm on each head's q and k before the rotation (Qwen3).
         sliding_window: each token attends to at most this many positions back
             (itself included), as HF's Mistral; ``None``: the whole prefix.
@@ -136,6 +156,13 @@ class CausalLMConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_hidden: int | None = None
+    shared_expert_hidden: int | None = None
+    normalize_top_k: bool = False
+    router_aux_loss_coef: float = 0.0
+    moe_dispatch: str = "sorted"
     qk_norm: bool = False
     sliding_window: int | None = None
     tie_embeddings: bool = False
