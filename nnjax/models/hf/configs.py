@@ -16,6 +16,7 @@ from typing import Any
 
 from nnjax.core.errors import CheckpointError
 from nnjax.models.causal_lm_config import CausalLMConfig
+from nnjax.models.hf.config_checks import check_config
 from nnjax.models.hf.families import family_of
 
 __all__ = ["config_from_hf", "config_to_hf"]
@@ -75,6 +76,7 @@ def config_from_hf(
         >>> c.num_kv_heads, c.head_dim, c.sliding_window, c.rope_theta, c.eos_token_id
         (8, 128, 4096, 1000000.0, 2)
     """
+    check_config(hf, generation, where)  # fields, types and values, before anything is read
     family = str(hf.get("model_type"))
     record = family_of(family, where)
     try:

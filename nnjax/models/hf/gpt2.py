@@ -15,7 +15,6 @@ GPT-2's ``Conv1D`` stores weights ``(in, out)`` as nnjax kernels do (no transpos
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +25,7 @@ import numpy as np
 
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.gpt import GPT, GPTConfig, causal_lm_config
+from nnjax.models.hf.config_checks import check_config, read_json
 from nnjax.models.hf.configs import config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
 from nnjax.models.hf.families.gpt2 import TABLE as GPT2
@@ -180,8 +180,10 @@ def load_gpt2(source: Any, config: GPTConfig | None = None) -> tuple[GPTConfig, 
     path = os.fspath(source)
     if os.path.isdir(path):
         if config is None:
-            with open(os.path.join(path, "config.json")) as f:
-                config = gpt2_config(json.load(f))
+            file = os.path.join(path, "config.json")
+            hf = read_json(file)
+            check_config(hf, None, file)
+            config = gpt2_config(hf)
         files, weight_map = model_files(path)
     else:
         files, weight_map = [path], None

@@ -21,7 +21,6 @@ third of ``B``.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -36,6 +35,7 @@ from nnjax.core.errors import CheckpointError
 from nnjax.core.paths import flatten, stack_depth, unflatten
 from nnjax.layers import quantized
 from nnjax.models.causal_lm_config import CausalLMConfig
+from nnjax.models.hf.config_checks import check_adapter_config, read_json
 from nnjax.models.hf.convert import split_adapters
 from nnjax.models.hf.families import family_of
 from nnjax.models.hf.files import Pending, TensorInfo, read_headers, read_tensor, write_file
@@ -245,8 +245,8 @@ def _read_config(folder: str) -> dict[str, Any]:
     file = os.path.join(folder, CONFIG)
     if not os.path.isfile(file):
         raise CheckpointError(f"{file} does not exist (not a PEFT adapter folder?)")
-    with open(file) as f:
-        cfg = json.load(f)
+    cfg = read_json(file)
+    check_adapter_config(cfg, file)
     checks = {
         "peft_type": ("LORA", cfg.get("peft_type")),
         "bias": ("none", cfg.get("bias", "none")),

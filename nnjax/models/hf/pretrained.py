@@ -9,7 +9,6 @@ stream one tensor at a time (see :mod:`nnjax.models.hf.convert`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +20,7 @@ from jax.sharding import Mesh
 
 from nnjax.core.errors import CheckpointError
 from nnjax.models.causal_lm_config import CausalLMConfig
+from nnjax.models.hf.config_checks import read_json as _read_json
 from nnjax.models.hf.configs import config_from_hf, config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
 from nnjax.models.hf.families import family_of
@@ -28,16 +28,6 @@ from nnjax.models.hf.files import model_files, read_headers, read_tensor
 from nnjax.models.hf.staging import save_model_folder
 
 __all__ = ["from_pretrained", "save_pretrained", "load_config", "param_template"]
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} does not exist (not a Hugging Face model folder?)")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def load_config(path: str | os.PathLike) -> CausalLMConfig:
