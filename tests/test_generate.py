@@ -239,3 +239,51 @@ def test_bad_arguments_are_refused_before_tracing(monkeypatch):
             generate(cfg, params, **kwargs)
     with pytest.raises(nj.ArgumentError, match=r"config: expected a CausalLMConfig or GPTConfig"):
         generate({"vocab_size": 16}, params, ok, 2, temperature=0)
+
+
+def test_left_padded_batch_with_attention_mask_equals_transformers_batch(torch):
+    model, cfg, params = _llama()
+    rows = _prompts(3, [6, 2, 4, 5])
+    prompt, lengths = _left_pad(rows)
+    mask = (np.arange(prompt.shape[1])[None] >= (prompt.shape[1] - lengths)[:, None]).astype(int)
+    n, eos = 8, model.config.eos_token_id
+    with torch.no_grad():  # transformers' own batched generate on the same left-padded batch
+        want = model.generate(
+            torch.from_numpy(prompt).long(),
+            attention_mask=torch.from_numpy(mask).long(),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=eos,
+        ).numpy()
+    out = np.asarray(
+        generate(cfg, params, prompt, n, temperature=0, attention_mask=mask, eos_token_id=eos,
+                 pad_token_id=0)
+    )  # fmt: skip
+    np.testing.assert_array_equal(out[:, : want.shape[1]], want)
+    np.testing.assert_array_equal(out[:, want.shape[1] :], 0)  # all rows ended: padding
+    again = np.asarray(
+        generate(cfg, params, prompt, n, temperature=0, prompt_lengths=lengths, eos_token_id=eos,
+                 pad_token_id=0)
+    )  # fmt: skip
+    np.testing.assert_array_equal(again, out)
+    fn = make_generate(cfg, n, temperature=0, eos_token_id=eos, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(fn(params, prompt, attention_mask=mask)), out)
+
+
+def test_unmarked_or_right_padding_is_refused_not_guessed():
+    _, cfg, params = _llama()
+    prompt, lengths = _left_pad(_prompts(3, [6, 2]))  # row 1 starts with pad id 0
+    with pytest.raises(nj.ArgumentError, match=r"prompt_ids: rows \[1\] start with pad_token_id 0"):
+        generate(cfg, params, prompt, 4, temperature=0, pad_token_id=0)
+    right = np.stack([prompt[0], np.roll(prompt[1], 2)])  # tokens first, padding after
+    mask = (right != 0).astype(np.int32)
+    with pytest.raises(nj.ArgumentError, match=r"attention_mask: rows \[1\] are not left-padded"):
+        generate(cfg, params, right, 4, temperature=0, attention_mask=mask)
+    with pytest.raises(nj.ArgumentError, match="pass one of them"):
+        generate(cfg, params, prompt, 4, temperature=0, attention_mask=mask, prompt_lengths=lengths)
+    with pytest.raises(nj.ArgumentError, match=r"attention_mask: expected the shape of prompt_ids"):
+        generate(cfg, params, prompt, 4, temperature=0, attention_mask=mask[:, 1:])
+    # GPT-2's pad id is its eos id, which may open a prompt: no refusal there
+    _, gcfg, gparams = _gpt2()
+    generate(gcfg, gparams, prompt, 2, temperature=0, pad_token_id=0, eos_token_id=0)

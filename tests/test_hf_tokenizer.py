@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import nnjax as nj
@@ -135,3 +136,47 @@ def test_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(ImportError, match=r"pip install nnjax\[llm\]"):
         hf.load_tokenizer(tmp_path)
+
+
+def test_pad_gives_ids_mask_and_lengths_as_transformers_pads(folder, reference):
+    tok = hf.load_tokenizer(folder)
+    texts = SENTENCES[:3]
+    for side in ("left", "right"):
+        ours = tok.encode_padded(texts, side=side)
+        reference.padding_side = side
+        want = reference(texts, padding=True, return_tensors="np")
+        np.testing.assert_array_equal(ours["input_ids"], want["input_ids"])
+        np.testing.assert_array_equal(ours["attention_mask"], want["attention_mask"])
+        np.testing.assert_array_equal(ours["lengths"], want["attention_mask"].sum(-1))
+    assert tok.pad([[5], [6, 7]], max_length=3)["input_ids"].tolist() == [[5, 3, 3], [6, 7, 3]]
+    with pytest.raises(nj.ArgumentError, match=r"max_length: row 1 has 2 ids, more than"):
+        tok.pad([[5], [6, 7]], max_length=1)
+    with pytest.raises(nj.ArgumentError, match=r"side: expected 'left' or 'right'"):
+        tok.pad([[5]], side="center")
+
+
+def test_save_pretrained_with_a_tokenizer_makes_a_complete_folder(folder, reference, tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    transformers = pytest.importorskip("transformers")
+    tok = hf.load_tokenizer(folder)
+    config = hf.config_from_hf({"model_type": "llama", "vocab_size": tok.vocab_size,
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1})  # fmt: skip
+    params, _ = nj.models.CausalLM(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    out = tmp_path / "export"
+    hf.save_pretrained(out, config, params, tokenizer=tok)
+    assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= {
+        p.name for p in out.iterdir()
+    }
+    again = transformers.AutoTokenizer.from_pretrained(out)
+    for text in SENTENCES[:4]:
+        assert again(text)["input_ids"] == reference(text)["input_ids"]
+    assert again.apply_chat_template(CHAT, tokenize=False) == reference.apply_chat_template(
+        CHAT, tokenize=False
+    )
+    assert (again.bos_token, again.eos_token, again.pad_token) == ("<s>", "</s>", "<pad>")
+    mine = hf.load_tokenizer(out)
+    assert mine.encode(SENTENCES[0]) == tok.encode(SENTENCES[0])
+    assert mine.chat_template == tok.chat_template

@@ -146,6 +146,50 @@ def _check_prompt(prompt_ids: Any, prompt_lengths: Any, vocab: int) -> tuple[Any
     return jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32)
 
 
+def _lengths_from_mask(prompt_ids: Any, attention_mask: Any, prompt_lengths: Any) -> Any:
+    """``prompt_lengths`` from a transformers-style ``attention_mask`` (1 = token), checked to
+    be left padding: zeros, then ones to the last column."""
+    if prompt_lengths is not None:
+        raise ArgumentError(
+            "attention_mask and prompt_lengths: pass one of them (both say where the prompts start)"
+        )
+    if tuple(np.shape(attention_mask)) != tuple(np.shape(prompt_ids)):
+        raise ArgumentError(
+            f"attention_mask: expected the shape of prompt_ids, {shape_str(np.shape(prompt_ids))}, "
+            f"got {shape_str(np.shape(attention_mask))}"
+        )
+    if isinstance(attention_mask, jax.core.Tracer):
+        return jnp.sum(jnp.asarray(attention_mask, jnp.int32), axis=-1)
+    mask = np.asarray(attention_mask)
+    if not np.isin(mask, (0, 1)).all():
+        raise ArgumentError("attention_mask: expected 0 (padding) and 1 (token) only")
+    lengths = mask.sum(-1).astype(np.int32)
+    t0 = mask.shape[-1]
+    left = np.arange(t0)[None, :] >= (t0 - lengths)[:, None]
+    bad = np.flatnonzero((left != mask.astype(bool)).any(-1))
+    if bad.size:
+        raise ArgumentError(
+            f"attention_mask: rows {bad.tolist()} are not left-padded (zeros, then ones to the "
+            "end): generate continues each row after its last column, so pad prompts on the "
+            "left (tokenizer.pad(rows, side='left'); in transformers, padding_side='left')"
+        )
+    return lengths
+
+
+def _refuse_unmarked_padding(prompt_ids: Any, pad: int | None, eos: tuple[int, ...]) -> None:
+    """Rows starting with the pad id look left-padded: say so rather than read the padding
+    as prompt (a pad id that is also an eos id may open a prompt, as GPT-2's does)."""
+    if pad is None or pad in eos or isinstance(prompt_ids, jax.core.Tracer):
+        return
+    rows = np.flatnonzero(np.asarray(prompt_ids)[:, 0] == pad)
+    if rows.size:
+        raise ArgumentError(
+            f"prompt_ids: rows {rows.tolist()} start with pad_token_id {pad}, as left-padded "
+            "prompts do; pass attention_mask (1 = token, as transformers takes it) or "
+            "prompt_lengths so that the padding is not read as prompt (generate does not guess)"
+        )
+
+
 def _check_length(c: CausalLMConfig, t0: int, n: int) -> None:
     """The longest position must fit the model, unless it attends a sliding window or its
     rotary scaling extrapolates (``dynamic``)."""
@@ -180,6 +224,11 @@ def _check_sampling(temperature, top_k, top_p, min_p, rng) -> bool:
             "rng: generate samples when temperature > 0 and top_k != 1: pass rng=jax.random.key(...)"
         )
     return greedy
+
+
+def _explicit_pad(config: Any, pad_token_id: int | None) -> int | None:
+    """The pad id given or the config's; not the fallback ``_static`` fills in."""
+    return pad_token_id if pad_token_id is not None else _config(config).pad_token_id
 
 
 def _static(
@@ -219,6 +268,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     prompt_lengths: Any = None,
+    attention_mask: Any = None,
     rng: jax.Array | None = None,
 ) -> jax.Array:
     """Continue ``prompt_ids`` by ``max_new_tokens`` tokens with the KV cache.
@@ -231,7 +281,10 @@ def generate(
     Prompts of different lengths are left-padded to one width ``T0``, with
     ``prompt_lengths[b]`` real tokens at the end of row ``b``: each row then gets its
     own positions ``0 .. len - 1`` and its padding is never attended, so a row's tokens
-    are those it would get alone. A row that emits an ``eos_token_id`` is finished: its
+    are those it would get alone. Say where the padding is with ``attention_mask``
+    (``(B, T0)``, 1 for tokens, as transformers takes it and ``tokenizer.pad(rows,
+    side="left")`` makes it) or ``prompt_lengths``; without either, a row that starts
+    with the pad id is an error, not a guess (unless the pad id is also an eos id). A row that emits an ``eos_token_id`` is finished: its
     later tokens are ``pad_token_id``.
 
     Compiled once per prompt shape and static setting (config, ``max_new_tokens``,
@@ -255,6 +308,8 @@ def generate(
         pad_token_id: what finished rows emit; default ``config.pad_token_id``, else the
             first eos id, else 0.
         prompt_lengths: int ``(B,)`` real tokens per row (``1 .. T0``); ``None``: all ``T0``.
+        attention_mask: int or bool ``(B, T0)``, 1 for a token, 0 for padding, left-padded
+            (zeros then ones); instead of ``prompt_lengths``.
         rng: a PRNG key, needed unless greedy.
 
     Returns:
@@ -277,6 +332,10 @@ def generate(
     s = _static(
         config, max_new_tokens, temperature, top_k, top_p, min_p, eos_token_id, pad_token_id, rng
     )
+    if attention_mask is not None:
+        prompt_lengths = _lengths_from_mask(prompt_ids, attention_mask, prompt_lengths)
+    elif prompt_lengths is None:
+        _refuse_unmarked_padding(prompt_ids, _explicit_pad(config, pad_token_id), s.eos)
     prompt, lengths = _check_prompt(prompt_ids, prompt_lengths, s.config.vocab_size)
     _check_length(s.config, prompt.shape[1], s.max_new_tokens)
     return _generate_jit(
@@ -302,7 +361,8 @@ def make_generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
 ) -> Callable[..., jax.Array]:
-    """A jitted ``fn(params, prompt_ids, rng=None, prompt_lengths=None)``, see :func:`generate`.
+    """A jitted ``fn(params, prompt_ids, rng=None, prompt_lengths=None, attention_mask=None)``,
+    see :func:`generate`.
 
     Its own compile cache: one compilation per prompt shape, whatever the contents.
     The settings are checked here, once; under ``jit`` the prompt's ids cannot be checked.
@@ -319,10 +379,16 @@ def make_generate(
 
     @jax.jit
     def fn(
-        params: Any, prompt_ids: Any, rng: jax.Array | None = None, prompt_lengths: Any = None
+        params: Any,
+        prompt_ids: Any,
+        rng: jax.Array | None = None,
+        prompt_lengths: Any = None,
+        attention_mask: Any = None,
     ) -> jax.Array:
         if not s.greedy and rng is None:
             raise ArgumentError("rng: this generate function samples: pass rng=jax.random.key(...)")
+        if attention_mask is not None:  # traced: its left padding cannot be checked here
+            prompt_lengths = _lengths_from_mask(prompt_ids, attention_mask, prompt_lengths)
         prompt, lengths = _check_prompt(prompt_ids, prompt_lengths, s.config.vocab_size)
         _check_length(s.config, prompt.shape[1], s.max_new_tokens)
         return _generate(params, prompt, lengths, rng, *scalars, s=s)

@@ -26,6 +26,7 @@ from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
 from nnjax.models.hf.families import family_of
 from nnjax.models.hf.files import model_files, read_headers, read_tensor
 from nnjax.models.hf.staging import save_model_folder
+from nnjax.models.hf.tokenizer import Tokenizer
 
 __all__ = ["from_pretrained", "save_pretrained", "load_config", "param_template"]
 
@@ -140,6 +141,7 @@ def save_pretrained(
     *,
     max_shard_size: int | str = "5GB",
     merge_adapters: bool = True,
+    tokenizer: Tokenizer | None = None,
 ) -> list[str]:
     """Write an HF model folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
 
@@ -158,6 +160,10 @@ def save_pretrained(
         max_shard_size: bytes, or ``"500MB"`` / ``"2GiB"``.
         merge_adapters: fold LoRA / DoRA / IA3 adapters into the exported kernels
             (``False``: adapters are an error; save them with :func:`save_peft_adapter`).
+        tokenizer: also write its files (``tokenizer.json``, ``tokenizer_config.json``
+            with the special tokens and chat template, ``chat_template.jinja``; see
+            ``Tokenizer.save``), after the weights, so the folder is complete on its
+            own: ``AutoTokenizer.from_pretrained(path)`` reads it.
 
     Returns:
         The weight files written (names inside ``path``).
@@ -179,4 +185,9 @@ def save_pretrained(
     tensors = params_to_tensors(params, table, config, param_template(config), merge=merge_adapters)
     folder = os.fspath(path)
     jsons = {"config.json": hf, "generation_config.json": _generation_config(hf)}
-    return save_model_folder(folder, tensors, max_shard_size, {k: v for k, v in jsons.items() if v})
+    written = save_model_folder(
+        folder, tensors, max_shard_size, {k: v for k, v in jsons.items() if v}
+    )
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    return written

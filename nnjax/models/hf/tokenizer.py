@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from nnjax.core.errors import CheckpointError
+import numpy as np
 
-__all__ = ["Tokenizer", "load_tokenizer", "SIMPLE_CHAT"]
+from nnjax.core.errors import ArgumentError, CheckpointError
+
+__all__ = ["Tokenizer", "load_tokenizer", "pad_ids", "SIMPLE_CHAT"]
 
 SIMPLE_CHAT = "<|{role}|>\n{content}\n"
 """The chat format without a template (or without jinja2): each message as
@@ -40,6 +43,17 @@ class Tokenizer(NamedTuple):
         vocab_size: the number of ids (added tokens included).
         chat_template: the jinja template, or ``None`` (:data:`SIMPLE_CHAT` is used).
         backend: the ``tokenizers.Tokenizer``.
+        pad: ``pad(rows, side="right", max_length=None)`` -> ``{"input_ids",
+            "attention_mask", "lengths"}``: ragged id lists as one padded batch
+            (:func:`pad_ids` with this tokenizer's pad id); ``side="left"`` for
+            :func:`~nnjax.models.generate`.
+        encode_padded: ``encode_padded(texts, side="right", max_length=None,
+            add_special_tokens=True)``: ``pad(encode_batch(texts))``.
+        save: ``save(folder) -> list[str]``: write ``tokenizer.json``,
+            ``tokenizer_config.json`` (special tokens, chat template) and
+            ``chat_template.jinja``, each file replaced atomically, so that
+            ``transformers.AutoTokenizer`` and :func:`load_tokenizer` read the folder.
+        special_tokens: ``{"bos_token": "<s>", ...}``: the special tokens' strings.
     """
 
     encode: Callable[..., list[int]]
@@ -53,6 +67,89 @@ class Tokenizer(NamedTuple):
     vocab_size: int
     chat_template: str | None
     backend: Any
+    pad: Callable[..., dict[str, np.ndarray]]
+    encode_padded: Callable[..., dict[str, np.ndarray]]
+    save: Callable[[str | os.PathLike], list[str]]
+    special_tokens: Mapping[str, str | None]
+
+
+def pad_ids(
+    rows: Sequence[Sequence[int]],
+    pad_token_id: int,
+    *,
+    side: str = "right",
+    max_length: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Ragged rows of ids as one padded batch, as transformers' tokenizers pad.
+
+    Args:
+        rows: ``B`` lists of ids (``encode_batch``'s output).
+        pad_token_id: the filler id (the attention mask, not the id, tells padding apart).
+        side: ``"right"`` (training, classification) or ``"left"`` (prompts for
+            :func:`~nnjax.models.generate`: every row ends at the last column).
+        max_length: ``T``; default the longest row. A longer row is an error (cut it
+            yourself: which end to keep depends on the task).
+
+    Returns:
+        ``{"input_ids": int32 (B, T), "attention_mask": int32 (B, T) (1 = token),
+        "lengths": int32 (B,)}``.
+
+    Raises:
+        ArgumentError: an unknown ``side``, an empty ``rows``, a row longer than ``max_length``.
+
+    Example:
+        >>> batch = nj.models.hf.pad_ids([[5, 6, 7], [8]], 0, side="left")
+        >>> batch["input_ids"].tolist(), batch["attention_mask"].tolist()
+        ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
+    if side not in ("left", "right"):
+        raise ArgumentError(f"side: expected 'left' or 'right', got {side!r}")
+    lengths = np.array([len(r) for r in rows], np.int32)
+    if lengths.size == 0:
+        raise ArgumentError("rows: expected at least one row of ids, got none")
+    t = int(lengths.max()) if max_length is None else int(max_length)
+    if lengths.max() > t:
+        raise ArgumentError(
+            f"max_length: row {int(lengths.argmax())} has {int(lengths.max())} ids, more than "
+            f"max_length == {t}; cut the rows first (keep their start or their end)"
+        )
+    ids = np.full((len(rows), t), pad_token_id, np.int32)
+    mask = np.zeros((len(rows), t), np.int32)
+    for b, row in enumerate(rows):
+        n = len(row)
+        cols = slice(t - n, t) if side == "left" else slice(0, n)
+        ids[b, cols] = np.asarray(row, np.int32)
+        mask[b, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask, "lengths": lengths}
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """``text`` at ``path``, replacing what was there in one rename."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-tok-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _save_files(folder: str, backend: Any, tokens: Mapping[str, str | None], template: str | None):
+    """The files a model folder's tokenizer is: transformers' ``PreTrainedTokenizerFast`` layout."""
+    os.makedirs(folder, exist_ok=True)
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config.update({k: v for k, v in tokens.items() if v is not None})
+    files = {"tokenizer.json": backend.to_str(), "tokenizer_config.json": ""}
+    if template is not None:
+        config["chat_template"] = template  # transformers before 4.43 reads it here
+        files["chat_template.jinja"] = template
+    files["tokenizer_config.json"] = json.dumps(config, indent=2, ensure_ascii=False)
+    for name, text in files.items():
+        _write_atomic(os.path.join(folder, name), text)
+    return sorted(files)
 
 
 def _json(path: str) -> dict[str, Any]:
@@ -176,6 +273,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     tokens = {
         k: _token(tok_config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")
     }
+    for kind in ("bos", "eos", "pad"):  # named by id only (config.json): the id's string
+        value = ids[f"{kind}_token_id"]
+        first = value[0] if isinstance(value, tuple) and value else value
+        if tokens[f"{kind}_token"] is None and isinstance(first, int):
+            tokens[f"{kind}_token"] = backend.id_to_token(first)
 
     def encode(text: str, add_special_tokens: bool = True) -> list[int]:
         return backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -203,6 +305,25 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         # the template writes the special tokens itself (transformers encodes it the same way)
         return encode(text, add_special_tokens=False) if tokenize else text
 
+    filler = ids["pad_token_id"]
+    if filler is None:  # any id fills: the attention mask says what is padding
+        eos = ids["eos_token_id"]
+        filler = (eos[0] if isinstance(eos, tuple) else eos) if eos is not None else 0
+
+    def pad(rows: Sequence[Sequence[int]], side: str = "right", max_length: int | None = None):
+        return pad_ids(rows, filler, side=side, max_length=max_length)
+
+    def encode_padded(
+        texts: Sequence[str],
+        side: str = "right",
+        max_length: int | None = None,
+        add_special_tokens: bool = True,
+    ) -> dict[str, np.ndarray]:
+        return pad(encode_batch(texts, add_special_tokens), side, max_length)
+
+    def save(folder: str | os.PathLike) -> list[str]:
+        return _save_files(os.fspath(folder), backend, tokens, template)
+
     return Tokenizer(
         encode=encode,
         decode=decode,
@@ -212,5 +333,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         vocab_size=backend.get_vocab_size(with_added_tokens=True),
         chat_template=template,
         backend=backend,
+        pad=pad,
+        encode_padded=encode_padded,
+        save=save,
+        special_tokens=tokens,
         **ids,
     )
