@@ -11,8 +11,12 @@ Losses (pure functions of log-probabilities, returning the loss and TRL's metric
 Preference training:
     preference_trainer (nj.trainer with a preference loss and a reference: adapters off,
     a params tree, or precomputed), preference_model, preference_loss, precompute_reference.
+GRPO:
+    grpo_trainer (-> GRPOFunctions: init, step, rollout, generate, trainer), grpo_loss,
+    group_advantages, encode_prompts, completion_mask.
 """
 
+from nnjax.post.grpo import *
 from nnjax.post.logprobs import *
 from nnjax.post.losses import *
 from nnjax.post.trainer import *
