@@ -85,7 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Llama blocks: 124M params; for throughput
     "llama-124m": dict(
         family="llama", hidden_size=768, layers=12, heads=12, kv_heads=12, mlp_hidden=2048,
-        vocab_size=50304, tie=True, seq_len=512, batch_size=8, steps=8, lr=6e-4, min_lr=6e-5,
+        vocab_size=50304, tie=True, seq_len=512, batch_size=4, steps=6, lr=6e-4, min_lr=6e-5,
         warmup=2, eval_every=0, eval_batches=2, log_every=2, checkpoint_every=0,
         tokenizer="bytes",
     ),

@@ -1,0 +1,163 @@
+"""The pretraining recipe against nanoGPT's train.py, and a 124M Llama step's throughput.
+
+    flock /tmp/nnjax-heavy.lock python benchmarks/pretrain_nanogpt.py
+    python benchmarks/pretrain_nanogpt.py --smoke        # seconds: checks the plumbing
+
+Part 1, side by side in one run on one machine, each a fresh process timed from the
+outside (interpreter start, imports, data preparation, compilation, evaluation and
+saving included): nanoGPT's CPU recipe for ``config/train_shakespeare_char.py``
+(``benchmarks/nanogpt_torch.py``, PyTorch) and the same model, data, optimizer,
+schedule and steps through ``examples/pretrain_llm.py --preset nanogpt-char``: on one
+XLA:CPU device, and on two host devices as a data-parallel mesh (``--mesh data=2``;
+XLA:CPU then runs one computation per core). The runs alternate, ``--repeats`` times.
+
+Part 2: ``examples/pretrain_llm.py --preset llama-124m`` (GPT-2 small's sizes in Llama
+blocks, 124M params): the tokens/s and MFU it reports, over the windows without
+compilation.
+
+Writes ``benchmarks/results/pretrain.json`` and ``pretrain.md``; the load average is
+recorded beside every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared/data/tinyshakespeare/input.txt"
+RESULTS = ROOT / "benchmarks/results"
+
+
+def _load() -> float:
+    return float(pathlib.Path("/proc/loadavg").read_text().split()[0])
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``cmd`` in a fresh process; its wall time from outside, its final val loss."""
+    load = _load()
+    start = time.perf_counter()
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    losses = re.findall(r"final val loss ([0-9.]+)", proc.stdout)
+    return {
+        "wall_s": round(wall, 2),
+        "val_loss": float(losses[-1]),
+        "load_before": load,
+        "load_after": _load(),
+        "tail": proc.stdout.strip().splitlines()[-4:],
+        "stdout": proc.stdout,
+    }
+
+
+def side_by_side(data: str, repeats: int, smoke: bool) -> dict:
+    py = sys.executable
+    iters = ["--iters", "20"] if smoke else []
+    steps = ["--steps", "50", "--eval-every", "25", "--log-every", "25"] if smoke else []
+    two = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    runs: dict[str, list] = {"nanogpt_torch": [], "nnjax_1_device": [], "nnjax_2_devices": []}
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            runs["nanogpt_torch"].append(
+                _run([py, str(ROOT / "benchmarks/nanogpt_torch.py"), "--data", data, *iters])
+            )
+            recipe = [py, str(ROOT / "examples/pretrain_llm.py"), "--preset", "nanogpt-char"]
+            recipe += ["--data", data, *steps]
+            runs["nnjax_1_device"].append(_run([*recipe, "--out", f"{tmp}/one"]))
+            runs["nnjax_2_devices"].append(
+                _run([*recipe, "--out", f"{tmp}/two", "--mesh", "data=2"], env=two)
+            )
+    for r in (r for v in runs.values() for r in v):
+        r.pop("stdout")
+    best = {k: min(r["wall_s"] for r in v) for k, v in runs.items()}
+    return {"runs": runs, "best_wall_s": best}
+
+
+def throughput_124m(data: str, smoke: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(ROOT / "examples/pretrain_llm.py"), "--preset", "llama-124m"]
+        cmd += ["--data", data, "--out", tmp, "--no-export"]
+        if smoke:
+            cmd += ["--hidden-size", "64", "--layers", "2", "--heads", "4", "--kv-heads", "4"]
+            cmd += ["--mlp-hidden", "128", "--vocab-size", "512", "--seq-len", "64"]
+        run = _run(cmd)
+        lines = pathlib.Path(f"{tmp}/logs/throughput.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines]
+    timed = [r for r in records if "tokens_per_s" in r and not r["compile_included"]]
+    params = re.search(r"([0-9.]+)M params", run.pop("stdout"))
+    return {
+        "wall_s": run["wall_s"],
+        "load_before": run["load_before"],
+        "load_after": run["load_after"],
+        "windows": timed,
+        "tokens_per_s": max(r["tokens_per_s"] for r in timed),
+        "mfu": max(r["mfu"] for r in timed),
+        "params_M": float(params.group(1)) if params else None,
+        "log": run["tail"],
+    }
+
+
+def report(result: dict) -> str:
+    sb = result["side_by_side"]
+    torch_best = sb["best_wall_s"]["nanogpt_torch"]
+    lines = [
+        "# The pretraining recipe against nanoGPT's train.py",
+        "",
+        f"Machine: {result['machine']}. Whole-process wall time (fresh process, timed from "
+        "outside), final val loss over 200 batches of 12 x 64.",
+        "",
+        "| run | wall time (s) | val loss | x nanoGPT | load avg before/after |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, runs in sb["runs"].items():
+        for r in runs:
+            ratio = r["wall_s"] / torch_best
+            lines.append(
+                f"| {name} | {r['wall_s']:.1f} | {r['val_loss']:.4f} | {ratio:.2f} | "
+                f"{r['load_before']:.1f} / {r['load_after']:.1f} |"
+            )
+    t = result.get("throughput_124m")
+    if t:
+        lines += [
+            "",
+            f"124M Llama-shaped training step ({t['params_M']}M params, 4 x 512 tokens, "
+            f"float32 on the CPU): {t['tokens_per_s']:,.0f} tokens/s, MFU "
+            f"{100 * t['mfu']:.2f}% of the assumed CPU peak (load {t['load_before']:.1f} / "
+            f"{t['load_after']:.1f}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="a few steps: the plumbing only")
+    p.add_argument("--skip-124m", action="store_true")
+    p.add_argument("--out", default=str(RESULTS / "pretrain"), help="OUT.json and OUT.md")
+    args = p.parse_args(argv)
+    result: dict = {"machine": f"{os.cpu_count()} CPU cores ({os.uname().machine})"}
+    result["side_by_side"] = side_by_side(args.data, args.repeats, args.smoke)
+    if not args.skip_124m:
+        result["throughput_124m"] = throughput_124m(args.data, args.smoke)
+    text = report(result)
+    print(text)
+    if not args.smoke:
+        pathlib.Path(args.out + ".json").write_text(json.dumps(result, indent=2))
+        pathlib.Path(args.out + ".md").write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
