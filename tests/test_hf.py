@@ -225,3 +225,26 @@ def test_load_torch_state_dict_stacked_copies_and_errors(torch):
     w = np.arange(16, dtype=np.float32).reshape(4, 4)
     kept = hf.load_torch_state_dict(params, {"w": w}, {"w": ("2/kernel", "none")}, strict=False)
     np.testing.assert_array_equal(kept["stacked"]["kernel"][2], w)
+
+
+def test_load_gpt2_and_from_pretrained_read_one_config_and_the_same_weights(hf_model):
+    import dataclasses
+    import json
+
+    from nnjax.models.gpt import causal_lm_config
+
+    _, _, folder = hf_model
+    gpt_config, gpt_params = hf.load_gpt2(folder)
+    config, params = hf.from_pretrained(folder)
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    ids["initializer_range"] = 0.02  # for training from scratch; GPTConfig does not hold it
+    assert dataclasses.replace(config, **ids) == dataclasses.replace(
+        causal_lm_config(gpt_config), **ids
+    )
+    for a, b in zip(jax.tree.leaves(gpt_params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    hf_json = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**hf_json, "add_cross_attention": True}))
+    for load in (hf.load_gpt2, hf.from_pretrained):  # one reader: both refuse, alike
+        with pytest.raises(nj.CheckpointError, match="add_cross_attention=True is not supported"):
+            load(folder)

@@ -26,7 +26,7 @@ import numpy as np
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.gpt import GPT, GPTConfig, causal_lm_config
 from nnjax.models.hf.config_checks import check_config, read_json
-from nnjax.models.hf.configs import config_to_hf
+from nnjax.models.hf.configs import config_from_hf, config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
 from nnjax.models.hf.families.gpt2 import TABLE as GPT2
 from nnjax.models.hf.files import TensorInfo, model_files, read_headers, read_tensor
@@ -42,9 +42,13 @@ def gpt2_config(hf_config: Any) -> GPTConfig:
     """The :class:`GPTConfig` of a GPT-2 config (a ``config.json`` dict or a ``GPT2Config``).
 
     Dropout is 0 (set ``dataclasses.replace(cfg, dropout=...)`` to fine-tune with it).
+    The config passes the checks :func:`~nnjax.models.hf.from_pretrained` makes (the GPT-2
+    family's reader: field types and ranges, options GPT-2 in nnjax does not have), and
+    ``causal_lm_config`` of the result is the config ``from_pretrained`` reads.
 
     Raises:
         ValueError: a size field is missing, or ``n_inner`` not a multiple of ``n_embd``.
+        CheckpointError: a field ``from_pretrained`` refuses (named).
     """
 
     def get(name, default=None):
@@ -58,6 +62,10 @@ def gpt2_config(hf_config: Any) -> GPTConfig:
             raise ValueError(f"gpt2_config: the config has no {name!r}")
         return value
 
+    for name in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
+        need(name)
+    fields = hf_config if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    config_from_hf({**fields, "model_type": "gpt2"})  # from_pretrained's checks, one reader
     n_embd = int(need("n_embd"))
     n_inner = get("n_inner") or 4 * n_embd
     if n_inner % n_embd:
@@ -148,6 +156,12 @@ def params_to_gpt2(
 
 def load_gpt2(source: Any, config: GPTConfig | None = None) -> tuple[GPTConfig, dict[str, Any]]:
     """Load a GPT-2 checkpoint into :func:`~nnjax.models.gpt.GPT` params, one tensor at a time.
+
+    A thin alias: :func:`~nnjax.models.hf.from_pretrained` is the one way to load a
+    model folder of any family, GPT-2 included; ``load_gpt2`` reads the same folder with
+    the same config reader and checks (:func:`gpt2_config`) and returns a
+    :class:`GPTConfig` for code written against ``nj.models.GPT``, and also takes a
+    single ``.safetensors`` file or a state dict.
 
     Args:
         source: a ``save_pretrained`` folder (``config.json`` and ``model.safetensors``,
