@@ -12,10 +12,9 @@ Inputs other than a plain array come in through ``x`` (the apply signature is fi
   row: a token attends only to tokens of its own segment; segment 0 is padding
   (attended by nobody).
 
-The apply is a pipeline of named steps: :func:`_read_input` (checks), ``project``
-(q, k, v heads, q/k norms, rotation), :func:`_write_cache` (decode),
-:func:`_mask` (padding, causal, window, segments), :func:`_attend` (einsum or
-``jax.nn.dot_product_attention``), the output projection.
+The apply is a pipeline of named steps: read and check the input; project (q, k, v
+heads, q/k norms, rotation); write the cache (decode); mask (padding, causal, window,
+segments); attend (einsum or ``jax.nn.dot_product_attention``); the output projection.
 """
 
 from __future__ import annotations
