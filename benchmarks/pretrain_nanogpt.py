@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -43,16 +44,20 @@ def _load() -> float:
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     """Run ``cmd`` in a fresh process; its wall time from outside, its final val loss."""
     load = _load()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False
     )
     wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     losses = re.findall(r"final val loss ([0-9.]+)", proc.stdout)
     return {
         "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),  # user + system over all threads: less sensitive to load
         "val_loss": float(losses[-1]),
         "load_before": load,
         "load_after": _load(),
@@ -117,15 +122,15 @@ def report(result: dict) -> str:
         f"Machine: {result['machine']}. Whole-process wall time (fresh process, timed from "
         "outside), final val loss over 200 batches of 12 x 64.",
         "",
-        "| run | wall time (s) | val loss | x nanoGPT | load avg before/after |",
-        "|---|---:|---:|---:|---|",
+        "| run | wall time (s) | x nanoGPT | CPU time (s) | val loss | load avg before/after |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for name, runs in sb["runs"].items():
         for r in runs:
             ratio = r["wall_s"] / torch_best
             lines.append(
-                f"| {name} | {r['wall_s']:.1f} | {r['val_loss']:.4f} | {ratio:.2f} | "
-                f"{r['load_before']:.1f} / {r['load_after']:.1f} |"
+                f"| {name} | {r['wall_s']:.1f} | {ratio:.2f} | {r.get('cpu_s', 0):.1f} | "
+                f"{r['val_loss']:.4f} | {r['load_before']:.1f} / {r['load_after']:.1f} |"
             )
     t = result.get("throughput_124m")
     if t:

@@ -7,7 +7,11 @@ analysis of the compiled forward pass (for the FLOPs).
 
 import importlib.util
 import json
+import os
 import pathlib
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +80,7 @@ def _text(tmp_path):
     return path
 
 
-@pytest.mark.slow  # three short compiled runs and a transformers load: ~30 s on 2 cores
+@pytest.mark.slow  # five short compiled runs and a transformers load: ~60 s on 2 cores
 def test_smoke_loss_falls_resumes_exactly_and_exports(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -99,6 +103,22 @@ def test_smoke_loss_falls_resumes_exactly_and_exports(tmp_path):
     assert any("val_perplexity" in r for r in whole["reports"])
     lines = (tmp_path / "whole/logs/metrics.jsonl").read_text().splitlines()
     assert {json.loads(line)["kind"] for line in lines} >= {"train", "eval"}
+
+    # the same run data-parallel and tensor-parallel over two host devices: the same losses
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env["PYTHONPATH"] = str(EXAMPLE.parents[1])
+    expected = [(r["step"], r["loss"]) for r in whole["reports"][:2]]
+    for mesh, parallel in (("data=2", "dp"), ("data=1,model=2", "tp")):
+        cmd = [sys.executable, str(EXAMPLE), *common, "--stop-after", "6", "--no-export"]
+        cmd += ["--out", str(tmp_path / parallel), "--mesh", mesh, "--parallel", parallel]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"({parallel})" in proc.stdout
+        got = [
+            (int(a), float(b)) for a, b in re.findall(r"step (\d+), loss ([0-9.]+)", proc.stdout)
+        ]
+        assert [g[0] for g in got] == [e[0] for e in expected]
+        assert [g[1] for g in got] == pytest.approx([e[1] for e in expected], abs=2e-4)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(whole["hf_dir"]).eval()
     tok = transformers.AutoTokenizer.from_pretrained(whole["hf_dir"])
