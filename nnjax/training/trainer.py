@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 import jax
+import jax.core  # for type checkers: jax's __init__ loads jax.core only under a private name
 import jax.numpy as jnp
 import optax
 
@@ -119,8 +120,12 @@ class _Donated:
         try:
             return self._jitted(ts, *args, **kwargs)
         except (RuntimeError, ValueError) as e:
-            deleted = [x for x in jax.tree.leaves(ts) if isinstance(x, jax.Array)]
-            if not any(x.is_deleted() for x in deleted):
+            arrays = [
+                x
+                for x in jax.tree.leaves(ts)
+                if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+            ]
+            if not any(x.is_deleted() for x in arrays):
                 raise
             raise ArgumentError(DONATED) from e
 
