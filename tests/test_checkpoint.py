@@ -520,7 +520,7 @@ def test_extra_is_stored_as_json_gives_it_back(tmp_path):
     extra["table"][3] = "changed after the save"
     _, got = ckpt.restore(path, {"w": jnp.ones(2)})
     assert got == {"table": {"1": "a", "10": "b", "2": "c"}, "nan": float("inf"), "t": [1, 2]}
-    with pytest.raises(TypeError, match="extra must be JSON-able"):
+    with pytest.raises(nj.ArgumentError, match="extra must be JSON-able"):
         ckpt.save(tmp_path, {"w": jnp.ones(2)}, step=1, extra={"f": object()})
 
 

@@ -305,9 +305,9 @@ def test_malformed_records_name_the_file_and_line(tmp_path, line, message):
 
 def test_bad_arguments():
     ex = _examples([4])
-    with pytest.raises(nj.DataError, match="overflow 'truncate' or 'split'"):
+    with pytest.raises(nj.ArgumentError, match="overflow: expected 'truncate' or 'split'"):
         nd.pack(ex, 8, overflow="drop")
-    with pytest.raises(nj.DataError, match="seq_len >= 1"):
+    with pytest.raises(nj.ArgumentError, match="seq_len: expected an int >= 1, got 0"):
         nd.pack(ex, 0)
     with pytest.raises(nj.DataError, match="encode"):
         nd.tokenize({"prompt": "a", "response": "b"}, object())

@@ -23,7 +23,8 @@ import jax
 import numpy as np
 
 from nnjax.checkpoint import arrayfile, listing, lock, metadata, tree
-from nnjax.core.errors import CheckpointError
+from nnjax.core.checks import check_bool, check_int
+from nnjax.core.errors import ArgumentError, CheckpointError
 
 __all__ = ["save"]
 
@@ -83,7 +84,7 @@ def _plan(directory: str, ts: Any, step: int, extra: Any, keep: int | None) -> _
     try:  # a copy now: the caller may change ``extra`` while a background save runs
         meta = json.loads(json.dumps(meta))
     except (TypeError, ValueError) as e:
-        raise TypeError(f"save: extra must be JSON-able ({e})") from None
+        raise ArgumentError(f"save: extra must be JSON-able ({e})") from None
     tensors, sources, pieces = [], [], {}
     for path, leaf in flat.items():
         dtype = records[path]["dtype"]
@@ -251,7 +252,8 @@ def save(
         CheckpointError: a checkpoint for ``step`` exists already (never
             overwritten), another process is writing into ``directory``, or a
             leaf cannot be stored.
-        TypeError: ``extra`` is not JSON-able.
+        ArgumentError: ``extra`` is not a JSON-able dict, ``step`` or
+            ``keep`` not an int (NumPy and JAX ints pass), ``blocking`` not a bool.
 
     Example:
         >>> ts = {"w": jnp.ones((2, 3)), "step": jnp.asarray(5)}
@@ -261,15 +263,15 @@ def save(
         >>> extra
         {'epoch': 3}
     """
-    if keep is not None and (type(keep) is not int or keep < 1):
-        raise ValueError(f"expected keep >= 1 or None, got keep == {keep!r}")
+    keep = None if keep is None else check_int(keep, "save: keep")
+    check_bool(blocking, "save: blocking")
     if step is None and not hasattr(ts, "step"):
-        raise ValueError("save: pass step= for a pytree without a .step")
-    number = _host_scalar(ts.step) if step is None else step
-    if isinstance(number, float | np.floating) or int(number) < 0:
-        raise ValueError(f"save: expected an integer step >= 0, got step == {number!r}")
+        raise ArgumentError("save: pass step= for a pytree without a .step")
+    number = check_int(_host_scalar(ts.step) if step is None else step, "save: step", 0)
+    if extra is not None and not isinstance(extra, Mapping):
+        raise ArgumentError(f"save: extra must be a dict, got {type(extra).__name__}")
     directory = os.fspath(directory)
-    plan = _plan(directory, ts, int(number), extra, keep)
+    plan = _plan(directory, ts, number, extra, keep)
     first = jax.process_index() == 0
     error = None
     try:  # process 0 locks the folder for the whole run; the others only queue their writes

@@ -6,6 +6,7 @@ combinators prepend the layer's path (``dense_1: expected ...``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +25,9 @@ __all__ = [
     "check_keys",
     "get_param",
     "check_int",
+    "check_number",
+    "check_bool",
+    "check_ids",
     "labels_in_range",
 ]
 
@@ -90,19 +94,92 @@ def get_param(params: Mapping[str, Any], name: str, shape: tuple[int, ...] | Non
     return value
 
 
+def _scalar(value: Any, kinds: Any) -> Any:
+    """``value`` as a Python number when it is a Python / NumPy / JAX (concrete, 0-d)
+    scalar of one of the NumPy ``kinds`` (``np.integer``, ``np.floating``), else None."""
+    if isinstance(value, bool | np.bool_ | jax.core.Tracer):
+        return None
+    if isinstance(value, np.ndarray | np.generic | jax.Array):
+        if np.ndim(value) != 0 or not any(jnp.issubdtype(value.dtype, k) for k in kinds):
+            return None
+        return value.item()
+    if isinstance(value, int) and np.integer in kinds:
+        return value
+    if isinstance(value, int | float) and np.floating in kinds:
+        return value
+    return None
+
+
 def check_int(value: Any, name: str, minimum: int = 1) -> int:
     """``value`` as an int, or an ArgumentError naming ``name``: ``batch_size: expected an int >= 1, got 64.0 (float)``.
 
-    Python and NumPy integers pass; floats (even ``64.0``), bools and strings do not,
-    so a computed size that went fractional is caught where it is given.
+    Python, NumPy and (0-d, concrete) JAX integers pass alike; floats (even ``64.0``),
+    bools and strings do not, so a computed size that went fractional is caught where
+    it is given.
     """
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    number = _scalar(value, (np.integer,))
+    if number is None:
         raise ArgumentError(
             f"{name}: expected an int >= {minimum}, got {value!r} ({type(value).__name__})"
         )
-    if value < minimum:
-        raise ArgumentError(f"{name}: expected an int >= {minimum}, got {value}")
-    return int(value)
+    if number < minimum:
+        raise ArgumentError(f"{name}: expected an int >= {minimum}, got {number}")
+    return int(number)
+
+
+def check_number(
+    value: Any,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> float:
+    """``value`` as a finite float in the interval, or an ArgumentError naming ``name``:
+    ``top_p: expected a finite number in (0, 1], got 1.5``.
+
+    Python, NumPy and (0-d, concrete) JAX ints and floats pass alike; bools, strings,
+    NaN and infinities do not.
+    """
+    number = _scalar(value, (np.integer, np.floating))
+    lo = "" if low is None else f"{'(' if open_low else '['}{low}"
+    hi = "" if high is None else f"{high}{')' if open_high else ']'}"
+    where = f" in {lo}, {hi}" if lo and hi else f" {'>' if open_low else '>='} {low}" if lo else ""
+    where += f" {'<' if open_high else '<='} {high}" if hi and not lo else ""
+    x = float("nan") if number is None else float(number)
+    bad = not math.isfinite(x)
+    if low is not None:
+        bad = bad or (x <= low if open_low else x < low)
+    if high is not None:
+        bad = bad or (x >= high if open_high else x > high)
+    if bad:
+        raise ArgumentError(f"{name}: expected a finite number{where}, got {value!r}")
+    return x
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` when it is True or False (NumPy's too), else an ArgumentError naming ``name``."""
+    if not isinstance(value, bool | np.bool_):
+        raise ArgumentError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def check_ids(value: Any, name: str, vocab: int) -> tuple[int, ...]:
+    """A token id or a sequence of them, each an int in ``[0, vocab)``, as a tuple of ints.
+
+    Raises:
+        ArgumentError: naming ``name``: a string, a float, a bool, an id outside the vocabulary.
+    """
+    many = not (isinstance(value, str) or _scalar(value, (np.integer,)) is not None)
+    try:
+        items = list(value) if many else [value]
+    except TypeError:
+        items = [value]
+    ids = [_scalar(i, (np.integer,)) for i in items]
+    if isinstance(value, str) or any(i is None or not 0 <= i < vocab for i in ids):
+        raise ArgumentError(f"{name}: expected token ids in [0, {vocab}), got {value!r}")
+    return tuple(int(i) for i in ids)  # type: ignore[arg-type]
 
 
 def labels_in_range(labels: Any, num_classes: int, counted: Any = None) -> Any:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from nnjax.core.errors import DataError
+from nnjax.core.checks import check_int
+from nnjax.core.errors import ArgumentError, DataError
 from nnjax.data.iterators import BatchIterator, batches
 from nnjax.data.records import read_records
 
@@ -187,8 +188,10 @@ def _resolve_template(template: str | Template, tokenizer: Any) -> Template:
 
 
 def _eos(tokenizer: Any, eos_id: int | str | None) -> int | None:
+    if eos_id is None:
+        return None
     if eos_id != "auto":
-        return eos_id  # type: ignore[return-value]
+        return check_int(eos_id, "eos_id", 0)
     eos = getattr(tokenizer, "eos_token_id", None)
     # nj.models.hf.load_tokenizer gives a tuple when the model stops at any of several
     return eos[0] if isinstance(eos, tuple | list) else eos
@@ -304,8 +307,10 @@ def pack(
         within each row.
 
     Raises:
-        DataError: ``seq_len < 1``, an unknown ``overflow``, or no example with
-            at least two tokens.
+        ArgumentError: ``seq_len`` or ``pad_id`` not an int (``>= 1``, ``>= 0``), an
+            unknown ``overflow``.
+        DataError: no example with at least two tokens, or nothing to learn (every
+            response truncated away).
 
     Example:
         >>> ex = [(np.array([5, 6, 7]), np.array([0, 1, 1], bool)),
@@ -316,10 +321,10 @@ def pack(
         >>> inputs["positions"].tolist()
         [[0, 1, 0, 0]]
     """
-    if seq_len < 1:
-        raise DataError(f"expected seq_len >= 1, got seq_len == {seq_len}")
+    seq_len = check_int(seq_len, "seq_len")
+    pad_id = check_int(pad_id, "pad_id", 0)
     if overflow not in ("truncate", "split"):
-        raise DataError(f"expected overflow 'truncate' or 'split', got {overflow!r}")
+        raise ArgumentError(f"overflow: expected 'truncate' or 'split', got {overflow!r}")
     rows: list[list[tuple[np.ndarray, np.ndarray]]] = []
     used = seq_len  # forces a first row
     for ids, learn in examples:
@@ -336,6 +341,12 @@ def pack(
             used += len(x)
     if not rows:
         raise DataError("expected at least one example of two or more tokens, got none")
+    if not any((t != IGNORE_INDEX).any() for row in rows for _, t in row):
+        raise DataError(
+            f"nothing to learn: no target is left in any of the {sum(map(len, rows))} "
+            f"example(s) (every response was truncated away at seq_len == {seq_len}, or "
+            "none is marked to learn); raise seq_len or pass overflow='split'"
+        )
     shape = (len(rows), seq_len)
     out = {
         "ids": np.full(shape, pad_id, np.int32),

@@ -91,8 +91,9 @@ def quantize(
         >>> jax.tree.map(lambda a: (a.shape, str(a.dtype)), q["dense_0"])
         {'bias': ((64,), 'float32'), 'kernel': ((128, 32), 'uint8'), 'kernel_scale': ((128,), 'float32')}
     """
-    if bits not in (4, 8) or isinstance(bits, bool):
+    if check_int(bits, "quantize: bits") not in (4, 8):
         raise ArgumentError(f"quantize: bits must be 4 or 8, got {bits!r}")
+    bits = int(bits)
     block_size = check_int(block_size, "quantize: block_size")
     chosen = flatten(mask(params, include, exclude))
     flat = flatten(params)

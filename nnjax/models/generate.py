@@ -7,7 +7,6 @@ setting. Every argument is checked before anything is traced.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -16,7 +15,7 @@ import jax.core  # for type checkers: jax's __init__ loads jax.core only under a
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core.checks import check_int, shape_str
+from nnjax.core.checks import check_ids, check_int, check_number, shape_str
 from nnjax.core.errors import ArgumentError
 from nnjax.models.causal_lm import CausalLM
 from nnjax.models.causal_lm_config import CausalLMConfig
@@ -105,19 +104,13 @@ def _config(config: Any) -> CausalLMConfig:
     return config
 
 
-def _token_ids(value: Any, name: str, vocab: int) -> tuple[int, ...]:
-    ids = (value,) if isinstance(value, int | np.integer) else tuple(value)
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < vocab:
-            raise ArgumentError(f"{name}: expected token ids in [0, {vocab}), got {value!r}")
-    return tuple(int(i) for i in ids)
-
-
 def _check_prompt(prompt_ids: Any, prompt_lengths: Any, vocab: int) -> tuple[Any, Any]:
-    if np.ndim(prompt_ids) != 2 or not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
+    dtype = getattr(prompt_ids, "dtype", None)
+    dtype = np.asarray(prompt_ids).dtype if dtype is None else dtype
+    if np.ndim(prompt_ids) != 2 or not jnp.issubdtype(dtype, jnp.integer):
         raise ArgumentError(
             f"prompt_ids: expected integer ids of shape (B, T), got shape "
-            f"{shape_str(np.shape(prompt_ids))} and dtype {jnp.result_type(prompt_ids)}"
+            f"{shape_str(np.shape(prompt_ids))} and dtype {dtype}"
         )
     b, t0 = np.shape(prompt_ids)
     if t0 < 1 or b < 1:
@@ -208,20 +201,20 @@ def _check_length(c: CausalLMConfig, t0: int, n: int) -> None:
 
 def _check_sampling(temperature, top_k, top_p, min_p, rng) -> bool:
     """Checked sampling options; True when greedy."""
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float | np.floating):
-        raise ArgumentError(f"temperature: expected a float >= 0, got {temperature!r}")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ArgumentError(f"temperature: expected a finite float >= 0, got {temperature}")
-    if top_k is not None:
-        check_int(top_k, "top_k")
-    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
-        raise ArgumentError(f"top_p: expected a float in (0, 1], got {top_p!r}")
-    if min_p is not None and not (isinstance(min_p, int | float) and 0 <= min_p <= 1):
-        raise ArgumentError(f"min_p: expected a float in [0, 1], got {min_p!r}")
+    temperature = check_number(temperature, "temperature", 0)
+    top_k = None if top_k is None else check_int(top_k, "top_k")
+    if top_p is not None:
+        check_number(top_p, "top_p", 0, 1, open_low=True)
+    if min_p is not None:
+        check_number(min_p, "min_p", 0, 1)
     greedy = temperature == 0 or top_k == 1
     if not greedy and rng is None:
         raise ArgumentError(
             "rng: generate samples when temperature > 0 and top_k != 1: pass rng=jax.random.key(...)"
+        )
+    if rng is not None and not _is_key(rng):
+        raise ArgumentError(
+            f"rng: expected a PRNG key (jax.random.key(...)), got {type(rng).__name__} {rng!r}"
         )
     return greedy
 
@@ -231,6 +224,16 @@ def _explicit_pad(config: Any, pad_token_id: int | None) -> int | None:
     return pad_token_id if pad_token_id is not None else _config(config).pad_token_id
 
 
+def _is_key(rng: Any) -> bool:
+    """A typed key, or a raw ``uint32 (2,)`` one (``jax.random.PRNGKey``)."""
+    dtype = getattr(rng, "dtype", None)
+    if dtype is None:
+        return False
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return dtype == jnp.uint32 and np.shape(rng)[-1:] == (2,)
+
+
 def _static(
     config, max_new_tokens, temperature, top_k, top_p, min_p, eos_token_id, pad_token_id, rng
 ):
@@ -238,16 +241,16 @@ def _static(
     n = check_int(max_new_tokens, "max_new_tokens")
     greedy = _check_sampling(temperature, top_k, top_p, min_p, rng)
     eos_value = c.eos_token_id if eos_token_id is None else eos_token_id
-    eos = () if eos_value is None else _token_ids(eos_value, "eos_token_id", c.vocab_size)
+    eos = () if eos_value is None else check_ids(eos_value, "eos_token_id", c.vocab_size)
     pad_value = pad_token_id if pad_token_id is not None else c.pad_token_id
-    pad = _token_ids(
+    pad = check_ids(
         pad_value if pad_value is not None else (eos[0] if eos else 0), "pad_token_id", c.vocab_size
     )[0]
     return _Static(
         c,
         n,
         greedy,
-        None if greedy else top_k,
+        None if greedy or top_k is None else int(top_k),
         not greedy and top_p is not None,
         not greedy and min_p is not None,
         eos,
@@ -367,7 +370,7 @@ def make_generate(
     Its own compile cache: one compilation per prompt shape, whatever the contents.
     The settings are checked here, once; under ``jit`` the prompt's ids cannot be checked.
     """
-    key = None if temperature == 0 or top_k == 1 else jax.random.key(0)
+    key = jax.random.key(0)  # a stand-in: the settings alone decide greediness here
     s = _static(
         config, max_new_tokens, temperature, top_k, top_p, min_p, eos_token_id, pad_token_id, key
     )
@@ -387,6 +390,8 @@ def make_generate(
     ) -> jax.Array:
         if not s.greedy and rng is None:
             raise ArgumentError("rng: this generate function samples: pass rng=jax.random.key(...)")
+        if rng is not None and not _is_key(rng):
+            raise ArgumentError(f"rng: expected a PRNG key (jax.random.key(...)), got {rng!r}")
         if attention_mask is not None:  # traced: its left padding cannot be checked here
             prompt_lengths = _lengths_from_mask(prompt_ids, attention_mask, prompt_lengths)
         prompt, lengths = _check_prompt(prompt_ids, prompt_lengths, s.config.vocab_size)

@@ -25,7 +25,8 @@ import ml_dtypes
 import numpy as np
 
 from nnjax.checkpoint.arrayfile import as_bytes
-from nnjax.core.errors import CheckpointError
+from nnjax.core.checks import check_int
+from nnjax.core.errors import ArgumentError, CheckpointError
 
 __all__ = [
     "TensorInfo",
@@ -160,16 +161,20 @@ def read_tensor(name: str, info: TensorInfo) -> np.ndarray:
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes of ``5_000_000``, ``"5MB"`` (10**6) or ``"5MiB"`` (2**20), as transformers reads them."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(
-        r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B\s*", str(size).upper().replace("IB", "iB")
-    )
+    """Bytes of ``5_000_000``, ``"5MB"`` (10**6) or ``"5MiB"`` (2**20), as transformers reads them.
+
+    Raises:
+        ArgumentError: a bool, a float, zero or a negative size, a string of another form.
+    """
+    if not isinstance(size, str):
+        return check_int(size, "max_shard_size")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B\s*", size.upper().replace("IB", "iB"))
     if not m:
-        raise ValueError(f"max_shard_size: expected bytes or '500MB' / '2GiB', got {size!r}")
+        raise ArgumentError(f"max_shard_size: expected bytes or '500MB' / '2GiB', got {size!r}")
     base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
+    return check_int(
+        int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " ")), "max_shard_size"
+    )
 
 
 class Pending(NamedTuple):

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from nnjax.core.checks import check_bool
 from nnjax.core.errors import CheckpointError
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.hf.config_checks import read_json as _read_json
 from nnjax.models.hf.configs import config_from_hf, config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
 from nnjax.models.hf.families import family_of
-from nnjax.models.hf.files import model_files, read_headers, read_tensor
+from nnjax.models.hf.files import model_files, parse_size, read_headers, read_tensor
 from nnjax.models.hf.staging import save_model_folder
 from nnjax.models.hf.tokenizer import Tokenizer
 
@@ -180,6 +181,8 @@ def save_pretrained(
         >>> nj.models.hf.save_pretrained("qwen2-tiny", config, params, max_shard_size="64KB")
         ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
     """
+    parse_size(max_shard_size)  # checked before any work
+    check_bool(merge_adapters, "merge_adapters")
     hf = config_to_hf(config, dtype=str(np.dtype(params["tok_embed"]["embedding"].dtype)))
     table = family_of(config.family, "config.family").table
     tensors = params_to_tensors(params, table, config, param_template(config), merge=merge_adapters)
