@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 LAST_LINE = """
 import sys
+import threading
 import jax.numpy as jnp
 import nnjax as nj
 {setup}
@@ -101,3 +103,72 @@ def test_pieces_that_overlap_or_leave_holes_are_refused(tmp_path):
         nj.CheckpointError, match=r"corrupt metadata: leaf w: pieces w@0 and w@2 overlap"
     ):
         nj.checkpoint.restore(bad, {"w": jnp.zeros(8)})
+
+
+def test_threads_saving_into_one_folder_each_save_or_get_a_checkpoint_error(tmp_path):
+    """Before: a save's start removed the temporary folder another thread was writing,
+    which failed with a raw FileNotFoundError (3 of 12 here)."""
+    outcomes: dict[int, object] = {}
+
+    def work(i: int) -> None:
+        state = {"w": jnp.full((64, 64), float(i))}
+        try:
+            nj.checkpoint.save(tmp_path, state, step=i % 5, keep=None, blocking=i % 2 == 0)
+            outcomes[i] = "saved"
+        except Exception as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    nj.checkpoint.wait(tmp_path)
+    errors = [e for e in outcomes.values() if e != "saved"]
+    assert all(isinstance(e, nj.CheckpointError) for e in errors), errors
+    assert all("exists already" in str(e) for e in errors)
+    saved = [i for i, e in outcomes.items() if e == "saved"]
+    assert sorted(i % 5 for i in saved) == [0, 1, 2, 3, 4]  # one winner per step
+    for i in saved:
+        ts, _ = nj.checkpoint.restore(tmp_path / f"step_{i % 5:06d}", {"w": jnp.zeros((64, 64))})
+        np.testing.assert_array_equal(ts["w"], np.full((64, 64), float(i)))
+
+
+SAVER = """
+import sys
+import threading
+import jax.numpy as jnp
+import nnjax as nj
+k = int(sys.argv[2])
+try:
+    nj.checkpoint.save(sys.argv[1], {"w": jnp.full(4, float(k))}, step=k, keep=None)
+    print("saved")
+except nj.CheckpointError as e:
+    print("refused:", e)
+"""
+
+
+def test_processes_saving_into_one_folder_each_save_or_are_told_who_holds_it(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(tmp_path), str(k)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for k in range(3)
+    ]
+    results = [p.communicate(timeout=120) for p in procs]
+    for (out, err), p in zip(results, procs, strict=True):
+        assert p.returncode == 0, err
+        assert out.startswith("saved") or (
+            out.startswith("refused:") and "is being written by another process (pid" in out
+        ), out + err
+    saved = [k for k, (out, _) in enumerate(results) if out.startswith("saved")]
+    assert saved
+    for k in saved:
+        ts, _ = nj.checkpoint.restore(tmp_path / f"step_{k:06d}", {"w": jnp.zeros(4)})
+        np.testing.assert_array_equal(ts["w"], np.full(4, float(k)))

@@ -5,8 +5,9 @@ The first :func:`nnjax.checkpoint.save` into a folder takes an exclusive
 the lock stays with the process (the OS drops it when the process ends, even
 after ``kill -9``) or until :func:`release`. A second process that saves into
 the folder gets a CheckpointError naming the first. The lock also orders this
-process's own saves: a background (``blocking=False``) save runs on the
-folder's one-thread executor, so the next save waits for it.
+process's own saves: threads that save into one folder take turns (each save
+completes or fails with its own error), and a background (``blocking=False``)
+save runs on the folder's one-thread executor, so the next save waits for it.
 
 A process-wide table maps each held folder to its lock: an OS lock belongs to
 the process, so the table is the one place that knows which folders it holds.
@@ -42,6 +43,9 @@ class Writer:
         self.fd, self.inode = fd, inode
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="nnjax-checkpoint")
         self.pending: Future | None = None
+        # one save of this process at a time into the folder: threads that save together
+        # queue here (a save's start clears temporary folders another save is writing)
+        self.guard = threading.Lock()
 
     def wait(self) -> None:
         """Block until the background save (if any) is done; raise its error here."""

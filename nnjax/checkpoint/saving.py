@@ -273,9 +273,21 @@ def save(
     directory = os.fspath(directory)
     plan = _plan(directory, ts, number, extra, keep)
     first = jax.process_index() == 0
-    error = None
+    error, writer = None, None
     try:  # process 0 locks the folder for the whole run; the others only queue their writes
         writer = lock.acquire(directory, exclusive=first)
+    except BaseException as e:  # every process must hear of it before raising
+        error = e
+    _agree(error, f"saving {plan.target}")
+    assert writer is not None  # _agree raised otherwise
+    with writer.guard:  # this process's threads save into the folder one at a time
+        return _save(writer, plan, first, blocking)
+
+
+def _save(writer: lock.Writer, plan: _Plan, first: bool, blocking: bool) -> str:
+    """The save proper, holding the folder's guard: wait for the last one, start, write."""
+    error = None
+    try:
         writer.wait()
         if first:
             _start(plan)
@@ -285,6 +297,7 @@ def save(
     if not blocking:
         writer.pending = writer.executor.submit(_write, _on_host(plan))
         return plan.target
+    path = plan.target
     try:
         path = _write(plan)
     except BaseException as e:
