@@ -15,7 +15,8 @@ Layers:
     SimpleRNN, LSTM, GRU, Bidirectional, MultiHeadAttention, TransformerBlock.
 Combinators:
     serial, fan_out, residual, repeat, remat, by_platform; for transformer blocks
-    pre_norm_block and on_hidden (the feed-forward block is nj.layers.MLP).
+    pre_norm_block and on_hidden (the feed-forward block is nj.layers.MLP);
+    keep_lengths (stack recurrent layers over a padded batch).
 Writing and inspecting layers:
     Layer, as_layer, call_child, non_empty, output_shape, record_outputs, summary,
     count_params, param_bytes, param_shapes, leaf_paths; the types Params, State,
@@ -65,6 +66,7 @@ from nnjax.core.layer import (
     non_empty,
     output_shape,
 )
+from nnjax.core.padded import keep_lengths
 from nnjax.core.summary import count_params, leaf_paths, param_bytes, param_shapes, summary
 from nnjax.layers import (
     GRU,
@@ -136,6 +138,7 @@ __all__ = [
     "repeat",
     "remat",
     "by_platform",
+    "keep_lengths",
     "pre_norm_block",
     "on_hidden",
     # writing and inspecting layers

@@ -72,6 +72,41 @@ def test_padded_batches_train_with_fit_and_predict():
     np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
 
 
+def _copy_lstm(torch, mod, layer_index, p):
+    get = lambda name: getattr(mod, f"{name}_l{layer_index}")
+    get("weight_ih").copy_(torch.tensor(np.asarray(p["kernel"]).T.copy()))
+    get("weight_hh").copy_(torch.tensor(np.asarray(p["recurrent_kernel"]).T.copy()))
+    get("bias_ih").copy_(torch.tensor(np.asarray(p["bias"])))
+    get("bias_hh").zero_()
+
+
+def test_keep_lengths_stacks_recurrent_layers_as_pytorch_num_layers_2(torch):
+    model = nj.serial(
+        nj.Embedding(V, E), nj.keep_lengths(nj.LSTM(H)), nj.LSTM(H, return_sequences=False)
+    )
+    x = {"inputs": IDS, "lengths": LENGTHS}
+    params, state = model.init(jax.random.key(0), x)
+    assert sorted(params) == ["embedding_0", "lstm_0", "lstm_1"]  # paths unchanged
+    emb, lstm = torch.nn.Embedding(V, E), torch.nn.LSTM(E, H, num_layers=2, batch_first=True)
+    with torch.no_grad():
+        emb.weight.copy_(torch.tensor(np.asarray(params["embedding_0"]["embedding"])))
+        _copy_lstm(torch, lstm, 0, params["lstm_0"])
+        _copy_lstm(torch, lstm, 1, params["lstm_1"])
+        packed = torch.nn.utils.rnn.pack_padded_sequence(
+            emb(torch.tensor(IDS)), torch.tensor(LENGTHS), batch_first=True, enforce_sorted=False
+        )
+        _, (h, _) = lstm(packed)
+    got, _ = jax.jit(model.apply)(params, state, x)
+    np.testing.assert_allclose(got, h[1].numpy(), rtol=1e-5, atol=1e-5)
+    unwrapped = nj.serial(nj.Embedding(V, E), nj.LSTM(H), nj.LSTM(H, return_sequences=False))
+    wrong, _ = unwrapped.apply(params, state, x)  # without it the padding is read as input
+    assert not np.allclose(wrong, got, atol=1e-3)
+    with pytest.raises(nj.LayerError, match=r"lstm_0: keep_lengths: expected the layer to return"):
+        nj.serial(nj.Embedding(V, E), nj.keep_lengths(nj.LSTM(H, return_sequences=False))).init(
+            jax.random.key(0), x
+        )
+
+
 def test_wrong_forms_say_what_to_write():
     model = _model()
     with pytest.raises(

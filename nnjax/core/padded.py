@@ -21,10 +21,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from nnjax.core.checks import check_keys
-from nnjax.core.errors import LayerError
+import numpy as np
 
-__all__ = ["KEYS", "split", "join"]
+from nnjax.core.checks import check_keys, shape_str
+from nnjax.core.errors import LayerError
+from nnjax.core.layer import Layer
+
+__all__ = ["KEYS", "split", "join", "keep_lengths"]
 
 KEYS = ("inputs", "lengths", "initial_carry")
 """The keys of a padded batch: ``inputs`` required, the others optional."""
@@ -50,3 +53,46 @@ def split(x: Any) -> tuple[Any, dict[str, Any] | None]:
 def join(y: Any, rest: dict[str, Any] | None) -> Any:
     """``y`` as the ``inputs`` of a padded batch with ``rest``'s keys; ``y`` alone if None."""
     return y if rest is None else {"inputs": y, **rest}
+
+
+def keep_lengths(layer: Layer) -> Layer:
+    """``layer`` (a recurrent layer returning sequences) with the padded batch handed on.
+
+    A recurrent layer reads a padded batch and returns its outputs ``(B, T, H)``, zeros
+    past each length; the next recurrent layer would read those zeros as input. Wrapped,
+    it returns ``{"inputs": outputs, "lengths": lengths}``, so layers stack over a padded
+    batch: ``serial(Embedding(V, E), keep_lengths(LSTM(H)), LSTM(H,
+    return_sequences=False))``. Params, state and name are ``layer``'s own (paths do
+    not change). A plain array passes through as ``layer`` takes it.
+
+    Raises:
+        LayerError: ``layer``'s output is not a sequence ``inputs.shape[:-1] + (H,)``
+            (``return_sequences=False`` or ``return_state=True``).
+
+    Example:
+        >>> model = nj.serial(nj.Embedding(10, 4), nj.keep_lengths(nj.GRU(8)),
+        ...                   nj.GRU(8, return_sequences=False))
+        >>> x = {"inputs": jnp.ones((2, 5), jnp.int32), "lengths": jnp.array([5, 2])}
+        >>> params, state = model.init(key, x)
+        >>> model.apply(params, state, x)[0].shape
+        (2, 8)
+    """
+
+    def init(key, x):
+        return layer.init(key, x)
+
+    def apply(params, state, x, *, rng=None, train=False):
+        y, state = layer.apply(params, state, x, rng=rng, train=train)
+        inputs, rest = split(x)
+        if rest is None:
+            return y, state
+        if not hasattr(y, "shape") or tuple(np.shape(y))[:-1] != tuple(np.shape(inputs))[:-1]:
+            got = shape_str(np.shape(y)) if hasattr(y, "shape") else f"a {type(y).__name__}"
+            raise LayerError(
+                f"keep_lengths: expected the layer to return a sequence of shape "
+                f"{shape_str(np.shape(inputs)[:-1])} + (features,) (return_sequences=True, "
+                f"return_state=False), got {got}"
+            )
+        return join(y, {"lengths": rest["lengths"]} if "lengths" in rest else {}), state
+
+    return Layer(init, apply, layer.name)
