@@ -16,7 +16,17 @@ Example:
 from __future__ import annotations
 
 from nnjax.core.errors import CheckpointError
-from nnjax.models.hf.families import gemma, gpt2, llama, mistral, qwen2, qwen3
+from nnjax.models.hf.families import (
+    gemma,
+    gpt2,
+    llama,
+    mistral,
+    mixtral,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+)
 from nnjax.models.hf.families.record import Family
 
 __all__ = ["Family", "FAMILIES", "family_of"]
@@ -30,6 +40,9 @@ FAMILIES: dict[str, Family] = {
         qwen3.FAMILY,
         gemma.FAMILY,
         gpt2.FAMILY,
+        mixtral.FAMILY,
+        qwen2_moe.FAMILY,
+        qwen3_moe.FAMILY,
     )
 }
 """``{HF model_type: Family}``: every family nnjax loads and exports."""
