@@ -80,6 +80,16 @@ FIELDS: dict[str, Field] = {
     "bos_token_id": _IDS,
     "eos_token_id": _IDS,
     "pad_token_id": _IDS,
+    "num_experts": Field("int", 0),
+    "num_local_experts": Field("int", 0),
+    "num_experts_per_tok": _COUNT,
+    "moe_intermediate_size": _COUNT,
+    "shared_expert_intermediate_size": Field("int", 0),
+    "decoder_sparse_step": _COUNT,
+    "norm_topk_prob": _FLAG,
+    "output_router_logits": _FLAG,
+    "router_aux_loss_coef": Field("float", 0),
+    "router_jitter_noise": Field("float", 0),
 }
 """``config.json`` (and ``generation_config.json``) fields, checked wherever they appear."""
 
@@ -220,7 +230,10 @@ def check_config(hf: Any, generation: Any = None, where: str = "config.json") ->
 
     _check_fields(hf, {"model_type": FIELDS["model_type"]}, ("model_type",), where)
     family_of(hf["model_type"], where)  # an unsupported family first: its fields differ
-    _check_fields(hf, FIELDS, REQUIRED.get(hf["model_type"], REQUIRED[""]), where)
+    fields = FIELDS
+    if hf.get("use_sliding_window") is False:  # Qwen writes sliding_window 0 when it is off
+        fields = {k: v for k, v in FIELDS.items() if k != "sliding_window"}
+    _check_fields(hf, fields, REQUIRED.get(hf["model_type"], REQUIRED[""]), where)
     _check_heads(hf, where)
     _check_rope(hf, where)
     _check_activation(hf, where)
