@@ -35,6 +35,7 @@ STUDIES = {
     "llm": "benchmarks.study_llm",
     "llm-finetune": "benchmarks.study_llm_finetune",
     "moe": "benchmarks.study_moe",
+    "dpo": "benchmarks.study_dpo",
 }
 _QUICK_SKIP = ("torch-compile",)  # its first compile takes ~40 s per model on a small CPU
 # --quick checks that everything runs, not how fast: compile with XLA's cheapest

@@ -19,6 +19,8 @@ SMOKE = {
     "custom_layer.py": ([], "final loss: "),
     "finetune_llm.py": ([], "held-out perplexity: before "),
     "llm_generate.py": (["--family", "qwen3"], "generated: "),
+    "dpo_llm.py": ([], "held-out rewards/accuracies: before "),
+    "grpo_toy.py": ([], "held-out exact match: before "),
 }
 
 

@@ -37,6 +37,7 @@ from nnjax.models.causal_lm import CausalLM
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.generate import make_generate
 from nnjax.post.logprobs import token_logprobs
+from nnjax.post.trainer import wrapper_state
 from nnjax.training.trainer import TrainerFunctions, TrainState, trainer
 
 __all__ = [
@@ -205,19 +206,19 @@ def _policy_model(model: Layer, reference: Any) -> Layer:
 
     def init(key, inputs):
         params, state = model.init(key, split(inputs)[0])
-        return params, {"model": state, "reference": {}}
+        return params, wrapper_state(state, {})
 
     def apply(params, state, inputs, *, rng=None, train=False):
         x, t = split(inputs)
-        logits, model_state = model.apply(params, state["model"], x, rng=rng, train=train)
+        logits, model_state = model.apply(params, state.get("model", {}), x, rng=rng, train=train)
         out = {"logps": token_logprobs(logits, t, ignore_index=None)}
         if reference is not None:
-            ref = remove_adapters(params) if reference == "adapters" else state["reference"]
-            ref_logits, _ = model.apply(jax.lax.stop_gradient(ref), state["model"], x)
+            ref = remove_adapters(params) if reference == "adapters" else state.get("reference", {})
+            ref_logits, _ = model.apply(jax.lax.stop_gradient(ref), state.get("model", {}), x)
             out["ref_logps"] = jax.lax.stop_gradient(
                 token_logprobs(ref_logits, t, ignore_index=None)
             )
-        return out, {"model": model_state, "reference": state["reference"]}
+        return out, wrapper_state(model_state, state.get("reference", {}))
 
     return Layer(init, apply, getattr(model, "name", "grpo"))
 
@@ -311,7 +312,7 @@ def grpo_trainer(
     tree = reference if isinstance(reference, Mapping) and beta else {}
 
     def init(params: Any, state: Any = None) -> TrainState:
-        return fns.init(params, {"model": {} if state is None else state, "reference": tree})
+        return fns.init(params, wrapper_state({} if state is None else state, tree))
 
     def rollout(params, prompt_ids, prompt_lengths, rng):
         prompt_ids, prompt_lengths = np.asarray(prompt_ids), np.asarray(prompt_lengths)

@@ -41,7 +41,12 @@ from nnjax.post.logprobs import sequence_logprobs
 from nnjax.post.losses import PREFERENCE_LOSSES, PreferenceLoss
 from nnjax.training.trainer import TrainerFunctions, trainer
 
-__all__ = ["preference_model", "preference_loss", "preference_trainer", "precompute_reference"]
+__all__ = [
+    "preference_model",
+    "preference_loss",
+    "preference_trainer",
+    "precompute_reference",
+]
 
 _MODEL_KEYS = ("ids", "positions", "segment_ids")
 _KINDS = ("adapters", "precomputed", None)
@@ -56,6 +61,18 @@ def _kind(reference: Any) -> str | None:
     raise ArgumentError(
         f"reference: expected 'adapters', 'precomputed', None or a params dict, got {reference!r}"
     )
+
+
+def wrapper_state(model_state: Any, reference: Any) -> dict[str, Any]:
+    """``{"model": ..., "reference": ...}`` without empty entries: the trainer drops empty
+    dicts from a returned state (its auxiliary-loss channel strips them), so the state
+    going in must not hold them either."""
+    out = {}
+    if jax.tree.leaves(model_state):
+        out["model"] = model_state
+    if jax.tree.leaves(reference):
+        out["reference"] = reference
+    return out
 
 
 def _rows(inputs: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
@@ -80,7 +97,8 @@ def preference_model(model: Layer, reference: Any = "adapters") -> Layer:
     ``apply(params, state, inputs)`` takes ``inputs`` of ``(B, 2, T)`` arrays and returns
     ``{"logits": (B, 2, T, V)}`` plus ``"reference_logits"`` (``"adapters"`` or a tree) or
     ``"reference_logps"`` ``(B, 2)`` (``"precomputed"``, passed through from the inputs).
-    The state is ``{"model": model's state, "reference": the tree or {}}``.
+    The state is ``{"model": model's state, "reference": the tree}``, each key only when
+    not empty.
 
     Args:
         model: a language model layer taking ``{"ids", "positions", "segment_ids"}``.
@@ -91,15 +109,15 @@ def preference_model(model: Layer, reference: Any = "adapters") -> Layer:
     def init(key, inputs):
         x, _ = _rows(inputs)
         params, state = model.init(key, x)
-        return params, {"model": state, "reference": {}}
+        return params, wrapper_state(state, {})
 
     def apply(params, state, inputs, *, rng=None, train=False):
         x, (b, _) = _rows(inputs)
-        logits, model_state = model.apply(params, state["model"], x, rng=rng, train=train)
+        logits, model_state = model.apply(params, state.get("model", {}), x, rng=rng, train=train)
         out = {"logits": jnp.reshape(logits, (b, 2, *logits.shape[1:]))}
         if kind in ("adapters", "params"):
-            ref = remove_adapters(params) if kind == "adapters" else state["reference"]
-            ref_logits, _ = model.apply(jax.lax.stop_gradient(ref), state["model"], x)
+            ref = remove_adapters(params) if kind == "adapters" else state.get("reference", {})
+            ref_logits, _ = model.apply(jax.lax.stop_gradient(ref), state.get("model", {}), x)
             ref_logits = jax.lax.stop_gradient(ref_logits)
             out["reference_logits"] = jnp.reshape(ref_logits, out["logits"].shape)
         elif kind == "precomputed":
@@ -109,7 +127,7 @@ def preference_model(model: Layer, reference: Any = "adapters") -> Layer:
                     "build the data with nj.post.precompute_reference"
                 )
             out["reference_logps"] = jnp.asarray(inputs["reference_logps"], jnp.float32)
-        return out, {"model": model_state, "reference": state["reference"]}
+        return out, wrapper_state(model_state, state.get("reference", {}))
 
     return Layer(init, apply, getattr(model, "name", "preference"))
 
@@ -231,7 +249,7 @@ def preference_trainer(
     tree = reference if kind == "params" else {}
 
     def init(params: Any, state: Any = None):
-        return fns.init(params, {"model": {} if state is None else state, "reference": tree})
+        return fns.init(params, wrapper_state({} if state is None else state, tree))
 
     return fns._replace(init=init)
 
@@ -265,7 +283,7 @@ def precompute_reference(
 
     @jax.jit
     def score(params, x, t):
-        out, _ = wrapped.apply(params, {"model": {}, "reference": {}}, x)
+        out, _ = wrapped.apply(params, {}, x)
         return _pair_logps(out["logits"], t)[0]
 
     n = len(targets)
