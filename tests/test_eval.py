@@ -187,3 +187,15 @@ def test_command_line(setup, capsys, monkeypatch):
     results = main([*argv, "--batch-size", "4", "--max-length", "16"])
     assert "tiny_mc" in capsys.readouterr().out
     assert 0 <= results["results"]["tiny_mc"]["acc,none"] <= 1
+
+
+def test_bad_arguments_are_refused_before_work(setup):
+    import nnjax as nj
+    from nnjax.eval import NNJaxLM
+
+    folder, _ = setup
+    with pytest.raises(nj.ArgumentError, match="expected model_dir=, or config="):
+        NNJaxLM()
+    lm = NNJaxLM(folder, batch_size=2, max_length=16)
+    with pytest.raises(nj.ArgumentError, match="max_gen_toks: expected fewer than max_length"):
+        lm._generate_batch(["The sea"], {"until": ["\n"], "max_gen_toks": 16})
