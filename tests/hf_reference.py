@@ -21,6 +21,27 @@ TINY = dict(
 )
 
 
+_GEMMA = dict(head_dim=16, sliding_window=4, attention_bias=True, query_pre_attn_scalar=24)
+NEW_FAMILIES = {
+    # several layers, windows shorter than the tests' sequences, caps that bite, biases
+    "gemma2": dict(
+        _GEMMA, num_hidden_layers=4, attn_logit_softcapping=3.0, final_logit_softcapping=2.0
+    ),
+    "gemma3_text": dict(
+        _GEMMA,
+        num_hidden_layers=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+        },
+    ),
+    "olmo2": dict(num_hidden_layers=3, attention_bias=True),
+    "phi3": dict(num_hidden_layers=3, sliding_window=4, pad_token_id=0),
+}
+"""Tiny configs of the families of the second batch (on top of ``TINY``)."""
+
+
 def hf_model(family: str, **overrides):
     """A float32 ``*ForCausalLM`` with random weights (seeded), in eval mode."""
     import torch
@@ -42,6 +63,14 @@ def hf_model(family: str, **overrides):
     elif family == "gemma":
         config = tr.GemmaConfig(**{"head_dim": 16, "hidden_act": "gelu_pytorch_tanh", **kw})
         cls = tr.GemmaForCausalLM
+    elif family in NEW_FAMILIES:
+        config_cls, cls = {
+            "gemma2": (tr.Gemma2Config, tr.Gemma2ForCausalLM),
+            "gemma3_text": (tr.Gemma3TextConfig, tr.Gemma3ForCausalLM),
+            "olmo2": (tr.Olmo2Config, tr.Olmo2ForCausalLM),
+            "phi3": (tr.Phi3Config, tr.Phi3ForCausalLM),
+        }[family]
+        config = config_cls(**{**TINY, **NEW_FAMILIES[family], **overrides})
     else:
         raise ValueError(family)
     config._attn_implementation = "eager"  # sliding windows and masks as written in the model

@@ -4,7 +4,7 @@ import numpy as np
 
 from tests import hf_reference
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2")
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gpt2", *hf_reference.NEW_FAMILIES)
 VOCAB = hf_reference.TINY["vocab_size"]
 SEQ = 12  # longer than Mistral's window below
 

@@ -232,6 +232,32 @@ def test_kv_cache_steps_equal_full_causal_pass(impl, padded):
     np.testing.assert_allclose(state["cached_key"][:, :, 0], keys[..., : D // H], **TOL)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_sliding_window_cache_is_a_ring_buffer_equal_to_the_full_pass(padded):
+    # window 3 < max_len 9: the cache keeps 3 slots; a 5-token prefill (longer than the
+    # ring) and single steps that wrap it give the windowed full pass's outputs
+    max_len, window = 9, 3
+    x = jax.random.normal(jax.random.key(1), (B, max_len, D))
+    mask = np.ones((B, max_len), bool)
+    mask[1, [1, 6]] = False  # padded keys inside the sequence, before and after a wrap
+    full_layer = nj.MultiHeadAttention(H, causal=True, sliding_window=window)
+    step_layer = nj.MultiHeadAttention(H, decode=True, sliding_window=window)
+    params, state = step_layer.init(jax.random.key(0), x)
+    assert state["cached_key"].shape == (B, window, H, D // H)  # not (B, max_len, ...)
+    full, _ = _apply(full_layer, params, {}, {"query": x, "mask": mask} if padded else x)
+    step = jax.jit(step_layer.apply)
+    wrap = (lambda a: {"query": a, "mask": mask}) if padded else (lambda a: a)
+    y, state = step(params, state, wrap(x[:, :5]))
+    outs = [y]
+    for t in range(5, max_len):
+        y, state = step(params, state, wrap(x[:, t : t + 1]))
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, **TOL)
+    assert int(state["cache_index"]) == max_len  # and no overflow: the ring never ends
+    y, state = step(params, state, wrap(x[:, :1]) if not padded else {"query": x[:, :1]})
+    assert np.isfinite(np.asarray(y)).all()
+
+
 def test_kv_cache_overflow_under_jit_gives_nan():
     layer = nj.MultiHeadAttention(H, decode=True)
     x = jax.random.normal(jax.random.key(1), (B, 3, D))

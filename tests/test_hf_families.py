@@ -213,6 +213,32 @@ def test_windows_on_some_layers_are_a_mixed_stack(family, tmp_path):
     )
 
 
+def test_windowed_layers_keep_ring_caches_and_long_generation_needs_every_layer(loaded):
+    import dataclasses
+
+    config, params = loaded["gemma2"]  # sliding (window 4) and full layers alternate
+    model = nj.models.CausalLM(config, decode=True)
+    _, state = model.init(jax.random.key(0), jnp.zeros((2, 20), jnp.int32))
+    attn = state["blocks"]
+    assert attn["stacked[0::2]"]["attn"]["cached_key"].shape[:3] == (2, 2, 4)  # the window
+    assert attn["stacked[1::2]"]["attn"]["cached_key"].shape[:3] == (2, 2, 20)  # everything
+    short = dataclasses.replace(config, max_position=12)
+    prompt = hf_tiny.ids((1, 8))
+    with pytest.raises(nj.ArgumentError, match=r"max_position == 12"):
+        nj.models.generate(short, params, prompt, 8, temperature=0.0)  # full layers cannot
+    windowed = dataclasses.replace(short, layer_types=None, layer_kinds=None, sliding_window=4)
+    out = nj.models.generate(windowed, _uniform(params), prompt, 8, temperature=0.0)
+    assert np.asarray(out).shape == (1, 16)  # every layer windowed: past max_position
+
+
+def _uniform(params):
+    """A mixed stack's params restacked as one uniform stack (the same layers, in order)."""
+    blocks = params["blocks"]
+    a, b = blocks["stacked[0::2]"], blocks["stacked[1::2]"]
+    both = jax.tree.map(lambda x, y: jnp.stack([x, y], 1).reshape(-1, *x.shape[1:]), a, b)
+    return {**params, "blocks": {"stacked": both}}
+
+
 def test_sharded_and_bf16_checkpoints(tmp_path):
     import transformers
 

@@ -204,3 +204,39 @@ def test_gpt2_dora_on_fused_c_attn_is_refused(gpt2, tmp_path):
     with pytest.raises(nj.CheckpointError, match=r"DoRA on the fused .*h\.0\.attn\.c_attn"):
         hf.save_peft_adapter(tmp_path, config, dora)
     assert not (tmp_path / "adapter_config.json").exists()  # refused before writing
+
+
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+    """A tiny Gemma 2 folder (alternating window layers: a mixed stack) and nnjax's load of it."""
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("gemma2")
+    hf_tiny.build("gemma2", folder)
+    return (folder, *hf.from_pretrained(folder))
+
+
+def test_gemma2_adapters_both_ways_with_peft(gemma2, tmp_path):
+    folder, config, params = gemma2
+    assert sorted(params["blocks"]) == ["stacked[0::2]", "stacked[1::2]"]
+    targets = ["**/attn/query/kernel", "**/attn/value/kernel", "**/mlp/down/kernel"]
+    adapted = _randomise(nj.finetune.add_lora(params, jax.random.key(0), targets, rank=4)[0])
+    hf.save_peft_adapter(tmp_path / "nnjax", config, adapted)
+    model = peft.PeftModel.from_pretrained(_hf_model(folder), tmp_path / "nnjax").eval()
+    ids = hf_tiny.ids((2, hf_tiny.SEQ))
+    _agrees_with_peft(model, folder, config, adapted, ids)
+    back = hf.load_peft_adapter(tmp_path / "nnjax", config, params)
+    jax.tree.map(np.testing.assert_array_equal, back, adapted)
+    lora = peft.LoraConfig(  # and peft's own adapter on some layers of each kind
+        r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "gate_proj"],
+        layers_to_transform=[1, 2], task_type="CAUSAL_LM",
+    )  # fmt: skip
+    made = peft.get_peft_model(_hf_model(folder), lora)
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    made.save_pretrained(tmp_path / "peft")
+    loaded = hf.load_peft_adapter(tmp_path / "peft", config, params)
+    assert not np.any(np.asarray(loaded["blocks"]["stacked[0::2]"]["attn"]["key"]["lora_b"][0]))
+    assert np.any(np.asarray(loaded["blocks"]["stacked[0::2]"]["attn"]["key"]["lora_b"][1]))
+    _agrees_with_peft(made, folder, config, loaded, hf_tiny.ids((2, hf_tiny.SEQ), seed=3))

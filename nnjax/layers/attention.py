@@ -36,7 +36,35 @@ from nnjax.layers.base import compute_dtype
 from nnjax.layers.dense import Dense
 from nnjax.layers.rope import Rotary, apply_rotary
 
-__all__ = ["MultiHeadAttention"]
+__all__ = ["MultiHeadAttention", "Logits", "QKNorm"]
+
+
+class Logits(NamedTuple):
+    """How the attention logits are made from ``q . k``: ``cap * tanh(scale * q . k / cap)``.
+
+    Attributes:
+        scale: the query scale; ``None``: ``1 / sqrt(head_dim)`` (Gemma 2/3:
+            ``query_pre_attn_scalar ** -0.5``).
+        softcap: soft-capping of the logits (Gemma 2's ``attn_logit_softcapping``);
+            ``None``: none. Computed by the einsum path (``jax.nn.dot_product_attention``
+            has no cap).
+    """
+
+    scale: float | None = None
+    softcap: float | None = None
+
+
+class QKNorm(NamedTuple):
+    """A norm on q and k before the rotation: per head (Qwen3, Gemma 3) or over the
+    whole projection (OLMo 2: ``RMSNorm(num_heads * head_dim)`` on q, ``KV * head_dim`` on k).
+
+    Attributes:
+        layer: the norm layer (``nj.RMSNorm(epsilon=...)``); q and k get their own params.
+        per_head: ``True``: over each head's ``head_dim``; ``False``: over the projection.
+    """
+
+    layer: Any
+    per_head: bool = True
 
 
 CACHE_KEYS = ("cached_key", "cached_value", "cached_segment_ids", "cache_index")
@@ -167,8 +195,8 @@ def _full(mask: _Mask) -> Any:
     return mask.rest if mask.pad is None else mask.pad & mask.rest
 
 
-def _einsum_attention(q, k, v, mask, dtype, drop_rng, rate):
-    """``softmax(q k^T / sqrt(hd) | mask) v`` with float32 logits.
+def _einsum_attention(q, k, v, mask, dtype, drop_rng, rate, logits_=Logits()):
+    """``softmax(q k^T / sqrt(hd) | mask) v`` with float32 logits (``logits_``: their scale and cap).
 
     ``q (N, Tq, H, hd)``, ``k, v (N, Tk, KV, hd)``: each group of ``H // KV`` query heads
     shares a key/value head by broadcasting (the k/v heads are never repeated in memory).
@@ -176,9 +204,11 @@ def _einsum_attention(q, k, v, mask, dtype, drop_rng, rate):
     n, t_q, h, hd = q.shape
     kv = k.shape[2]
     acc = jnp.promote_types(dtype, jnp.float32)
-    scale = 1.0 / np.sqrt(hd)
+    scale = 1.0 / np.sqrt(hd) if logits_.scale is None else logits_.scale
     qg = jnp.reshape(q, (n, t_q, kv, h // kv, hd))
     logits = jnp.einsum("nqkgd,nskd->nkgqs", qg, k, preferred_element_type=acc) * scale
+    if logits_.softcap is not None:
+        logits = logits_.softcap * jnp.tanh(logits / logits_.softcap)
     if mask is not None:
         logits = jnp.where(mask[:, :, None], logits, jnp.finfo(acc).min)  # (N, 1, 1, Tq, Tk)
     weights = jax.nn.softmax(logits, axis=-1)
@@ -189,22 +219,24 @@ def _einsum_attention(q, k, v, mask, dtype, drop_rng, rate):
     return jnp.reshape(y, (n, t_q, h, hd))
 
 
-def _attend(q, k, v, mask: _Mask, dtype, impl, drop_rng, rate):
-    """Dispatch: the explicit softmax (CPU, dropout) or ``jax.nn.dot_product_attention``."""
-    if impl == "einsum" or drop_rng is not None:
-        return _einsum_attention(q, k, v, _full(mask), dtype, drop_rng, rate)
+def _attend(q, k, v, mask: _Mask, dtype, impl, drop_rng, rate, logits_=Logits()):
+    """Dispatch: the explicit softmax (CPU, dropout, a soft cap) or ``jax.nn.dot_product_attention``."""
+    if impl == "einsum" or drop_rng is not None or logits_.softcap is not None:
+        return _einsum_attention(q, k, v, _full(mask), dtype, drop_rng, rate, logits_)
     return jax.nn.dot_product_attention(
         q,
         k.astype(dtype),
         v.astype(dtype),
         mask=mask.pad if mask.plain_causal else _full(mask),
         is_causal=mask.plain_causal,
+        scale=logits_.scale,
         implementation=impl,
     )
 
 
-def _read_cache(state, x_shape, kv_heads):
-    """The KV cache and ``cache_index`` from ``state``, checked against ``x (..., k, d)``."""
+def _read_cache(state, x_shape, kv_heads, ring=False):
+    """The KV cache and ``cache_index`` from ``state``, checked against ``x (..., k, d)``
+    (``ring``: a sliding window's ring buffer, which never overflows)."""
     if not all(k in state for k in CACHE_KEYS):
         raise LayerError(
             f"decode=True needs the KV cache in state: keys {sorted(CACHE_KEYS)}, made by "
@@ -225,7 +257,7 @@ def _read_cache(state, x_shape, kv_heads):
     max_len = cache_shape[-3]
     index = state["cache_index"]
     traced = isinstance(index, jax.core.Tracer)
-    if t_q > max_len or (not traced and int(index) + t_q > max_len):
+    if not ring and (t_q > max_len or (not traced and int(index) + t_q > max_len)):
         raise LayerError(
             f"decode cache overflow: expected cache_index + x.shape[-2] <= max_len == "
             f"{max_len}, got cache_index == {'?' if traced else int(index)} and x.shape[-2] == {t_q}"
@@ -255,6 +287,38 @@ def _write_cache(state, k, v, segments, index):
     return k, v, s, new_state
 
 
+def _ring_keys(state, k, v, segments, index, size):
+    """A sliding window's ring buffer: the cached slots, then the new ``k, v (N, t, KV, hd)``.
+
+    Slot ``s`` holds the latest token ``j < index`` with ``j % size == s``. Returns the
+    keys, values, segment ids and absolute indices ``(size + t,)`` to attend, and the new
+    state (the last ``min(t, size)`` new tokens written over their slots).
+    """
+    shape_k = state["cached_key"].shape
+    n_shape = (-1, *shape_k[-3:])
+    cached_k = jnp.reshape(state["cached_key"], n_shape)
+    cached_v = jnp.reshape(state["cached_value"], n_shape)
+    cached_s = jnp.reshape(state["cached_segment_ids"], (-1, size))
+    t = segments.shape[1]
+    slots = jnp.arange(size)
+    slot_index = index - 1 - jnp.mod(index - 1 - slots, size)  # < 0: never written (segment 0)
+    kv_index = jnp.concatenate([slot_index, index + jnp.arange(t)])
+    keys = jnp.concatenate([cached_k, k.astype(cached_k.dtype)], axis=1)
+    values = jnp.concatenate([cached_v, v.astype(cached_v.dtype)], axis=1)
+    kv_segments = jnp.concatenate([cached_s, segments.astype(jnp.int32)], axis=1)
+    m = min(t, size)  # only the last `size` new tokens can be needed later
+    where = jnp.mod(index + t - m + jnp.arange(m), size)
+    new_state = {
+        "cached_key": jnp.reshape(cached_k.at[:, where].set(keys[:, -m:]), shape_k),
+        "cached_value": jnp.reshape(cached_v.at[:, where].set(values[:, -m:]), shape_k),
+        "cached_segment_ids": jnp.reshape(
+            cached_s.at[:, where].set(kv_segments[:, -m:]), state["cached_segment_ids"].shape
+        ),
+        "cache_index": (index + t).astype(jnp.int32),
+    }
+    return keys, values, kv_segments, kv_index, new_state
+
+
 def MultiHeadAttention(
     num_heads: int,
     *,
@@ -267,8 +331,9 @@ def MultiHeadAttention(
     qkv_bias: bool | None = None,
     out_bias: bool | None = None,
     rotary: Rotary | None = None,
-    qk_norm: Layer | None = None,
+    qk_norm: Layer | QKNorm | None = None,
     sliding_window: int | None = None,
+    logits: Logits = Logits(),
     kernel_init: Initializer = jax.nn.initializers.lecun_normal(),
     bias_init: Initializer = jax.nn.initializers.zeros,
     dtype: Any = None,
@@ -293,7 +358,9 @@ def MultiHeadAttention(
     (self-attention): also ``j > i - w``, as Hugging Face's Mistral.
 
     ``rotary`` (a :class:`~nnjax.layers.rope.Rotary`) rotates q and k by their positions
-    after ``qk_norm`` (a norm layer applied to each head's q and k, Qwen3).
+    after ``qk_norm`` (a norm layer applied to each head's q and k, Qwen3; a
+    :class:`QKNorm` part says whether per head or over the whole projection, OLMo 2).
+    ``logits`` (a :class:`Logits` part) sets the query scale and a soft cap (Gemma 2).
 
     ``dropout_rate`` drops attention *weights* in train mode (needs ``rng``).
     ``jax.nn.dot_product_attention`` cannot, so training with ``dropout_rate > 0``
@@ -306,7 +373,11 @@ def MultiHeadAttention(
     positions up to its own, and advances ``cache_index`` by ``k``. A ``mask``, if given,
     is ``(B, max_len)``. Writing past ``max_len`` is a LayerError when the index is
     concrete (eager); under ``jit`` it cannot be detected at trace time and the output is
-    NaN instead.
+    NaN instead. With a ``sliding_window`` shorter than ``max_len`` the cache is a
+    ring buffer of ``sliding_window`` slots (each token overwrites the one ``window``
+    positions before it): its memory does not grow with the context, it never
+    overflows, and a ``mask`` is indexed by absolute position (``(B, M)``, any ``M``
+    past the last position).
 
     Args:
         num_heads: query heads ``H``; ``qkv_features`` must be divisible by it.
@@ -319,8 +390,10 @@ def MultiHeadAttention(
         use_bias: biases in the four projections ...
         qkv_bias, out_bias: ... unless set here for q/k/v (Qwen2: True) or out.
         rotary: rotary position embedding settings; ``None``: none.
-        qk_norm: a norm layer (``nj.RMSNorm()``) for each head's q and k; ``None``: none.
+        qk_norm: a norm layer (``nj.RMSNorm()``) for each head's q and k, or a
+            :class:`QKNorm` (the layer and where it normalizes); ``None``: none.
         sliding_window: keys at most this many positions back (itself included).
+        logits: the logits' scale and soft cap (:class:`Logits`).
         kernel_init, bias_init: ``jax.nn.initializers`` for the projections.
         dtype: computation dtype; ``None`` keeps a float input's dtype.
         param_dtype: dtype of the params.
@@ -343,7 +416,8 @@ def MultiHeadAttention(
             adapters beside the kernels (``lora_a``, ...) are used.
         key, value: Dense ``kernel (d_kv, KV * head_dim)``, ``bias``.
         out: Dense ``kernel (qkv_features, out_features)``, ``bias (out_features,)``.
-        q_norm, k_norm: the ``qk_norm`` layer's params (``scale (head_dim,)``), if given.
+        q_norm, k_norm: the ``qk_norm`` layer's params (``scale (head_dim,)``; over the
+            projection ``(qkv_features,)`` and ``(KV * head_dim,)``), if given.
 
     State (``decode=True``):
         cached_key, cached_value: ``(B, max_len, KV, head_dim)``; cached_segment_ids:
@@ -380,7 +454,9 @@ def MultiHeadAttention(
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"MultiHeadAttention: sliding_window must be >= 1, got {sliding_window}")
     use_causal = causal or decode
-    norm = None if qk_norm is None else as_layer(qk_norm)
+    qk = QKNorm(qk_norm) if qk_norm is not None and not isinstance(qk_norm, QKNorm) else qk_norm
+    norm = None if qk is None else as_layer(qk.layer)
+    norm_per_head = qk is None or qk.per_head
 
     def dense_of(features: int, bias: bool | None) -> Layer:
         return Dense(
@@ -423,12 +499,15 @@ def MultiHeadAttention(
             "out": out_dense(out).init(k_o, jax.ShapeDtypeStruct((qkv,), dtype_))[0],
         }
         if norm is not None:
-            head = jax.ShapeDtypeStruct((head_dim,), dtype_)
-            params["q_norm"] = call_child("q_norm", norm.init, k_qn, head)[0]
-            params["k_norm"] = call_child("k_norm", norm.init, k_kn, head)[0]
+            q_w, k_w = (head_dim, head_dim) if norm_per_head else (qkv, kv)
+            q_in, k_in = (jax.ShapeDtypeStruct((w,), dtype_) for w in (q_w, k_w))
+            params["q_norm"] = call_child("q_norm", norm.init, k_qn, q_in)[0]
+            params["k_norm"] = call_child("k_norm", norm.init, k_kn, k_in)[0]
         if not decode:
             return params, {}
         lead = np.shape(inp.x_q)[:-1]
+        if sliding_window is not None and sliding_window < lead[-1]:  # a ring buffer
+            lead = (*lead[:-1], sliding_window)
         cache = jnp.zeros((*lead, kv_heads, head_dim), dtype_)
         state = {
             "cached_key": cache,
@@ -441,15 +520,18 @@ def MultiHeadAttention(
     def project(params, inp, positions, dtype_, head_dim):
         """q ``(N, T_q, H, hd)``, k, v ``(N, T_kv, KV, hd)``: projected, normed, rotated."""
 
-        def heads_of(name_, x_in, heads):
+        def heads_of(name_, x_in, heads, norm_name=None):
             dense = (qkv_dense if name_ != "out" else out_dense)(heads * head_dim)
             y, _ = call_child(name_, dense.apply, params[name_], {}, jnp.asarray(x_in, dtype_))
+            if norm is not None and norm_name is not None:  # over the whole projection
+                y = call_child(norm_name, norm.apply, params[norm_name], {}, y)[0]
             return jnp.reshape(y, (-1, y.shape[-2], heads, head_dim))
 
-        q = heads_of("query", inp.x_q, num_heads)
-        k = heads_of("key", inp.x_kv, kv_heads)
+        whole = None if norm_per_head else ("q_norm", "k_norm")
+        q = heads_of("query", inp.x_q, num_heads, whole and whole[0])
+        k = heads_of("key", inp.x_kv, kv_heads, whole and whole[1])
         v = heads_of("value", inp.x_kv, kv_heads)
-        if norm is not None:
+        if norm is not None and norm_per_head:
             q = call_child("q_norm", norm.apply, params["q_norm"], {}, q)[0]
             k = call_child("k_norm", norm.apply, params["k_norm"], {}, k)[0]
         if rotary is not None:
@@ -479,8 +561,10 @@ def MultiHeadAttention(
         batch, t_q = tuple(np.shape(inp.x_q)[:-2]), np.shape(inp.x_q)[-2]
         t_kv = np.shape(inp.x_kv)[-2]
         index, max_len = 0, t_kv
+        ring = decode and sliding_window is not None
+        ring = ring and np.shape(state.get("cached_key", ()))[-3:-2] >= (sliding_window,)
         if decode:
-            index, max_len = _read_cache(state, np.shape(inp.x_q), (kv_heads, head_dim))
+            index, max_len = _read_cache(state, np.shape(inp.x_q), (kv_heads, head_dim), ring)
         q_index = index + jnp.arange(t_q)
         positions = inp.positions
         positions = (
@@ -489,14 +573,24 @@ def MultiHeadAttention(
         segments = None if inp.segment_ids is None else jnp.reshape(inp.segment_ids, (-1, t_q))
         q, k, v = project(params, inp, positions, dtype_, head_dim)
         kv_segments, new_state = segments, state
+        kv_index, pad = jnp.arange(max_len), inp.mask
         if decode:
             written = jnp.ones(positions.shape, jnp.int32) if segments is None else segments
-            k, v, kv_segments, new_state = _write_cache(state, k, v, written, index)
+            if ring:
+                k, v, kv_segments, kv_index, new_state = _ring_keys(
+                    state, k, v, written, index, max_len
+                )
+                if pad is not None:  # by absolute position
+                    m = np.shape(pad)[-1]
+                    pad = jnp.take(pad, jnp.clip(kv_index, 0, m - 1), axis=-1)
+                    max_len = kv_index.shape[0]
+            else:
+                k, v, kv_segments, new_state = _write_cache(state, k, v, written, index)
             segments = written  # the cache's empty slots are segment 0: never attended
         mask = _mask(
-            pad=None if inp.mask is None else _check_mask(inp.mask, batch, max_len),
+            pad=None if pad is None else _check_mask(pad, batch, max_len),
             q_index=q_index,
-            kv_index=jnp.arange(max_len),
+            kv_index=kv_index,
             q_segments=segments,
             kv_segments=kv_segments,
             causal=use_causal,
@@ -504,11 +598,11 @@ def MultiHeadAttention(
             offset_zero=not decode,
         )
         drop = dropout_rng(rng, train)
-        y = _attend(q, k, v, mask, dtype_, _resolve(implementation), drop, dropout_rate)
+        y = _attend(q, k, v, mask, dtype_, _resolve(implementation), drop, dropout_rate, logits)
         y, _ = call_child(
             "out", out_dense(out).apply, params["out"], {}, jnp.reshape(y, (*batch, t_q, qkv))
         )
-        if decode:
+        if decode and not ring:
             # Past the end of the cache under jit: poison the output rather than wrap.
             y = jnp.where(index + t_q > max_len, jnp.nan, y).astype(y.dtype)
         return y, new_state

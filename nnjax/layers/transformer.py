@@ -19,7 +19,7 @@ import numpy as np
 
 from nnjax.core.checks import check_keys, check_rank
 from nnjax.core.combinators import Layer, serial
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, as_layer, call_child
 from nnjax.layers.attention import MultiHeadAttention
 from nnjax.layers.dense import Dense
@@ -122,16 +122,31 @@ def scale_plus_one(norm: Layer) -> Layer:
     return Layer(norm.init, apply, norm.name)
 
 
+NORM_PLACEMENTS = ("pre", "sandwich", "post")
+"""Where a block's norms sit: ``pre`` ``x + f(norm(x))`` (Llama), ``sandwich``
+``x + norm'(f(norm(x)))`` (Gemma 2/3), ``post`` ``x + norm'(f(x))`` (OLMo 2)."""
+
+
 def pre_norm_block(
-    attn: Layer, mlp: Layer, norm: Layer, *, dropout_rate: float = 0.0, name: str = "block"
+    attn: Layer,
+    mlp: Layer,
+    norm: Layer,
+    *,
+    dropout_rate: float = 0.0,
+    norms: str = "pre",
+    name: str = "block",
 ) -> Layer:
     """``x + Dropout(attn(norm(x)))``, then ``x + Dropout(mlp(norm(x)))``: a pre-norm block.
 
-    Two ``residual`` branches over the stream (see the module docstring); the two norms
-    are separate params (``ln_1``, ``ln_2``). Any attention, MLP and norm layers compose.
+    Two ``residual`` branches over the stream (see the module docstring); the norms
+    are separate params. Any attention, MLP and norm layers compose. ``norms`` places
+    them (:data:`NORM_PLACEMENTS`): ``"pre"`` as above (``ln_1``, ``ln_2``),
+    ``"sandwich"`` also normalizes each branch's output (``attn_post_norm``,
+    ``mlp_post_norm``; Gemma 2/3), ``"post"`` only the outputs (OLMo 2).
 
     Params:
-        ln_1, attn, ln_2, mlp: the layers' params (``ln_*``: two copies of ``norm``).
+        ln_1, attn, ln_2, mlp: the layers' params (``ln_*``: two copies of ``norm``);
+        attn_post_norm, mlp_post_norm with ``norms="sandwich"`` or ``"post"``.
 
     State: ``{"attn": ...}`` (a KV cache) when the attention has state; ``{"mlp": {"aux": ...}}``
     from a mixture of experts (its auxiliary-loss statistics, :mod:`nnjax.core.aux`).
@@ -142,14 +157,21 @@ def pre_norm_block(
         >>> sorted(params), sorted(params["mlp"])
         (['attn', 'ln_1', 'ln_2', 'mlp'], ['fc', 'proj'])
     """
+    if norms not in NORM_PLACEMENTS:
+        raise ArgumentError(
+            f"pre_norm_block: norms must be one of {NORM_PLACEMENTS}, got {norms!r}"
+        )
     drop = on_hidden(Dropout(dropout_rate))
-    branches = (
-        (
-            ("ln_1", "attn"),
-            _stream_residual(ln_1=on_hidden(norm), attn=_on_stream(attn), drop=drop),
-        ),
-        (("ln_2", "mlp"), _stream_residual(ln_2=on_hidden(norm), mlp=on_hidden(mlp), drop=drop)),
-    )
+
+    def branch(pre: str, body: str, layer: Layer) -> tuple[tuple[str, ...], Layer]:
+        children = {pre: on_hidden(norm)} if norms != "post" else {}
+        children[body] = layer
+        if norms != "pre":
+            children[f"{body}_post_norm"] = on_hidden(norm)
+        return tuple(children), _stream_residual(**children, drop=drop)
+
+    branches = (branch("ln_1", "attn", _on_stream(attn)), branch("ln_2", "mlp", on_hidden(mlp)))
+    param_keys = [k for keys, _ in branches for k in keys]
 
     def init(key, x):
         _check_stream(x)
@@ -162,7 +184,7 @@ def pre_norm_block(
 
     def apply(params, state, x, *, rng=None, train=False):
         _check_stream(x)
-        check_keys(params, ["ln_1", "attn", "ln_2", "mlp"])
+        check_keys(params, param_keys)
         check_keys(state, [], ["attn", "mlp"], kind="state")  # mlp: a MoE's aux statistics
         rngs = [None, None] if rng is None else list(jax.random.split(rng))
         new_state = {}

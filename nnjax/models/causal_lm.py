@@ -21,14 +21,20 @@ from nnjax.core.checks import check_keys, check_rank, shape_str
 from nnjax.core.combinators import Layer, remat, repeat
 from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import call_child
-from nnjax.layers.attention import MultiHeadAttention
+from nnjax.layers.attention import Logits, MultiHeadAttention, QKNorm
 from nnjax.layers.dense import Dense
 from nnjax.layers.dropout import Dropout
 from nnjax.layers.embed import Embedding, attend
 from nnjax.layers.moe import MoE
 from nnjax.layers.norm import LayerNorm, RMSNorm
 from nnjax.layers.rope import rotary
-from nnjax.layers.transformer import ACTIVATIONS, MLP, pre_norm_block, scale_plus_one
+from nnjax.layers.transformer import (
+    ACTIVATIONS,
+    MLP,
+    NORM_PLACEMENTS,
+    pre_norm_block,
+    scale_plus_one,
+)
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.training.chunked import LazyLogits
 
@@ -61,7 +67,8 @@ def _check_config(c: CausalLMConfig) -> tuple[int, int]:
         )
     for field, value, allowed in (
         ("norm", c.norm, ("rms", "layer")),
-        ("position", c.position, ("rope", "learned")),
+        ("position", c.position, ("rope", "learned", "none")),
+        ("norm_placement", c.norm_placement, NORM_PLACEMENTS),
         ("mlp", c.mlp, ("gated", "plain")),
     ):
         if value not in allowed:
@@ -76,6 +83,7 @@ _MODEL_FIELDS = (
     "num_layers",
     "tie_embeddings",
     "embed_scale",
+    "final_logit_softcap",
     "initializer_range",
     "dtype",
     "param_dtype",
@@ -119,12 +127,14 @@ def _blocks(c: CausalLMConfig, decode: bool) -> Layer:
     return repeat(built, c.num_layers, layout=layout, unroll=c.scan_unroll)
 
 
-def _norm(c: CausalLMConfig, param_dtype: Any) -> Layer:
+def _norm(c: CausalLMConfig, param_dtype: Any, *, rms: bool = False) -> Layer:
+    """The config's norm (``rms``: an RMSNorm whatever ``c.norm``, for q/k norms)."""
     init = jax.nn.initializers.zeros if c.norm_scale_plus_one else jax.nn.initializers.ones
     kw: dict[str, Any] = dict(
         epsilon=c.norm_eps, scale_init=init, dtype=c.dtype, param_dtype=param_dtype
     )
-    norm = LayerNorm(use_bias=c.norm_bias, **kw) if c.norm == "layer" else RMSNorm(**kw)
+    layer_norm = c.norm == "layer" and not rms
+    norm = LayerNorm(use_bias=c.norm_bias, **kw) if layer_norm else RMSNorm(**kw)
     return scale_plus_one(norm) if c.norm_scale_plus_one else norm
 
 
@@ -146,16 +156,22 @@ def _block(c: CausalLMConfig, decode: bool) -> Layer:
         qkv_bias=c.qkv_bias,
         out_bias=c.out_bias,
         rotary=rotary(c),
-        qk_norm=RMSNorm(epsilon=c.norm_eps, dtype=c.dtype, param_dtype=param_dtype)
+        qk_norm=QKNorm(_norm(c, param_dtype, rms=True), per_head=c.qk_norm_per_head)
         if c.qk_norm
         else None,
         sliding_window=c.sliding_window,
+        logits=Logits(
+            scale=None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5,
+            softcap=c.attn_logit_softcap,
+        ),
         decode=decode,
         implementation=c.attention_implementation,
         **dense_kw,
     )
     mlp = _mlp(c, dense_kw)
-    return pre_norm_block(attn, mlp, _norm(c, param_dtype), dropout_rate=c.dropout)
+    return pre_norm_block(
+        attn, mlp, _norm(c, param_dtype), dropout_rate=c.dropout, norms=c.norm_placement
+    )
 
 
 def _mlp(c: CausalLMConfig, dense_kw: dict[str, Any]) -> Layer:
@@ -374,6 +390,8 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
             c.lazy_logits_from
         ):
             return None
+        if c.final_logit_softcap is not None:  # the chunked loss has no cap
+            return None
         name, leaf = ("tok_embed", "embedding") if head is None else ("lm_head", "kernel")
         if list(params[name]) != [leaf]:
             return None
@@ -418,6 +436,9 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
             logits = call_child("tok_embed", attend, params["tok_embed"], h)  # (..., T, V)
         else:
             logits, _ = call_child("lm_head", head.apply, params["lm_head"], {}, h)
+        if c.final_logit_softcap is not None:  # Gemma 2: in the logits' dtype, as transformers
+            cap = jnp.asarray(c.final_logit_softcap, logits.dtype)
+            logits = jnp.tanh(logits / cap) * cap
         if not decode:  # the blocks' state is the MoE auxiliary-loss channel, if any
             return logits, ({"blocks": s_blocks} if s_blocks else {})
         return logits, {"blocks": s_blocks, "position": (offset + t).astype(jnp.int32)}

@@ -72,7 +72,8 @@ class CausalLMConfig:
         norm_eps: the norms' epsilon.
         norm_bias: LayerNorm with a bias (GPT-2); ignored for RMSNorm.
         norm_scale_plus_one: multiply by ``1 + scale`` (Gemma) instead of ``scale``.
-        position: ``"rope"`` (rotary, rotate-half convention) or ``"learned"`` (GPT-2).
+        position: ``"rope"`` (rotary, rotate-half convention), ``"learned"`` (GPT-2) or
+            ``"none"`` (no positions: a layer kind of a mixed stack, as Llama 4's NoPE layers).
         rope_theta: rotary base.
         rope_scaling: HF's ``rope_scaling`` as a sorted tuple of ``(key, value)`` pairs
             (``(("factor", 8.0), ("rope_type", "llama3"), ...)``; hashable, so the
@@ -98,7 +99,15 @@ class CausalLMConfig:
         router_aux_loss_coef: weight of the load-balancing loss in the training
             objective (reported as ``aux/load_balance`` whatever the weight).
         moe_dispatch: the MoE dispatch (``"sorted"``, ``"capacity"``, ``"dense"``).
-        qk_norm: RMSNorm on each head's q and k before the rotation (Qwen3).
+        qk_norm: RMSNorm on each head's q and k before the rotation (Qwen3, Gemma 3).
+        qk_norm_per_head: ``False``: the q/k norms span the whole projection
+            (``num_heads * head_dim`` and ``num_kv_heads * head_dim``; OLMo 2).
+        norm_placement: ``"pre"`` (``x + f(norm(x))``), ``"sandwich"`` (also a norm on
+            each branch's output: Gemma 2/3) or ``"post"`` (only there: OLMo 2).
+        query_pre_attn_scalar: the attention logits are scaled by its ``-0.5`` power
+            instead of ``head_dim``'s (Gemma 2/3); ``None``: ``head_dim``.
+        attn_logit_softcap: ``cap * tanh(logits / cap)`` on the attention logits (Gemma 2).
+        final_logit_softcap: the same on the output logits (Gemma 2).
         sliding_window: each token attends to at most this many positions back
             (itself included), as HF's Mistral; ``None``: the whole prefix.
         tie_embeddings: the output head is ``tok_embed``'s transpose (no ``lm_head``).
@@ -164,6 +173,11 @@ class CausalLMConfig:
     router_aux_loss_coef: float = 0.0
     moe_dispatch: str = "sorted"
     qk_norm: bool = False
+    qk_norm_per_head: bool = True
+    norm_placement: str = "pre"
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
     sliding_window: int | None = None
     tie_embeddings: bool = False
     embed_scale: bool = False

@@ -183,12 +183,19 @@ def _refuse_unmarked_padding(prompt_ids: Any, pad: int | None, eos: tuple[int, .
         )
 
 
-def _check_length(c: CausalLMConfig, t0: int, n: int) -> None:
-    """The longest position must fit the model, unless it attends a sliding window or its
-    rotary scaling extrapolates (``dynamic``)."""
+def _unbounded(c: CausalLMConfig) -> bool:
+    """A layer of config ``c`` works past ``max_position``: no positions, a sliding window
+    over rotary ones, or rotary scaling that extrapolates (``dynamic``)."""
     dynamic = c.position == "rope" and dict(c.rope_scaling or {}).get("rope_type") == "dynamic"
     windowed = c.position == "rope" and c.sliding_window is not None
-    if t0 + n - 1 <= c.max_position or dynamic or windowed:
+    return c.position == "none" or dynamic or windowed
+
+
+def _check_length(c: CausalLMConfig, t0: int, n: int) -> None:
+    """The longest position must fit the model, unless every layer (every kind of a
+    mixed stack) works past it (:func:`_unbounded`)."""
+    kinds = {c.kind_config(k) for k in dict.fromkeys(c.kinds())}
+    if t0 + n - 1 <= c.max_position or all(_unbounded(k) for k in kinds):
         return
     kind = "learned position table" if c.position == "learned" else "trained context"
     raise ArgumentError(
