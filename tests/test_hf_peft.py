@@ -240,3 +240,29 @@ def test_gemma2_adapters_both_ways_with_peft(gemma2, tmp_path):
     assert not np.any(np.asarray(loaded["blocks"]["stacked[0::2]"]["attn"]["key"]["lora_b"][0]))
     assert np.any(np.asarray(loaded["blocks"]["stacked[0::2]"]["attn"]["key"]["lora_b"][1]))
     _agrees_with_peft(made, folder, config, loaded, hf_tiny.ids((2, hf_tiny.SEQ), seed=3))
+
+
+def test_phi3_fused_qkv_and_gate_up_adapters_both_ways_with_peft(tmp_path):
+    """Phi-3's qkv_proj is q | k | v of unequal widths (grouped-query k/v), gate_up_proj gate | up."""
+    torch.set_num_threads(1)
+    folder = tmp_path / "phi3"
+    hf_tiny.build("phi3", folder)
+    config, params = hf.from_pretrained(folder)
+    targets = ["**/attn/query/kernel", "**/attn/value/kernel", "**/mlp/up/kernel"]
+    adapted = _randomise(nj.finetune.add_lora(params, jax.random.key(0), targets, rank=2)[0])
+    hf.save_peft_adapter(tmp_path / "nnjax", config, adapted)
+    saved = json.loads((tmp_path / "nnjax" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == ["gate_up_proj", "qkv_proj"]
+    model = peft.PeftModel.from_pretrained(_hf_model(folder), tmp_path / "nnjax").eval()
+    _agrees_with_peft(model, folder, config, adapted, hf_tiny.ids((2, hf_tiny.SEQ)))
+    lora = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["qkv_proj", "gate_up_proj"],
+                           task_type="CAUSAL_LM")  # fmt: skip
+    made = peft.get_peft_model(_hf_model(folder), lora)
+    with torch.no_grad():
+        for name, p in made.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    made.save_pretrained(tmp_path / "peft")
+    loaded = hf.load_peft_adapter(tmp_path / "peft", config, params)
+    assert loaded["blocks"]["stacked"]["attn"]["key"]["lora_b"].shape == (3, 2, 16)  # KV * hd
+    _agrees_with_peft(made, folder, config, loaded, hf_tiny.ids((2, hf_tiny.SEQ), seed=3))

@@ -16,7 +16,10 @@ merged update). ``c_attn`` fuses query | key | value: an export stacks their thr
 ``lora_a`` into one ``A (3r, in)`` with a block-diagonal ``B (3d, 3r)`` (zero blocks for
 parts without an adapter; exact), written as ``rank_pattern`` / ``alpha_pattern``
 ``{"c_attn": 3r}``; an import gives each of query / key / value the whole ``A`` and its
-third of ``B``.
+rows of ``B``. Phi-3's ``qkv_proj`` (query | key | value of unequal widths: grouped-query
+k/v are narrower) and ``gate_up_proj`` (gate | up) are written and read the same way,
+each part taking its own width. Mixed stacks (Gemma 2/3) need nothing more: a module's
+adapter is found through its logical path ``blocks/{i}/...``.
 """
 
 from __future__ import annotations
@@ -80,6 +83,14 @@ def _kernel_slots(config: CausalLMConfig) -> list[tuple[str, Slot, tuple[str, ..
 def _index(slot: Slot) -> tuple[int, ...]:
     """The copy the slot's kernels are (the same for each of its parts)."""
     return slot.places[0][1]
+
+
+def _widths(flat: Mapping[str, Any], parents: tuple[str, ...]) -> list[int]:
+    """Each part's output width (q | k | v of a fused tensor: grouped-query k/v are narrower)."""
+    return [
+        int(quantized.logical_shape(flat[f"{p}/kernel"], flat.get(f"{p}/{quantized.SCALE}"))[-1])
+        for p in parents
+    ]
 
 
 def _copy(leaf: Any, index: tuple[int, ...]) -> np.ndarray:
@@ -149,6 +160,7 @@ def save_peft_adapter(
             f"DoRA on some modules only: {len(doras) > 1}"
         )
     r = next(iter(ranks.values()))
+    flat = flatten(params)
     tensors = []
     fused = {}  # {module name: its rank}, for PEFT's rank_pattern when it is not r
     targets = set()
@@ -160,7 +172,8 @@ def save_peft_adapter(
         targets.add(short)
         if len(parents) > 1:
             fused[short] = r * len(parents)
-        tensors += _module_tensors(PREFIX + name, groups, _index(slot), r)
+        widths = _widths(flat, parents)
+        tensors += _module_tensors(PREFIX + name, groups, _index(slot), r, widths)
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -188,7 +201,9 @@ def save_peft_adapter(
     return [CONFIG, WEIGHTS]
 
 
-def _module_tensors(key: str, groups: list[Any], layer: tuple[int, ...], r: int) -> list[Pending]:
+def _module_tensors(
+    key: str, groups: list[Any], layer: tuple[int, ...], r: int, n_outs: list[int]
+) -> list[Pending]:
     """PEFT's tensors of one module from the adapter groups of its parts (``None``: none).
 
     One part: ``lora_A = lora_a.T``, ``lora_B = lora_b.T``. Several (GPT-2's ``c_attn``):
@@ -197,9 +212,6 @@ def _module_tensors(key: str, groups: list[Any], layer: tuple[int, ...], r: int)
     """
     some = next(g for g in groups if g is not None)
     n_in, dtype = np.shape(some["lora_a"])[-2], np.dtype(some["lora_a"].dtype)
-    # a part without adapters has the same width as the adapted ones (q|k|v)
-    width = np.shape(some["lora_b"])[-1]
-    n_outs = [np.shape(g["lora_b"])[-1] if g else width for g in groups]
     dora = "dora_magnitude" in some
 
     def a_() -> np.ndarray:
@@ -279,7 +291,7 @@ def _group_tensors(infos: Mapping[str, TensorInfo], modules: Mapping[str, Any], 
 
 
 def _check_shapes(
-    by_parent: Mapping[str, Mapping[tuple[int, ...], tuple[dict[str, str], int, int]]],
+    by_parent: Mapping[str, Mapping[tuple[int, ...], tuple[dict[str, str], slice, int]]],
     flat: Mapping[str, Any],
     infos: Mapping[str, TensorInfo],
     where: str,
@@ -292,12 +304,12 @@ def _check_shapes(
     for parent, layers in by_parent.items():
         kernel, scale = flat[f"{parent}/kernel"], flat.get(f"{parent}/{quantized.SCALE}")
         n_in, n_out = quantized.logical_shape(kernel, scale)[-2:]
-        for g, _, parts in layers.values():
+        for g, _, total in layers.values():
             r = infos[g["lora_a"]].shape[0] if infos[g["lora_a"]].shape else 0
-            want = {"lora_a": (r, n_in), "lora_b": (n_out * parts, r), "dora": (n_out * parts,)}
+            want = {"lora_a": (r, n_in), "lora_b": (total, r), "dora": (total,)}
             for kind, key in g.items():
                 info = infos[key]
-                fused = f" x {parts} fused" if parts > 1 else ""
+                fused = f" in a fused {total}" if total != n_out else ""
                 if info.shape != want[kind] or r < 1:
                     raise CheckpointError(
                         f"{where}: {key} has shape {info.shape}, expected {want[kind]} for "
@@ -347,13 +359,15 @@ def load_peft_adapter(
     modules = {name: (parents, _index(slot)) for name, slot, parents in _kernel_slots(config)}
     groups = _group_tensors(infos, modules, weights)
     flat = flatten(params)
-    # {kernel parent: {layer: (tensor keys, this part's index, number of parts)}}
-    by_parent: dict[str, dict[tuple[int, ...], tuple[dict[str, str], int, int]]] = {}
+    # {kernel parent: {copy: (tensor keys, this part's rows of B, all parts' width)}}
+    by_parent: dict[str, dict[tuple[int, ...], tuple[dict[str, str], slice, int]]] = {}
     for (parents, layer), g in groups.items():
         if "dora" in g and len(parents) > 1:
             raise CheckpointError(f"{weights}: DoRA on the fused {g['dora']} is not supported")
+        widths = _widths(flat, parents)
         for k, parent in enumerate(parents):
-            by_parent.setdefault(parent, {})[layer] = (g, k, len(parents))
+            rows = slice(sum(widths[:k]), sum(widths[: k + 1]))
+            by_parent.setdefault(parent, {})[layer] = (g, rows, sum(widths))
     _check_shapes(by_parent, flat, infos, weights)  # every tensor, before any is read
     for parent, layers in by_parent.items():
         kernel, scale = flat[f"{parent}/kernel"], flat.get(f"{parent}/{quantized.SCALE}")
@@ -365,13 +379,13 @@ def load_peft_adapter(
         b = np.zeros((*lead, rank, n_out), np.float32)
         dora = any("dora" in g for g, _, _ in layers.values())
         m = np.array(jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=-2)))
-        for idx, (g, k, _) in layers.items():
+        for idx, (g, rows, _) in layers.items():
             ta, tb = (
                 read_tensor(g["lora_a"], infos[g["lora_a"]]),
                 read_tensor(g["lora_b"], infos[g["lora_b"]]),
             )
             r = ta.shape[0]
-            tb = tb[k * n_out : (k + 1) * n_out]  # this part's rows of a fused (q|k|v) B
+            tb = tb[rows]  # this part's rows of a fused (q|k|v) B
             module = g["lora_a"].removeprefix(PREFIX).removesuffix(".lora_A.weight")
             alpha = _pattern(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
             factor = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
