@@ -1,5 +1,7 @@
 """Every registered layer against the layer contract (tests/cases/*.py)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +97,41 @@ def test_train_mode(case):
     y_eval, _ = layer.apply(params, state, x)
     assert _shapes(y) == _shapes(y_eval)
     assert _shapes(aux.strip(new_state)) == _shapes(state)
+
+
+def _rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
+
+
+def test_bfloat16_close_to_float32(case):
+    """bfloat16 params and input against float32: outputs within ``case.bf16_tol``
+    relative, each parameter gradient within ``bf16_tol`` of the gradient's whole norm
+    (products accumulate in float32, statistics in float32; measured errors <= 1e-2)."""
+    if "bfloat16" not in case.dtypes:
+        pytest.skip(f"{case.name} does not take bfloat16 input")
+    layer, x = case.make(), _input(case, "float32")
+    params, state = layer.init(jax.random.key(0), x)
+    to16 = functools.partial(
+        jax.tree.map,
+        lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+    )
+
+    def loss(p, s, x):
+        y, _ = layer.apply(p, s, x)
+        leaves = [a.astype(jnp.float32) for a in jax.tree.leaves(y)]
+        return sum(jnp.sum(a * jnp.cos(jnp.arange(a.size).reshape(a.shape))) for a in leaves), y
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    (_, y32), g32 = grad(params, state, x)
+    x16 = x if case.int_input is not None else x.astype(jnp.bfloat16)
+    (_, y16), g16 = grad(to16(params), to16(state), x16)
+    for a, b in zip(jax.tree.leaves(y16), jax.tree.leaves(y32), strict=True):
+        assert _rel_err(a, b) <= case.bf16_tol
+    if case.grad:  # each leaf's error against the whole gradient's norm (some leaves are ~0)
+        norm = np.sqrt(
+            sum(np.sum(np.square(np.asarray(b, np.float64))) for b in jax.tree.leaves(g32))
+        )
+        for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
+            diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+            assert np.linalg.norm(diff) <= case.bf16_tol * max(norm, 1e-12)

@@ -27,6 +27,7 @@ import numpy as np
 from nnjax.core.checks import shape_str
 from nnjax.core.errors import LayerError
 from nnjax.layers import quantized
+from nnjax.layers.base import matmul_last
 
 __all__ = [
     "AdapterKind",
@@ -255,7 +256,7 @@ def adapted_matmul(params: Mapping[str, Any], x: jax.Array, dtype: Any) -> jax.A
     split = max((i + 1 for i, k in enumerate(kinds) if k.output is None), default=0)
     for kind in kinds[:split]:
         kernel = kind.weight(kernel, params)
-    y = x @ kernel
+    y = matmul_last(x, kernel)
     for kind in kinds[split:]:
         assert kind.output is not None  # split is past the last kind without one
         y = kind.output(y, x, params)

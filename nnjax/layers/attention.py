@@ -32,7 +32,7 @@ from nnjax.core.checks import check_float, check_keys, check_rank, shape_str
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import LayerError
 from nnjax.core.layer import Initializer, as_layer, call_child
-from nnjax.layers.base import compute_dtype
+from nnjax.layers.base import accumulating_einsum, compute_dtype
 from nnjax.layers.dense import Dense
 from nnjax.layers.rope import Rotary, apply_rotary
 
@@ -206,7 +206,7 @@ def _einsum_attention(q, k, v, mask, dtype, drop_rng, rate, logits_=Logits()):
     acc = jnp.promote_types(dtype, jnp.float32)
     scale = 1.0 / np.sqrt(hd) if logits_.scale is None else logits_.scale
     qg = jnp.reshape(q, (n, t_q, kv, h // kv, hd))
-    logits = jnp.einsum("nqkgd,nskd->nkgqs", qg, k, preferred_element_type=acc) * scale
+    logits = accumulating_einsum("nqkgd,nskd->nkgqs", qg, k).astype(acc) * scale
     if logits_.softcap is not None:
         logits = logits_.softcap * jnp.tanh(logits / logits_.softcap)
     if mask is not None:
@@ -215,7 +215,8 @@ def _einsum_attention(q, k, v, mask, dtype, drop_rng, rate, logits_=Logits()):
     if drop_rng is not None:
         keep = jax.random.bernoulli(drop_rng, 1.0 - rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - rate), 0.0)
-    y = jnp.einsum("nkgqs,nskd->nqkgd", weights.astype(dtype), v.astype(dtype))
+    y = accumulating_einsum("nkgqs,nskd->nqkgd", weights.astype(dtype), v.astype(dtype))
+    y = y.astype(dtype)
     return jnp.reshape(y, (n, t_q, h, hd))
 
 

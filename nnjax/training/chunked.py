@@ -30,6 +30,7 @@ import numpy as np
 
 from nnjax.core.checks import shape_str
 from nnjax.core.errors import ArgumentError, ShapeError
+from nnjax.layers.base import transposed_copy
 
 __all__ = ["LazyLogits", "chunked_token_nll", "token_log_probs", "DEFAULT_CHUNK_ELEMENTS"]
 
@@ -201,18 +202,22 @@ def _nll_bwd(c, transposed, smoothing, softcap, res, g):
             start = jnp.minimum(i * c, vocab - c)
             if transposed:  # (c, d)
                 part = jax.lax.dot_general(
-                    dzh, h, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+                    transposed_copy(dzh),
+                    h,
+                    (((1,), (0,)), ((), ())),
+                    preferred_element_type=jnp.float32,
                 )
                 old = jax.lax.dynamic_slice_in_dim(dw, start, c, axis=0)
                 dw = jax.lax.dynamic_update_slice_in_dim(dw, old + part, start, axis=0)
             else:  # (d, c)
                 part = jax.lax.dot_general(
-                    h, dzh, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+                    ht, dzh, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
                 )
                 old = jax.lax.dynamic_slice_in_dim(dw, start, c, axis=1)
                 dw = jax.lax.dynamic_update_slice_in_dim(dw, old + part, start, axis=1)
         return dh, dw
 
+    ht = transposed_copy(h)  # (d, N): see nnjax.layers.base.transposed_copy
     dh0 = jnp.zeros(h.shape, jnp.float32)
     dw0 = None if need_dw is None else jnp.zeros(w.shape, jnp.float32)
     dh, dw = jax.lax.fori_loop(0, -(-vocab // c), body, (dh0, dw0))
