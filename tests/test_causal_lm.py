@@ -153,3 +153,28 @@ def test_errors():
         )
     with pytest.raises(nj.LayerError, match=r"tok_embed: expected ids in \[0, 16\)"):
         model.apply(params, {}, jnp.full((1, 3), 16, jnp.int32))
+
+
+def test_layers_without_positions_are_a_kind_of_a_mixed_stack():
+    # position="none" on every other layer: those layers see no positions, so a model of
+    # only such layers is unchanged by other positions (causal attention without positions
+    # sees only the order), and a mixed one is not (rotary sees the gaps).
+    base = CausalLMConfig(vocab_size=50, hidden_size=32, num_heads=4, mlp_hidden=48,
+                          num_layers=4, initializer_range=0.2)  # fmt: skip
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (1, 6)), jnp.int32)
+    shifted = {"ids": ids, "positions": jnp.array([[0, 2, 3, 7, 8, 20]])}
+    for kinds, invariant in (({"rope": {}, "nope": {"position": "none"}}, False), (None, True)):
+        config = dataclasses.replace(
+            base,
+            layer_types=("nope", "rope") * 2 if kinds else None,
+            layer_kinds=kinds,
+            position="rope" if kinds else "none",
+        )
+        model = CausalLM(config)
+        params, _ = model.init(jax.random.key(0), ids)
+        a, b = model.apply(params, {}, ids)[0], model.apply(params, {}, shifted)[0]
+        assert np.allclose(a, b, atol=1e-5) == invariant
+    assert sorted(params["blocks"]) == ["stacked"]  # the uniform one
+    with pytest.raises(nj.ArgumentError, match=r"layer_kinds\['bad'\] overrides \['vocab_size'\]"):
+        CausalLM(dataclasses.replace(base, layer_types=("bad",) * 4,
+                                     layer_kinds={"bad": {"vocab_size": 3}}))  # fmt: skip
