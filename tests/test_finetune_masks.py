@@ -211,3 +211,18 @@ def test_trainer_with_stacked_copy_mask_keeps_other_copies():
     assert _bits(old[:2]) == _bits(new[:2])
     assert not np.allclose(old[2], new[2])
     assert _bits(params["head"]["kernel"]) == _bits(ts.params["head"]["kernel"])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_report_counts_logical_parameters_of_quantized_kernels(bits):
+    """A quantized model has the float model's parameter count (an NF4 byte holds two
+    values, scales are not parameters); its bytes are what the leaves store."""
+    model = nj.serial(nj.Dense(7), head=nj.Dense(3))
+    p, _ = model.init(jax.random.key(0), jnp.zeros((1, 5)))
+    q = ft.quantize(p, "dense_0/kernel", bits=bits)
+    m = ft.mask(q, "head/**")
+    float_rep, rep = ft.report(p, ft.mask(p, "head/**")), ft.report(q, m)
+    assert rep.total.trainable + rep.total.frozen == 5 * 7 + 7 + 7 * 3 + 3
+    assert rep.total[:3] == float_rep.total[:3]
+    stored = sum(x.nbytes for x in jax.tree.leaves(q))
+    assert rep.total.trainable_bytes + rep.total.frozen_bytes == stored

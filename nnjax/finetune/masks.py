@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -37,6 +38,7 @@ from nnjax.core.errors import MaskError
 from nnjax.core.masks import collapse, resolve
 from nnjax.core.paths import flatten, keypath_str, logical_copies, match
 from nnjax.core.report import human_bytes, leaf_bytes, table
+from nnjax.layers import quantized
 
 __all__ = [
     "mask",
@@ -130,29 +132,42 @@ def invert(m: Any) -> Any:
     return _bool_op(np.logical_not, m)
 
 
-def _counts(params: Any, m: Any) -> list[tuple[str, int, int, int]]:
-    """``(path, trainable count, total count, bytes per scalar)`` per physical leaf.
+def _counts(params: Any, m: Any) -> list[tuple[str, int, int, int, int]]:
+    """``(path, trainable count, total count, trainable bytes, total bytes)`` per leaf.
 
     ``m`` is read as the trainer reads it (:func:`nnjax.core.masks.resolve`), so a bool
     may stand for a subtree and a report counts exactly what a train step updates.
+    Counts are logical parameters: a quantized kernel counts the float kernel's values
+    (a packed NF4 byte holds two), its ``kernel_scale`` none; bytes are what is stored.
     """
     resolved = resolve(m, params)
+    flat = flatten(params)
     rows = []
-    for path, x in flatten(params).items():
-        size, mk = int(np.prod(np.shape(x))), resolved[path]
+    for path, x in flat.items():
+        parent, _, leaf = path.rpartition("/")
+        prefix = f"{parent}/" if parent else ""
+        size, mk, stored = int(np.prod(np.shape(x))), resolved[path], leaf_bytes(x)
+        if leaf == quantized.SCALE and f"{prefix}kernel" in flat:
+            rows.append((path, 0, 0, 0, stored))
+            continue
+        if leaf == "kernel" and quantized.is_quantized(x):
+            scale = flat.get(f"{prefix}{quantized.SCALE}")
+            size = math.prod(quantized.logical_shape(x, scale))
         share = float(np.mean(mk)) if isinstance(mk, np.ndarray) else float(mk)
-        rows.append((path, round(size * share), size, leaf_bytes(x) // size if size else 0))
+        itemsize = stored // max(int(np.prod(np.shape(x))), 1)
+        trained = round(size * share)
+        rows.append((path, trained, size, trained * itemsize, stored))
     return rows
 
 
 def trainable_count(params: Any, m: Any) -> int:
     """Number of trainable scalars (a stacked leaf counts only its selected copies)."""
-    return sum(t for _, t, _, _ in _counts(params, m))
+    return sum(r[1] for r in _counts(params, m))
 
 
 def trainable_bytes(params: Any, m: Any) -> int:
     """Bytes of the trainable scalars: what a gradient, or one Adam moment, takes."""
-    return sum(t * s for _, t, _, s in _counts(params, m))
+    return sum(r[3] for r in _counts(params, m))
 
 
 class GroupCount(NamedTuple):
@@ -190,6 +205,9 @@ class MaskReport(NamedTuple):
 def report(params: Any, m: Any) -> MaskReport:
     """Trainable and frozen parameter counts and bytes per top-level group, with totals.
 
+    Counts are logical parameters (a quantized kernel counts the float kernel's values,
+    its scales none); bytes are what the leaves store.
+
     Args:
         params: the params tree (arrays or ShapeDtypeStructs).
         m: a mask for it (see :func:`mask`).
@@ -198,12 +216,12 @@ def report(params: Any, m: Any) -> MaskReport:
         A :class:`MaskReport`; ``print(report)`` shows the table.
     """
     sums: dict[str, list[int]] = {}
-    for path, t, n, itemsize in _counts(params, m):
+    for path, t, n, t_bytes, n_bytes in _counts(params, m):
         s = sums.setdefault(path.split("/")[0], [0, 0, 0, 0])
         s[0] += t
         s[1] += n - t
-        s[2] += t * itemsize
-        s[3] += (n - t) * itemsize
+        s[2] += t_bytes
+        s[3] += n_bytes - t_bytes
     groups = tuple(GroupCount(g, *s) for g, s in sums.items())
     total = GroupCount("total", *(sum(s[i] for s in sums.values()) for i in range(4)))
     return MaskReport(groups, total)
