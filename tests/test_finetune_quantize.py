@@ -348,3 +348,23 @@ def test_memory_report_of_qlora_beside_full_fine_tuning_matches_closed_forms():
         "temporaries",
         "peak",
     ]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape", [(3, 6, 9), (2, 3, 4, 5)])  # odd outputs; 1 or 2 stacked axes
+def test_streamed_quantize_is_bit_identical_to_one_shot(bits, shape):
+    """quantize goes copy by copy along the stacked axes; the leaves equal the one-shot
+    nnjax.layers.quantized.quantize of the whole stack bit for bit."""
+    from nnjax.core.paths import STACKED
+    from nnjax.layers import quantized
+
+    kernel = jax.random.normal(jax.random.key(3), shape) * 2.0
+    depth = len(shape) - 2
+    tree = {"blocks": {STACKED: {"dense": {"kernel": kernel}}}}
+    if depth == 2:
+        tree = {"blocks": {STACKED: {"inner": {STACKED: {"dense": {"kernel": kernel}}}}}}
+    leaf = jax.tree.leaves(ft.quantize(tree, "**/kernel", bits=bits, block_size=8))
+    want_q, want_scale = quantized.quantize(kernel, bits, depth=depth, block_size=8)
+    np.testing.assert_array_equal(leaf[0], want_q)
+    np.testing.assert_array_equal(leaf[1], want_scale)
+    assert leaf[0].dtype == want_q.dtype and leaf[1].dtype == want_scale.dtype

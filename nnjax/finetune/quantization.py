@@ -55,6 +55,23 @@ def _check_finite(path: str, kernel: Any) -> None:
     )
 
 
+def _streamed(kernel: Any, bits: int, depth: int, block_size: int) -> tuple[Any, Any]:
+    """``quantized.quantize`` one copy of a stacked kernel at a time.
+
+    Each copy's channels and NF4 blocks are its own, so the result is the one-shot
+    result bit for bit, while the float temporaries (NF4's nearest-code search holds 16
+    distances per value) are one copy's instead of the whole stack's.
+    """
+    if depth == 0:
+        return quantized.quantize(kernel, bits, depth=0, block_size=block_size)
+    qs, scales = [], []
+    for i in range(np.shape(kernel)[0]):
+        q, scale = _streamed(kernel[i], bits, depth - 1, block_size)
+        qs.append(np.asarray(q))
+        scales.append(np.asarray(scale))
+    return jnp.asarray(np.stack(qs)), jnp.asarray(np.stack(scales))
+
+
 def quantize(
     params: Any,
     include: str | Iterable[str] = "**/kernel",
@@ -75,7 +92,8 @@ def quantize(
 
     Returns:
         New params; the selected ``kernel`` leaves int8 / uint8 with a float32
-        ``kernel_scale`` beside each.
+        ``kernel_scale`` beside each. A stacked kernel is quantized one copy at a time
+        (the temporaries are one layer's, not the stack's).
 
     Raises:
         ArgumentError: ``bits`` not 4 or 8, a ``block_size`` that is not an int >= 1, a
@@ -114,7 +132,7 @@ def quantize(
         if np.ndim(kernel) - depth < 2:
             continue  # not a layer kernel
         _check_finite(path, kernel)
-        q, scale = quantized.quantize(kernel, bits, depth=depth, block_size=block_size)
+        q, scale = _streamed(kernel, bits, depth, block_size)
         out[path], out[_sibling(path, quantized.SCALE)] = q, scale
         picked.append(path)
     if not picked:
