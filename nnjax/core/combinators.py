@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import (
     Layer,
     Params,
@@ -59,7 +59,7 @@ def _name_children(layers: Sequence[Any], named: Mapping[str, Any]) -> list[tupl
         children.append((f"{layer.name}_{k}", layer))
     for name, obj in named.items():
         if "/" in name:
-            raise ValueError(f"child name {name!r} may not contain '/'")
+            raise ArgumentError(f"child name {name!r} may not contain '/'")
         children.append((name, as_layer(obj)))
     return children
 
@@ -360,16 +360,16 @@ def repeat(
         ['0/bias', '0/kernel', '1/bias']
     """
     if n < 1:
-        raise ValueError(f"repeat: n must be >= 1, got {n}")
+        raise ArgumentError(f"repeat: n must be >= 1, got {n}")
     if isinstance(layer, Layer) or callable(layer):  # a Layer is a tuple too
         kinds = [as_layer(cast(Any, layer))]
     else:
         kinds = [as_layer(k) for k in cast(Sequence[Layer], layer)]
     if not kinds:
-        raise ValueError("repeat: expected at least one layer kind, got an empty sequence")
+        raise ArgumentError("repeat: expected at least one layer kind, got an empty sequence")
     kind_of = [i % len(kinds) for i in range(n)] if layout is None else list(layout)
     if len(kind_of) != n or any(not 0 <= k < len(kinds) for k in kind_of):
-        raise ValueError(
+        raise ArgumentError(
             f"repeat: layout must give each of the n={n} layers a kind in "
             f"[0, {len(kinds)}), got {list(kind_of)}"
         )

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 
 __all__ = [
     "Layer",
@@ -56,7 +56,7 @@ def as_layer(obj: Layer | Callable[[Any], Any]) -> Layer:
     if isinstance(obj, Layer):
         return obj
     if not callable(obj):
-        raise TypeError(f"expected a Layer or a callable, got {type(obj).__name__}: {obj!r}")
+        raise ArgumentError(f"expected a Layer or a callable, got {type(obj).__name__}: {obj!r}")
     fn = obj
 
     def init(key, x):

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from nnjax.core.errors import ArgumentError
+
 __all__ = ["table", "human_bytes", "param_bytes", "leaf_bytes", "shorten"]
 
 
@@ -81,7 +83,7 @@ def table(
     every = ([tuple(header)] if header is not None else []) + rows + footer
     ncol = max((len(r) for r in every), default=0)
     if any(len(r) != ncol for r in every):
-        raise ValueError(
+        raise ArgumentError(
             f"table: expected {ncol} cells in every row, got {[len(r) for r in every]}"
         )
     widths = [max(len(r[i]) for r in every) for i in range(ncol)]

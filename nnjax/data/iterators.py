@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_int
-from nnjax.core.errors import DataError
+from nnjax.core.errors import ArgumentError, DataError
 
 __all__ = [
     "batches",
@@ -99,7 +99,7 @@ class BatchIterator:
     def __len__(self) -> int:
         """Batches left to yield; a TypeError for an endless iterator (``epochs=None``)."""
         if self.epochs is None:
-            raise TypeError("an endless BatchIterator (epochs=None) has no len()")
+            raise ArgumentError("an endless BatchIterator (epochs=None) has no len()")
         return max(self.epochs * self.steps_per_epoch - self.position, 0)
 
     def _permutation(self, epoch: int) -> np.ndarray | None:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.checkpoint.state import load_params, save_params
-from nnjax.core.errors import CheckpointError, LayerError
+from nnjax.core.errors import ArgumentError, CheckpointError, LayerError
 from nnjax.core.layer import Initializer
 from nnjax.core.paths import flatten, match, stack_depth, unflatten
 from nnjax.finetune.masks import map_copies
@@ -92,7 +92,7 @@ def _targets(params: Any, targets: str | Iterable[str], what: str) -> dict[str, 
         if m is False:
             continue
         if path.rpartition("/")[2] != "kernel" or len(_kernel_shape(flat, path)) - _depth(path) < 2:
-            raise ValueError(
+            raise ArgumentError(
                 f"{what}: targets must select layer kernels (Dense, Conv, ...: at least 2 axes "
                 f"per copy); {path!r} has shape {tuple(np.shape(flat[path]))}"
             )
@@ -128,7 +128,7 @@ def _add(params, key, targets, kind, what, rank=0, alpha=1.0, a_init=None):
         depth = _depth(path)
         n_in, n_out = _matrix_dims(_kernel_shape(flat, path), depth)
         if rank > min(n_in, n_out):  # rank 0: a kind without one (IA3)
-            raise ValueError(
+            raise ArgumentError(
                 f"{what}: rank {rank} is larger than the kernel {path!r} allows: its matrix "
                 f"(in, out) is {(n_in, n_out)}, so rank <= {min(n_in, n_out)}"
             )
@@ -145,7 +145,7 @@ def _add(params, key, targets, kind, what, rank=0, alpha=1.0, a_init=None):
         leaves = jax.eval_shape(create, kernel, scale) if shape_only else create(kernel, scale)
         taken = [n for n in leaves if _sibling(path, n) in flat]
         if taken:
-            raise ValueError(f"{what}: {_parent(path) or 'the root'} already has {taken}")
+            raise ArgumentError(f"{what}: {_parent(path) or 'the root'} already has {taken}")
         for name, value in leaves.items():
             flat[_sibling(path, name)] = value
             mask[_sibling(path, name)] = sel[path]
@@ -154,7 +154,7 @@ def _add(params, key, targets, kind, what, rank=0, alpha=1.0, a_init=None):
 
 def _check_rank(rank: int, what: str) -> None:
     if not isinstance(rank, int | np.integer) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"{what}: rank must be an int >= 1, got {rank!r}")
+        raise ArgumentError(f"{what}: rank must be an int >= 1, got {rank!r}")
 
 
 def add_lora(
@@ -366,7 +366,7 @@ def save_adapters(path: str | os.PathLike, params: Any, trainable: Any = None) -
         m = flatten(trainable)
         keep = {p: v for p, v in flat.items() if bool(np.any(m[p]))}
     if not keep:
-        raise ValueError("save_adapters: no adapter (or trainable) leaves in params")
+        raise ArgumentError("save_adapters: no adapter (or trainable) leaves in params")
     save_params(path, unflatten(keep))
     return os.path.getsize(path)
 

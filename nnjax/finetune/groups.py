@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nnjax.core.errors import GlobError
+from nnjax.core.errors import ArgumentError, GlobError
 from nnjax.core.paths import glob_match, leaf_paths, match
 from nnjax.finetune.masks import keypath_str, logical_copies, map_copies
 from nnjax.finetune.presets import block_names
@@ -60,7 +60,7 @@ def labels(
     """
     rules = list(rules)
     if not rules:
-        raise ValueError("expected at least one rule")
+        raise ArgumentError("expected at least one rule")
     used: set[str] = set()
     unmatched: list[str] = []
 
@@ -171,12 +171,12 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
         def scale(keypath, u):
             path = keypath_str(keypath)
             if path not in flat:
-                raise ValueError(
+                raise ArgumentError(
                     f"scale_by_tree: no scale for {path!r}; scales have {list(flat)[:5]}..."
                 )
             s = flat[path]
             if s.shape != tuple(np.shape(u)[: s.ndim]):
-                raise ValueError(
+                raise ArgumentError(
                     f"scale_by_tree: expected a scale of shape {tuple(np.shape(u)[: s.ndim])} "
                     f"for {path!r} (update {tuple(np.shape(u))}), got {s.shape}"
                 )
@@ -201,7 +201,7 @@ def layerwise_scales(
         A tree like ``params``: floats, or ``(n,)`` float arrays on stacked leaves.
     """
     if not 0.0 < decay <= 1.0:
-        raise ValueError(f"expected 0 < decay <= 1, got {decay}")
+        raise ArgumentError(f"expected 0 < decay <= 1, got {decay}")
     names = block_names(params, blocks)
     depth = {name: len(names) - i for i, name in enumerate(names)}
     prefix = blocks.strip("/") + "/"

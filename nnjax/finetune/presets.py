@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from nnjax.core.errors import GlobError
+from nnjax.core.errors import ArgumentError, GlobError
 from nnjax.core.paths import glob_match, leaf_paths, match, near_paths
 from nnjax.finetune.masks import mask, union
 
@@ -109,7 +109,7 @@ def last_k_blocks(
     """
     names = block_names(params, blocks)
     if not 1 <= k <= len(names):
-        raise ValueError(
+        raise ArgumentError(
             f"last_k_blocks: expected 1 <= k <= {len(names)} (blocks under {blocks!r}), got k == {k}"
         )
     globs = [f"{blocks.strip('/')}/{n}/**" for n in names[-k:]]
@@ -140,9 +140,9 @@ def progressive_unfreezing(
         GlobError: a glob of a stage matches no leaf.
     """
     if every < 1:
-        raise ValueError(f"progressive_unfreezing: every must be >= 1, got {every}")
+        raise ArgumentError(f"progressive_unfreezing: every must be >= 1, got {every}")
     if not stages:
-        raise ValueError("progressive_unfreezing: expected at least one stage")
+        raise ArgumentError("progressive_unfreezing: expected at least one stage")
     masks = []
     for stage in stages:
         m = mask(params, include=stage)
@@ -150,7 +150,7 @@ def progressive_unfreezing(
 
     def schedule(epoch: int) -> Any:
         if epoch < 0:
-            raise ValueError(f"expected epoch >= 0, got {epoch}")
+            raise ArgumentError(f"expected epoch >= 0, got {epoch}")
         return masks[min(epoch // every, len(masks) - 1)]
 
     return schedule

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core.errors import CheckpointError
+from nnjax.core.errors import ArgumentError, CheckpointError, GlobError
 from nnjax.core.layer import Layer, as_layer, call_child, checked_init
 from nnjax.core.paths import flatten, stack_depth, unflatten
 from nnjax.core.report import shorten
@@ -148,11 +148,11 @@ def replace_head(params: Any, key: jax.Array, layer: Layer, x: Any, *, path: str
         new head to apply them.
 
     Raises:
-        KeyError: ``path`` is not a sub-tree of ``params``.
+        GlobError: ``path`` is not a sub-tree of ``params``.
     """
     head_params, head_state = call_child(path, checked_init, as_layer(layer), key, x)
     if jax.tree.leaves(head_state):
-        raise ValueError(
+        raise ArgumentError(
             "replace_head: the new head has state; init the new model and use load_pretrained"
         )
     *parents, last = path.strip("/").split("/")
@@ -160,12 +160,12 @@ def replace_head(params: Any, key: jax.Array, layer: Layer, x: Any, *, path: str
     node = root
     for i, k in enumerate(parents):
         if not isinstance(node.get(k), Mapping):
-            raise KeyError(
+            raise GlobError(
                 f"replace_head: no sub-tree {'/'.join(parents[: i + 1])!r} in params; keys: {sorted(node)}"
             )
         node[k] = dict(node[k])
         node = node[k]
     if last not in node:
-        raise KeyError(f"replace_head: no sub-tree {path!r} in params; keys there: {sorted(node)}")
+        raise GlobError(f"replace_head: no sub-tree {path!r} in params; keys there: {sorted(node)}")
     node[last] = head_params
     return root

@@ -30,7 +30,7 @@ import numpy as np
 
 from nnjax.core.checks import check_float, check_keys, check_rank, shape_str
 from nnjax.core.combinators import Layer
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, as_layer, call_child
 from nnjax.layers.base import accumulating_einsum, compute_dtype
 from nnjax.layers.dense import Dense
@@ -439,21 +439,25 @@ def MultiHeadAttention(
     # constructor's arguments.
     kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if num_heads < 1 or kv_heads < 1 or num_heads % kv_heads:
-        raise ValueError(
+        raise ArgumentError(
             f"MultiHeadAttention: num_heads ({num_heads}) must be >= 1 and divisible by "
             f"num_kv_heads ({kv_heads})"
         )
     if qkv_features is not None and qkv_features % num_heads:
-        raise ValueError(
+        raise ArgumentError(
             f"MultiHeadAttention: qkv_features ({qkv_features}) must be divisible by "
             f"num_heads ({num_heads})"
         )
     if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"MultiHeadAttention: implementation must be one of {IMPLEMENTATIONS}")
+        raise ArgumentError(f"MultiHeadAttention: implementation must be one of {IMPLEMENTATIONS}")
     if not 0.0 <= dropout_rate < 1.0:
-        raise ValueError(f"MultiHeadAttention: dropout_rate must be in [0, 1), got {dropout_rate}")
+        raise ArgumentError(
+            f"MultiHeadAttention: dropout_rate must be in [0, 1), got {dropout_rate}"
+        )
     if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"MultiHeadAttention: sliding_window must be >= 1, got {sliding_window}")
+        raise ArgumentError(
+            f"MultiHeadAttention: sliding_window must be >= 1, got {sliding_window}"
+        )
     use_causal = causal or decode
     qk = QKNorm(qk_norm) if qk_norm is not None and not isinstance(qk_norm, QKNorm) else qk_norm
     norm = None if qk is None else as_layer(qk.layer)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_keys, check_rank, get_param, shape_str
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, Layer
 from nnjax.layers import im2col
 from nnjax.layers.adapters import KERNEL_KEYS, adapted_kernel, kernel_shape
@@ -33,7 +33,7 @@ def spatial_tuple(value: int | Sequence[int], nd: int, what: str, owner: str) ->
     """``value`` as ``nd`` positive ints: an int is repeated, a sequence must have ``nd``."""
     t = (value,) * nd if isinstance(value, int) else tuple(value)
     if len(t) != nd or not all(isinstance(v, int | np.integer) and v >= 1 for v in t):
-        raise ValueError(
+        raise ArgumentError(
             f"{owner}: {what} must be a positive int or {nd} positive ints, got {value!r}"
         )
     return tuple(int(v) for v in t)
@@ -50,12 +50,12 @@ def fixed_rank(owner: str, **settings: Any) -> int | None:
         k: len(v) for k, v in settings.items() if v is not None and not isinstance(v, int | str)
     }
     if len(set(lengths.values())) > 1:
-        raise ValueError(
+        raise ArgumentError(
             f"{owner}: the per-axis settings disagree on the number of spatial axes: {lengths}"
         )
     n = next(iter(lengths.values()), None)
     if n == 0:
-        raise ValueError(f"{owner}: per-axis settings must not be empty, got {settings}")
+        raise ArgumentError(f"{owner}: per-axis settings must not be empty, got {settings}")
     return n
 
 
@@ -81,7 +81,7 @@ def window_padding(
     """
     if isinstance(padding, str):
         if padding.upper() not in allowed:
-            raise ValueError(
+            raise ArgumentError(
                 f"{owner}: padding must be one of {list(allowed)} or (lo, hi) pairs, got {padding!r}"
             )
         return padding.upper()
@@ -89,7 +89,7 @@ def window_padding(
         padding = (padding,) * nd
     pads = tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
     if len(pads) != nd or not all(len(p) == 2 and all(isinstance(v, int) for v in p) for p in pads):
-        raise ValueError(
+        raise ArgumentError(
             f"{owner}: padding must be a string, an int or {nd} (lo, hi) int pairs, got {padding!r}"
         )
     return tuple((lo, hi) for lo, hi in pads)  # pairs now checked
@@ -203,7 +203,7 @@ def Conv(
     owner = "Conv"
     groups = feature_group_count
     if features < 1 or groups < 1 or features % groups:
-        raise ValueError(
+        raise ArgumentError(
             f"Conv: features ({features}) must be a positive multiple of feature_group_count ({groups})"
         )
     fixed = fixed_rank(
@@ -359,7 +359,7 @@ def ConvTranspose(
     """
     owner = "ConvTranspose"
     if features < 1:
-        raise ValueError(f"ConvTranspose: features must be >= 1, got {features}")
+        raise ArgumentError(f"ConvTranspose: features must be >= 1, got {features}")
     fixed = fixed_rank(
         owner,
         kernel_size=kernel_size,

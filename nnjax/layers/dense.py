@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_keys, check_rank, get_param, shape_str
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, Layer
 from nnjax.layers.adapters import KERNEL_KEYS, adapted_matmul, kernel_shape
 from nnjax.layers.base import compute_dtype
@@ -52,7 +52,7 @@ def Dense(
         {'bias': (10,), 'kernel': (64, 10)}
     """
     if features < 1:
-        raise ValueError(f"Dense: features must be >= 1, got {features}")
+        raise ArgumentError(f"Dense: features must be >= 1, got {features}")
 
     def init(key, x):
         check_rank(x, 1, "(..., in)")

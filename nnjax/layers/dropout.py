@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from nnjax.core.combinators import Layer
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 
 __all__ = ["Dropout"]
 
@@ -22,7 +22,7 @@ def Dropout(rate: float, *, broadcast_dims: tuple[int, ...] = (), name: str = "d
         LayerError: ``train=True`` without an ``rng``.
     """
     if not 0.0 <= rate < 1.0:
-        raise ValueError(f"Dropout: rate must be in [0, 1), got {rate}")
+        raise ArgumentError(f"Dropout: rate must be in [0, 1), got {rate}")
 
     def init(key, x):
         del key, x

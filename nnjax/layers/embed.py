@@ -12,7 +12,7 @@ import numpy as np
 
 from nnjax.core import padded
 from nnjax.core.checks import check_float, check_keys, check_rank, get_param, shape_str
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import (
     Initializer,
     Layer,
@@ -100,7 +100,7 @@ def Embedding(
         {'embedding': (1000, 64)}
     """
     if num_embeddings < 1 or features < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"Embedding: num_embeddings and features must be >= 1, got {num_embeddings}, {features}"
         )
     table_shape = (num_embeddings, features)
@@ -253,7 +253,9 @@ def LearnedPositionalEmbedding(
         {'embedding': (512, 64)}
     """
     if max_length < 1:
-        raise ValueError(f"LearnedPositionalEmbedding: max_length must be >= 1, got {max_length}")
+        raise ArgumentError(
+            f"LearnedPositionalEmbedding: max_length must be >= 1, got {max_length}"
+        )
 
     def check_length(x):
         t, d = _check_sequence(x)

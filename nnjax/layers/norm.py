@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_float, check_keys, check_rank, get_param, shape_str
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, Layer
 from nnjax.layers.base import compute_dtype
 
@@ -228,7 +228,7 @@ def BatchNorm(
         ({'bias': (16,), 'scale': (16,)}, {'mean': (16,), 'var': (16,)})
     """
     if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum}")
+        raise ArgumentError(f"BatchNorm: momentum must be in [0, 1], got {momentum}")
     keys = _affine_keys(use_scale, use_bias)
 
     def feature_axis(x):
@@ -325,7 +325,7 @@ def GroupNorm(
         {'bias': (64,), 'scale': (64,)}
     """
     if num_groups < 1:
-        raise ValueError(f"GroupNorm: num_groups must be >= 1, got {num_groups}")
+        raise ArgumentError(f"GroupNorm: num_groups must be >= 1, got {num_groups}")
     keys = _affine_keys(use_scale, use_bias)
 
     def channels(x):

@@ -38,7 +38,7 @@ import numpy as np
 
 from nnjax.core import padded
 from nnjax.core.checks import check_keys, get_param, shape_str
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import (
     Initializer,
     Layer,
@@ -179,7 +179,7 @@ def _recurrent(
     # Over 80 lines only through the closures it returns (init, apply; the longest is 52 lines): a
     # layer's functions close over its constructor's arguments.
     if features < 1:
-        raise ValueError(f"{name}: features must be >= 1, got {features}")
+        raise ArgumentError(f"{name}: features must be >= 1, got {features}")
     gates, n_carry, step, recurrent_bias, forget_bias = cell
     H, G = features, gates * features
     keys = ["kernel", "recurrent_kernel"]
@@ -476,7 +476,7 @@ def Bidirectional(
         {'bias': (24,), 'kernel': (3, 24), 'recurrent_bias': (24,), 'recurrent_kernel': (8, 24)}
     """
     if merge not in _MERGES:
-        raise ValueError(f"Bidirectional: merge must be one of {list(_MERGES)}, got {merge!r}")
+        raise ArgumentError(f"Bidirectional: merge must be one of {list(_MERGES)}, got {merge!r}")
     backward_layer = forward_layer if backward_layer is None else backward_layer
     children = {"forward": forward_layer, "backward": backward_layer}
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.errors import ArgumentError
+
 __all__ = ["Rotary", "rotary", "rope_frequencies", "apply_rotary"]
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -122,14 +124,14 @@ def rope_frequencies(
     """
     dim = int(head_dim * partial_rotary_factor)
     if dim < 2 or dim % 2:
-        raise ValueError(
+        raise ArgumentError(
             f"rope: head_dim * partial_rotary_factor must be an even number >= 2, got "
             f"{head_dim} * {partial_rotary_factor} = {dim}"
         )
     s = dict(scaling or {})
     kind = s.get("rope_type", s.get("type", "default"))
     if kind not in ROPE_TYPES:
-        raise ValueError(f"rope: rope_type must be one of {ROPE_TYPES}, got {kind!r}")
+        raise ArgumentError(f"rope: rope_type must be one of {ROPE_TYPES}, got {kind!r}")
     inv_freq, attention, dynamic = _default_inv_freq(theta, dim), 1.0, None
     try:
         if kind == "linear":
@@ -141,7 +143,7 @@ def rope_frequencies(
         elif kind == "dynamic":
             dynamic = (float(theta), float(s["factor"]), int(max_position))
     except KeyError as err:
-        raise ValueError(
+        raise ArgumentError(
             f"rope: rope_type {kind!r} needs the key {err.args[0]!r} in scaling"
         ) from None
     return Rotary(dim, tuple(float(f) for f in inv_freq), float(attention), dynamic)

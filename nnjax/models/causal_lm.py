@@ -49,7 +49,9 @@ def _activation(name: str | Callable) -> Callable:
     if callable(name):
         return name
     if name not in ACTIVATIONS:
-        raise ValueError(f"CausalLM: activation must be one of {sorted(ACTIVATIONS)} or a callable")
+        raise ArgumentError(
+            f"CausalLM: activation must be one of {sorted(ACTIVATIONS)} or a callable"
+        )
     return ACTIVATIONS[name]
 
 
@@ -57,12 +59,12 @@ def _check_config(c: CausalLMConfig) -> tuple[int, int]:
     """``(num_kv_heads, head_dim)``, after refusing what cannot be built."""
     kv = c.num_kv_heads or c.num_heads
     if c.head_dim is None and c.hidden_size % c.num_heads:
-        raise ValueError(
+        raise ArgumentError(
             f"CausalLM: hidden_size ({c.hidden_size}) must be divisible by num_heads "
             f"({c.num_heads}) when head_dim is None"
         )
     if c.num_heads % kv:
-        raise ValueError(
+        raise ArgumentError(
             f"CausalLM: num_heads ({c.num_heads}) must be divisible by num_kv_heads ({kv})"
         )
     for field, value, allowed in (
@@ -72,7 +74,7 @@ def _check_config(c: CausalLMConfig) -> tuple[int, int]:
         ("mlp", c.mlp, ("gated", "plain")),
     ):
         if value not in allowed:
-            raise ValueError(f"CausalLM: {field} must be one of {allowed}, got {value!r}")
+            raise ArgumentError(f"CausalLM: {field} must be one of {allowed}, got {value!r}")
     return kv, c.head_dim or c.hidden_size // c.num_heads
 
 

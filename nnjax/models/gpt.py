@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from nnjax.core.combinators import Layer
+from nnjax.core.errors import ArgumentError
 from nnjax.core.paths import flatten, unflatten
 from nnjax.layers.transformer import ACTIVATIONS
 from nnjax.models.causal_lm import CausalLM
@@ -78,9 +79,9 @@ def causal_lm_config(config: GPTConfig) -> CausalLMConfig:
     """
     c = config
     if c.n_embd % c.n_head:
-        raise ValueError(f"GPT: n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})")
+        raise ArgumentError(f"GPT: n_embd ({c.n_embd}) must be divisible by n_head ({c.n_head})")
     if not callable(c.activation) and c.activation not in ACTIVATIONS:
-        raise ValueError(
+        raise ArgumentError(
             f"GPTConfig: activation must be one of {sorted(ACTIVATIONS)} or a callable"
         )
     return CausalLMConfig(

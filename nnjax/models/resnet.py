@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import jax
 
 from nnjax.core.combinators import Layer, residual, serial
+from nnjax.core.errors import ArgumentError
 from nnjax.layers import BatchNorm, Conv, Dense, GlobalAvgPool
 
 __all__ = ["ResNetConfig", "ResNet", "BasicBlock"]
@@ -94,7 +95,7 @@ def ResNet(config: ResNetConfig = ResNetConfig()) -> Layer:
         {'batchnorm_0': {'bias': (16,), 'scale': (16,)}, 'conv_0': {'kernel': (1, 1, 8, 16)}}
     """
     if not config.widths or config.blocks_per_stage < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"ResNet: expected widths and blocks_per_stage >= 1, got {config.widths}, "
             f"{config.blocks_per_stage}"
         )

@@ -12,7 +12,7 @@ import numpy as np
 
 from nnjax.core.checks import check_keys, shape_str
 from nnjax.core.combinators import Layer, output_shape
-from nnjax.core.errors import LayerError
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import call_child
 from nnjax.layers import GRU, LSTM, Bidirectional, Dense, Dropout, Embedding
 
@@ -104,9 +104,11 @@ def TextClassifier(config: TextClassifierConfig) -> Layer:
     """
     c = config
     if c.cell not in _CELLS:
-        raise ValueError(f"TextClassifier: cell must be one of {list(_CELLS)}, got {c.cell!r}")
+        raise ArgumentError(f"TextClassifier: cell must be one of {list(_CELLS)}, got {c.cell!r}")
     if c.pooling not in _POOLINGS:
-        raise ValueError(f"TextClassifier: pooling must be one of {_POOLINGS}, got {c.pooling!r}")
+        raise ArgumentError(
+            f"TextClassifier: pooling must be one of {_POOLINGS}, got {c.pooling!r}"
+        )
     embed = Embedding(c.vocab_size, c.embed_dim)
     rnn = _CELLS[c.cell](c.hidden, return_sequences=c.pooling == "mean")
     encoder = Bidirectional(rnn) if c.bidirectional else rnn

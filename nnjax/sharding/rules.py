@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nnjax.core.errors import GlobError
+from nnjax.core.errors import ArgumentError, GlobError
 from nnjax.core.paths import (
     glob_match,
     keypath_str,
@@ -95,7 +95,7 @@ def _as_spec(glob: str, path: str, spec: Any) -> P:
         return P()
     if isinstance(spec, tuple):
         return P(*spec)
-    raise TypeError(f"rule {glob!r} gave {path!r} the spec {spec!r}; expected a PartitionSpec")
+    raise ArgumentError(f"rule {glob!r} gave {path!r} the spec {spec!r}; expected a PartitionSpec")
 
 
 def param_specs(params: Any, mesh: Mesh, rules: Rules, *, check_unused: bool = True) -> Any:

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from nnjax.checkpoint import state as checkpoint
+from nnjax.core.errors import ArgumentError
 
 __all__ = ["save_sharded", "restore_sharded"]
 
@@ -81,7 +82,7 @@ def restore_sharded(
         def own(x: Any) -> Any:
             s = getattr(x, "sharding", None)
             if s is None:
-                raise ValueError("restore_sharded: pass shardings= or a target with .sharding")
+                raise ArgumentError("restore_sharded: pass shardings= or a target with .sharding")
             return s
 
         shardings = jax.tree.map(own, target)

@@ -67,7 +67,7 @@ def evaluate(tr: Any, ts: Any, data: Any, *, batch_size: int | None = None) -> d
         n = np.shape(jax.tree.leaves(inputs)[0])[0]
         avg = metrics_lib.update(avg, tr.evaluate(ts, batch), n)
     if not avg.sums:
-        raise ValueError(
+        raise DataError(
             "evaluate: no batches (a one-shot iterator is used up after one pass: pass a "
             "list, a callable or nj.data.batches)"
         )
@@ -119,5 +119,5 @@ def predict(
         out = tr.predict(ts, inputs)
         outputs.append(jax.tree.map(_softmax, out) if probabilities else out)
     if not outputs:
-        raise ValueError("predict: no batches")
+        raise DataError("predict: no batches")
     return jax.tree.map(lambda *xs: np.concatenate(xs), *jax.device_get(outputs))

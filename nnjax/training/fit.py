@@ -460,7 +460,7 @@ def fit(
     run = _resume(checkpoint_dir, ts, jax.random.key(0) if rng is None else rng)
     if isinstance(train_data, BatchIterator):
         if steps is None and epochs is None and train_data.epochs is None:
-            raise ValueError("train_data is endless (batches(..., epochs=None)): pass steps=")
+            raise ArgumentError("train_data is endless (batches(..., epochs=None)): pass steps=")
     elif not stream.is_resumable(train_data) and epochs is None and steps is None:
         epochs = 1
     total = stream.planned_steps(train_data, epochs, steps)

@@ -142,7 +142,7 @@ class MetricLog:
     def _losses(self, first: int, m: dict[str, Any], last_ckpt: str | None) -> np.ndarray:
         loss = np.ravel(np.asarray(m["loss"], np.float32))
         if loss.size != self.k:
-            raise ValueError(
+            raise ArgumentError(
                 f"fit(steps_per_call={self.k}) but trainer.step returned {loss.size} losses per "
                 "call; pass the trainer's steps_per_call"
             )

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_int, labels_in_range, shape_str
-from nnjax.core.errors import ShapeError
+from nnjax.core.errors import ArgumentError, ShapeError
 
 __all__ = [
     "accuracy",
@@ -139,7 +139,7 @@ def update(avg: MetricsAverage, metrics: Mapping[str, Any], n: Any) -> MetricsAv
         ValueError: ``metrics`` has other keys than the batches before it.
     """
     if avg.sums and set(avg.sums) != set(metrics):
-        raise ValueError(
+        raise ArgumentError(
             f"expected metrics with keys {sorted(avg.sums)}, got keys {sorted(metrics)}"
         )
     n = jnp.asarray(n, jnp.float32)

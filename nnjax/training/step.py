@@ -16,6 +16,7 @@ import optax
 
 from nnjax.core import aux, masks
 from nnjax.core.combinators import Layer
+from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Params
 from nnjax.training import guards
 
@@ -80,7 +81,7 @@ def objective_fn(loss_fn: Callable, metric_fns: Mapping[str, Callable]) -> Calla
         values = {"loss": loss, **extra}
         for name, fn in metric_fns.items():
             if name in values:
-                raise ValueError(f"metric name {name!r} is also a loss output")
+                raise ArgumentError(f"metric name {name!r} is also a loss output")
             values[name] = fn(outputs, targets)
         return loss, values
 
@@ -109,7 +110,7 @@ def gradients_fn(forward: Callable, objective: Callable, accumulate: int) -> Cal
 
         (_, (new_state, values)), grads = jax.value_and_grad(loss_of, has_aux=True)(train_p)
         if jax.tree.structure(new_state) != jax.tree.structure(state):
-            raise ValueError(
+            raise LayerError(
                 "model.apply returned a state with another structure than ts.state; "
                 "pass the state from model.init to trainer.init"
             )

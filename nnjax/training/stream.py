@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from nnjax.core.errors import CheckpointError, DataError
+from nnjax.core.errors import ArgumentError, CheckpointError, DataError
 from nnjax.data.iterators import BatchIterator, prefetch_to_device, stack_batches
 
 __all__: list[str] = []  # fit's internals; nj.fit documents the forms
@@ -80,7 +80,7 @@ def stream(data: Any, epochs: int | None, pos: dict[str, int] | None) -> Iterato
         if isinstance(data, BatchIterator):
             it = data.at(start, epochs=data.epochs if epochs is None else epochs)
         elif epochs is not None:
-            raise ValueError(f"{type(data).__name__} has no epochs; pass steps= to fit")
+            raise ArgumentError(f"{type(data).__name__} has no epochs; pass steps= to fit")
         else:
             it = data.at(start)
         for batch in it:
@@ -154,7 +154,7 @@ def eval_batches(eval_data: Any) -> Iterable:
         return eval_data.at(0, epochs=1)  # one full pass, however it was built
     if is_resumable(eval_data):
         if getattr(eval_data, "steps", None) is None:
-            raise ValueError(f"eval_data {type(eval_data).__name__} is endless; give it steps=")
+            raise ArgumentError(f"eval_data {type(eval_data).__name__} is endless; give it steps=")
         return eval_data.at(0)
     batches: Iterable | Callable[[], Iterable] = eval_data  # a re-iterable, or () -> batches
     return batches() if callable(batches) else batches

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnjax.core.errors import ArgumentError, CheckpointError
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.gpt import GPT, GPTConfig, causal_lm_config
 from nnjax.models.hf.config_checks import check_config, read_json
@@ -59,7 +60,7 @@ def gpt2_config(hf_config: Any) -> GPTConfig:
     def need(name):
         value = get(name)
         if value is None:
-            raise ValueError(f"gpt2_config: the config has no {name!r}")
+            raise CheckpointError(f"gpt2_config: the config has no {name!r}")
         return value
 
     for name in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"):
@@ -69,7 +70,7 @@ def gpt2_config(hf_config: Any) -> GPTConfig:
     n_embd = int(need("n_embd"))
     n_inner = get("n_inner") or 4 * n_embd
     if n_inner % n_embd:
-        raise ValueError(
+        raise CheckpointError(
             f"gpt2_config: n_inner ({n_inner}) must be a multiple of n_embd ({n_embd})"
         )
     return GPTConfig(
@@ -89,7 +90,7 @@ def gpt2_config(hf_config: Any) -> GPTConfig:
 def _causal(c: GPTConfig) -> CausalLMConfig:
     """The GPT-2 family's :class:`CausalLMConfig` of a :class:`GPTConfig` (the same weights)."""
     if not isinstance(c.activation, str):
-        raise ValueError("GPT-2 export: the config's activation must be a name (gelu_new, ...)")
+        raise ArgumentError("GPT-2 export: the config's activation must be a name (gelu_new, ...)")
     return causal_lm_config(c)
 
 
@@ -189,7 +190,7 @@ def load_gpt2(source: Any, config: GPTConfig | None = None) -> tuple[GPTConfig, 
     """
     if isinstance(source, Mapping):
         if config is None:
-            raise ValueError("load_gpt2: pass config= (or a folder with config.json)")
+            raise ArgumentError("load_gpt2: pass config= (or a folder with config.json)")
         return config, gpt2_to_params(source, config)
     path = os.fspath(source)
     if os.path.isdir(path):
@@ -202,7 +203,7 @@ def load_gpt2(source: Any, config: GPTConfig | None = None) -> tuple[GPTConfig, 
     else:
         files, weight_map = [path], None
     if config is None:
-        raise ValueError("load_gpt2: pass config= (or a folder with config.json)")
+        raise ArgumentError("load_gpt2: pass config= (or a folder with config.json)")
     infos = read_headers(files, weight_map)
     if not any(n.startswith(_PREFIX) for n in infos):  # saved from GPT2Model: no prefix
         infos = {_PREFIX + n: i for n, i in infos.items()}

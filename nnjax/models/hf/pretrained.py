@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from nnjax.core.checks import check_bool
-from nnjax.core.errors import CheckpointError
+from nnjax.core.errors import ArgumentError, CheckpointError
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.hf.config_checks import read_json as _read_json
 from nnjax.models.hf.configs import config_from_hf, config_to_hf
@@ -108,7 +108,7 @@ def from_pretrained(
         (1, 3, 100)
     """
     if rules is not None and mesh is None:
-        raise ValueError("from_pretrained: rules= needs mesh=")
+        raise ArgumentError("from_pretrained: rules= needs mesh=")
     config = load_config(path)
     files, weight_map = model_files(os.fspath(path))
     infos = read_headers(files, weight_map)

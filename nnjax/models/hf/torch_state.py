@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nnjax.core.errors import CheckpointError
+from nnjax.core.errors import ArgumentError, CheckpointError
 from nnjax.core.paths import flatten, logical_path, stack_depth, unflatten
 
 __all__ = ["load_torch_state_dict", "to_torch_state_dict", "to_numpy"]
@@ -99,7 +99,7 @@ def _read_logical(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def _entry(name: str, value: Any) -> tuple[str, str]:
     path, transform = (value, "auto") if isinstance(value, str) else tuple(value)
     if transform not in _TRANSFORMS:
-        raise ValueError(
+        raise ArgumentError(
             f"name_map[{name!r}]: transform must be one of {_TRANSFORMS}, got {transform!r}"
         )
     return path, transform
@@ -168,7 +168,7 @@ def load_torch_state_dict(
     for name, value in name_map.items():
         path, transform = _entry(name, value)
         if path in values:
-            raise ValueError(f"name_map maps both {sources[path]!r} and {name!r} to {path!r}")
+            raise ArgumentError(f"name_map maps both {sources[path]!r} and {name!r} to {path!r}")
         values[path] = _layout(to_numpy(state_dict[name]), path, transform, to_jax=True)
         sources[path] = name
     return _assemble(params, values, sources, strict=strict)
