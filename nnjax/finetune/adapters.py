@@ -183,7 +183,7 @@ def add_lora(
 
     Raises:
         GlobError: a target glob matches nothing.
-        ValueError: a target is not a kernel, already has a LoRA, or is smaller than ``rank``.
+        ArgumentError: a target is not a kernel, already has a LoRA, or is smaller than ``rank``.
 
     Example:
         >>> model = nj.serial(nj.Dense(16), blocks=nj.repeat(nj.Dense(16), 4), head=nj.Dense(2))
@@ -357,7 +357,7 @@ def save_adapters(path: str | os.PathLike, params: Any, trainable: Any = None) -
         The file's size in bytes.
 
     Raises:
-        ValueError: nothing to save.
+        ArgumentError: nothing to save.
     """
     flat = flatten(params)
     if trainable is None:

@@ -153,7 +153,7 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
             ``{"a/b": s}`` dict); the updates may be any subtree of it.
 
     Raises:
-        ValueError: an update whose path has no scale, or a scale whose shape is not
+        ArgumentError: an update whose path has no scale, or a scale whose shape is not
             a prefix of the update's.
     """
     flat: dict[str, np.ndarray] = {}

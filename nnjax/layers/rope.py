@@ -115,7 +115,7 @@ def rope_frequencies(
         A :class:`Rotary`.
 
     Raises:
-        ValueError: an unknown ``rope_type`` or a missing key it needs.
+        ArgumentError: an unknown ``rope_type`` or a missing key it needs.
 
     Example:
         >>> r = nj.layers.rope.rope_frequencies(8, theta=100.0)

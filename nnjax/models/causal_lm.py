@@ -280,7 +280,7 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
         A Layer.
 
     Raises:
-        ValueError: an inconsistent config.
+        ArgumentError: an inconsistent config.
         LayerError: non-integer ids, positions or segment ids of another shape, ``T >
             max_position`` with learned positions, an unknown input key, a decode cache
             overflow.

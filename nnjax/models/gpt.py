@@ -134,7 +134,7 @@ def GPT(config: GPTConfig = GPTConfig(), *, decode: bool = False, name: str = "g
         A Layer.
 
     Raises:
-        ValueError: ``n_embd`` not divisible by ``n_head``, an unknown activation.
+        ArgumentError: ``n_embd`` not divisible by ``n_head``, an unknown activation.
         LayerError: non-integer ids, ``T > block_size``, a decode cache overflow.
 
     Params:

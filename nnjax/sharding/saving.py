@@ -61,7 +61,7 @@ def restore_sharded(
     Raises:
         CheckpointError: as :func:`nnjax.checkpoint.restore` (missing, corrupt, or
             another structure).
-        ValueError: no ``shardings`` and a ``target`` leaf without a sharding.
+        ArgumentError: no ``shardings`` and a ``target`` leaf without a sharding.
 
     Example:
         >>> import optax

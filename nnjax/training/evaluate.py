@@ -50,7 +50,7 @@ def evaluate(tr: Any, ts: Any, data: Any, *, batch_size: int | None = None) -> d
 
     Raises:
         DataError: arrays without ``batch_size``, or a batch that is not a pair.
-        ValueError: ``data`` gives no batches.
+        DataError: ``data`` gives no batches.
 
     Example:
         >>> import optax

@@ -136,7 +136,7 @@ def update(avg: MetricsAverage, metrics: Mapping[str, Any], n: Any) -> MetricsAv
         n: the number of examples in the batch (the weight).
 
     Raises:
-        ValueError: ``metrics`` has other keys than the batches before it.
+        ArgumentError: ``metrics`` has other keys than the batches before it.
     """
     if avg.sums and set(avg.sums) != set(metrics):
         raise ArgumentError(

@@ -48,7 +48,7 @@ def gpt2_config(hf_config: Any) -> GPTConfig:
     ``causal_lm_config`` of the result is the config ``from_pretrained`` reads.
 
     Raises:
-        ValueError: a size field is missing, or ``n_inner`` not a multiple of ``n_embd``.
+        CheckpointError: a size field is missing, or ``n_inner`` not a multiple of ``n_embd``.
         CheckpointError: a field ``from_pretrained`` refuses (named).
     """
 
@@ -175,7 +175,7 @@ def load_gpt2(source: Any, config: GPTConfig | None = None) -> tuple[GPTConfig, 
 
     Raises:
         CheckpointError: see :func:`gpt2_to_params`; a folder without weights.
-        ValueError: no config for a file or state dict.
+        ArgumentError: no config for a file or state dict.
 
     Example:
         A tiny random GPT-2 saved by transformers stands in for a downloaded one:
