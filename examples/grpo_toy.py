@@ -67,11 +67,11 @@ def words(n: int, length: int, seed: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--length", type=int, default=3, help="letters per word")
-    p.add_argument("--sft-steps", type=int, default=150)
+    p.add_argument("--sft-steps", type=int, default=40)
     p.add_argument("--grpo-steps", type=int, default=40)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8, help="prompts per GRPO step")
-    p.add_argument("--lr", type=float, default=2e-2)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--beta", type=float, default=0.02)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps")
