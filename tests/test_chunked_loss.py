@@ -126,9 +126,10 @@ def test_chunked_step_never_holds_the_logits():
     assert lazy <= n * v * 4 / 2, (lazy, plain)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_causal_lm_training_uses_lazy_logits_above_the_size(tie):
+@pytest.mark.parametrize("tie, softcap", [(False, None), (True, None), (True, 2.0)])
+def test_causal_lm_training_uses_lazy_logits_above_the_size(tie, softcap):
     cfg = nj.models.CausalLMConfig(
+        final_logit_softcap=softcap,
         vocab_size=300,
         hidden_size=32,
         num_heads=4,

@@ -392,14 +392,17 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
             c.lazy_logits_from
         ):
             return None
-        if c.final_logit_softcap is not None:  # the chunked loss has no cap
-            return None
         name, leaf = ("tok_embed", "embedding") if head is None else ("lm_head", "kernel")
         if list(params[name]) != [leaf]:
             return None
         weight = params[name][leaf]
         dtype_ = h.dtype if c.dtype is None else jnp.dtype(c.dtype)
-        return LazyLogits(h.astype(dtype_), weight.astype(dtype_), transposed=head is None)
+        return LazyLogits(
+            h.astype(dtype_),
+            weight.astype(dtype_),
+            transposed=head is None,
+            softcap=c.final_logit_softcap,  # computed in float32 per chunk
+        )
 
     def apply(params, state, x, *, rng=None, train=False):
         ids, positions, segments = _read_ids(x)
