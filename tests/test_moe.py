@@ -245,6 +245,8 @@ def test_load_balance_equals_transformers_over_layers():
 def test_strip_and_channel_errors():
     state = {"blocks": {"stacked": {"moe": {"aux": {"x": {"value": jnp.ones(3)}}}}}, "p": 1}
     assert aux.strip(state) == {"p": 1}
+    # a state that was empty to begin with keeps its place (a wrapper layer's {} child)
+    assert aux.strip({"wrap": {"inner": {}}, "moe": {"aux": {}}}) == {"wrap": {"inner": {}}}
     with pytest.raises(LayerError, match="'x' lacks the leaf"):
         aux.losses(state)
     with pytest.raises(LayerError, match=r"goes at \.\.\./aux/"):

@@ -60,6 +60,9 @@ def _is_stack_key(key: str) -> bool:
 def strip(state: Mapping[str, Any]) -> dict[str, Any]:
     """``state`` without its :data:`AUX` entries (and without dicts left empty by that).
 
+    A dict that was empty before stripping stays: a layer whose state is ``{}`` keeps
+    the structure its ``init`` gave, so the trainer's state keeps one structure.
+
     Example:
         >>> from nnjax.core import aux
         >>> aux.strip({"blocks": {"moe": {"aux": {"router_z": {"value": 1.0}}}}, "n": 2})
@@ -69,7 +72,7 @@ def strip(state: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in state.items():
         if key == AUX:
             continue
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping) and value:
             value = strip(value)
             if not value:
                 continue
