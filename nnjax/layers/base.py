@@ -79,6 +79,7 @@ def accumulating_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     the output or the other operand (true of matmuls and attention).
 
     Example:
+        >>> from nnjax.layers.base import accumulating_einsum
         >>> a = jnp.ones((2, 3), jnp.bfloat16)
         >>> accumulating_einsum("nk,km->nm", a, jnp.ones((3, 4), jnp.bfloat16)).dtype
         dtype('float32')
