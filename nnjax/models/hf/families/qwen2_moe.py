@@ -60,6 +60,19 @@ def _in(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     }
 
 
+QWEN_MOE_DERIVED = (
+    "num_experts",
+    "num_experts_per_tok",
+    "router_aux_loss_coef",
+    "output_router_logits",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "norm_topk_prob",
+    "moe_intermediate_size",
+)
+"""The HF fields both Qwen MoE families derive from the config on export."""
+
+
 def _out(c: Any) -> dict[str, Any]:
     return {
         **qwen_moe_out(c),
@@ -77,15 +90,5 @@ FAMILY = Family(
     ),
     config_in=_in,
     config_out=_out,
-    derived=(
-        "num_experts",
-        "num_experts_per_tok",
-        "router_aux_loss_coef",
-        "output_router_logits",
-        "decoder_sparse_step",
-        "mlp_only_layers",
-        "norm_topk_prob",
-        "moe_intermediate_size",
-        "shared_expert_intermediate_size",
-    ),
+    derived=(*QWEN_MOE_DERIVED, "shared_expert_intermediate_size"),
 )

@@ -7,7 +7,7 @@ from typing import Any
 
 from nnjax.models.hf.families.common import llama_in
 from nnjax.models.hf.families.moe_common import attention_entries, dense_entries, expert_entries
-from nnjax.models.hf.families.qwen2_moe import qwen_moe_in, qwen_moe_out
+from nnjax.models.hf.families.qwen2_moe import QWEN_MOE_DERIVED, qwen_moe_in, qwen_moe_out
 from nnjax.models.hf.families.record import Family
 from nnjax.models.hf.tables import Table
 
@@ -29,14 +29,5 @@ FAMILY = Family(
     ),
     config_in=_in,
     config_out=_out,
-    derived=(
-        "num_experts",
-        "num_experts_per_tok",
-        "router_aux_loss_coef",
-        "output_router_logits",
-        "decoder_sparse_step",
-        "mlp_only_layers",
-        "norm_topk_prob",
-        "moe_intermediate_size",
-    ),
+    derived=QWEN_MOE_DERIVED,
 )
