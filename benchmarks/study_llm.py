@@ -32,7 +32,13 @@ import tempfile
 import time
 
 from benchmarks.report import fmt, machine_line, write_study
-from benchmarks.workloads import child_json, reset_peak_rss, rss
+from benchmarks.workloads import (
+    child_json,
+    first_and_median,
+    reset_peak_rss,
+    rss,
+    torch_greedy_decode,
+)
 
 __all__ = ["main", "llama_shape", "CELLS"]
 
@@ -67,18 +73,6 @@ def make_checkpoint(folder: str, quick: bool) -> dict:
     return {"params": sum(p.numel() for p in model.parameters())}
 
 
-def _timed_steps(step, steps: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
-
-
 def _nnjax(cell: str, folder: str, steps: int) -> dict:
     import jax
     import numpy as np
@@ -107,7 +101,7 @@ def _nnjax(cell: str, folder: str, steps: int) -> dict:
                     nj.models.generate(config, params, prompt, NEW_TOKENS, temperature=0.0)
                 )
 
-            first, s = _timed_steps(run, steps)
+            first, s = first_and_median(run, steps)
             out[f"b{b} tok/s"] = b * NEW_TOKENS / s
             out[f"b{b} first s"] = first
         return out
@@ -127,7 +121,7 @@ def _nnjax(cell: str, folder: str, steps: int) -> dict:
             holder[0], m = tr.step(holder[0], batch)
             jax.block_until_ready(m)
 
-        out[f"{kind} first s"], out[f"{kind} step s"] = _timed_steps(step, steps)
+        out[f"{kind} first s"], out[f"{kind} step s"] = first_and_median(step, steps)
         del holder
     return out
 
@@ -150,25 +144,7 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     if cell == "decode":
         model.eval()
-        out = {}
-        for b in (1, 8):
-            prompt = torch.randint(0, vocab, (b, PROMPT), generator=gen)
-
-            def run(prompt=prompt):
-                with torch.no_grad():
-                    model.generate(
-                        prompt,
-                        attention_mask=torch.ones_like(prompt),
-                        max_new_tokens=NEW_TOKENS,
-                        min_new_tokens=NEW_TOKENS,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
-
-            first, s = _timed_steps(run, steps)
-            out[f"b{b} tok/s"] = b * NEW_TOKENS / s
-            out[f"b{b} first s"] = first
-        return out
+        return torch_greedy_decode(model, PROMPT, NEW_TOKENS, steps)
     from peft import LoraConfig, get_peft_model
 
     ids = torch.randint(0, vocab, (1, TRAIN_TOKENS), generator=gen)
@@ -188,7 +164,7 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        out[f"{kind} first s"], out[f"{kind} step s"] = _timed_steps(step, steps)
+        out[f"{kind} first s"], out[f"{kind} step s"] = first_and_median(step, steps)
         del m, opt
     return out
 

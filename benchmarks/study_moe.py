@@ -26,10 +26,9 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 
 from benchmarks.report import fmt, machine_line, write_study
-from benchmarks.workloads import child_json
+from benchmarks.workloads import child_json, first_and_median, torch_greedy_decode
 
 __all__ = ["main", "moe_shape", "CELLS"]
 
@@ -90,18 +89,6 @@ def make_checkpoints(folder: str, quick: bool) -> dict:
     return {"moe params": count, "dense params": sum(p.numel() for p in dense.parameters())}
 
 
-def _timed(step, steps: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
-
-
 def _nnjax(cell: str, folder: str, steps: int) -> dict:
     import jax
     import numpy as np
@@ -121,7 +108,7 @@ def _nnjax(cell: str, folder: str, steps: int) -> dict:
                     nj.models.generate(config, params, prompt, NEW_TOKENS, temperature=0.0)
                 )
 
-            first, s = _timed(run, steps)
+            first, s = first_and_median(run, steps)
             out[f"b{b} tok/s"] = b * NEW_TOKENS / s
             out[f"b{b} first s"] = first
         return out
@@ -135,7 +122,7 @@ def _nnjax(cell: str, folder: str, steps: int) -> dict:
         holder[0], m = tr.step(holder[0], batch)
         jax.block_until_ready(m)
 
-    first, s = _timed(step, steps)
+    first, s = first_and_median(step, steps)
     return {"step s": s, "first s": first}
 
 
@@ -149,25 +136,7 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
     if cell == "decode":
         model.eval()
         model.config.output_router_logits = False  # decoding needs no router logits
-        out = {}
-        for b in (1, 8):
-            prompt = torch.randint(0, vocab, (b, PROMPT), generator=gen)
-
-            def run(prompt=prompt):
-                with torch.no_grad():
-                    model.generate(
-                        prompt,
-                        attention_mask=torch.ones_like(prompt),
-                        max_new_tokens=NEW_TOKENS,
-                        min_new_tokens=NEW_TOKENS,
-                        do_sample=False,
-                        pad_token_id=0,
-                    )
-
-            first, s = _timed(run, steps)
-            out[f"b{b} tok/s"] = b * NEW_TOKENS / s
-            out[f"b{b} first s"] = first
-        return out
+        return torch_greedy_decode(model, PROMPT, NEW_TOKENS, steps)
     ids = torch.randint(0, vocab, (BATCH, TRAIN_TOKENS + 1), generator=gen)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -178,7 +147,7 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    first, s = _timed(step, steps)
+    first, s = first_and_median(step, steps)
     return {"step s": s, "first s": first}
 
 

@@ -219,6 +219,47 @@ def median_ms(call: Callable[[], object], steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def first_and_median(step: Callable[[], object], steps: int) -> tuple[float, float]:
+    """``(seconds of the first call, median seconds of the next steps calls)``: compile or
+    warm-up apart from the steady state."""
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+def torch_greedy_decode(model: Any, prompt_len: int, new_tokens: int, steps: int) -> dict:
+    """transformers' greedy ``generate`` at batch 1 and 8 on random prompts (seed 0):
+    ``{"b{b} tok/s", "b{b} first s"}``, the reference side of the LLM decode cells."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for b in (1, 8):
+        prompt = torch.randint(0, model.config.vocab_size, (b, prompt_len), generator=gen)
+
+        def run(prompt=prompt):
+            with torch.no_grad():
+                model.generate(
+                    prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
+        first, s = first_and_median(run, steps)
+        out[f"b{b} tok/s"] = b * new_tokens / s
+        out[f"b{b} first s"] = first
+    return out
+
+
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
