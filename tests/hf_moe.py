@@ -134,3 +134,17 @@ def params_of(model) -> dict:
 
 def ids(shape, seed=0):
     return np.random.default_rng(seed).integers(3, VOCAB, size=shape).astype(np.int32)
+
+
+def greedy(model, prompt: np.ndarray, new_tokens: int = 8) -> np.ndarray:
+    """transformers' greedy ``generate`` of ``new_tokens`` after ``prompt`` (B, T), unpadded."""
+    import torch
+
+    with torch.no_grad():
+        return model.generate(
+            torch.from_numpy(prompt).long(),
+            attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        ).numpy()
