@@ -14,7 +14,8 @@ Inputs other than a plain array come in through ``x`` (the apply signature is fi
 
 The apply is a pipeline of named steps: read and check the input; project (q, k, v
 heads, q/k norms, rotation); write the cache (decode); mask (padding, causal, window,
-segments); attend (einsum or ``jax.nn.dot_product_attention``); the output projection.
+segments); attend (einsum, blockwise or ``jax.nn.dot_product_attention``); the output
+projection.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from nnjax.core.combinators import Layer
 from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, as_layer, call_child
 from nnjax.layers.base import accumulating_einsum, compute_dtype
+from nnjax.layers.blockwise_attention import blockwise_attention
 from nnjax.layers.dense import Dense
 from nnjax.layers.rope import Rotary, apply_rotary
 
@@ -71,9 +73,18 @@ CACHE_KEYS = ("cached_key", "cached_value", "cached_segment_ids", "cache_index")
 """State leaves of a ``decode=True`` attention: the KV cache, each slot's segment id
 (0: empty or padding) and the next write position."""
 
-IMPLEMENTATIONS = (None, "einsum", "xla", "cudnn")
-"""``None``: ``einsum`` on CPU, ``jax.nn.dot_product_attention`` elsewhere. ``xla``/``cudnn``
-are passed to ``jax.nn.dot_product_attention``; ``einsum`` is an explicit float32 softmax."""
+IMPLEMENTATIONS = (None, "einsum", "blockwise", "xla", "cudnn")
+"""``None``: on CPU ``blockwise`` from :data:`BLOCKWISE_FROM` keys on (``einsum`` below it
+and for decode steps), ``jax.nn.dot_product_attention`` elsewhere. ``einsum`` is an
+explicit float32 softmax over the whole ``(T_q, T_kv)`` scores; ``blockwise``
+(:func:`~nnjax.layers.blockwise_attention.blockwise_attention`) the same softmax one
+block of scores at a time, never holding them all; ``xla``/``cudnn`` are passed to
+``jax.nn.dot_product_attention``."""
+
+BLOCKWISE_FROM = 256
+"""Key length from which ``implementation=None`` takes the blockwise path on CPU: the
+einsum path's ``(T, T)`` mask, select and softmax cost more than the blocks' loop
+from here on (docs/benchmarks.md, "Attention on the CPU")."""
 
 _INPUT_KEYS = ("key_value", "mask", "positions", "segment_ids")
 
@@ -141,10 +152,16 @@ def _check_mask(mask: Any, batch: tuple[int, ...], t_kv: int) -> jax.Array:
     return jnp.reshape(mask, (-1, t_kv))
 
 
-def _resolve(implementation: str | None) -> str | None:
-    """The path to take: ``"einsum"``, or what to pass to ``jax.nn.dot_product_attention``."""
+def _resolve(implementation: str | None, *, t_q: int, t_kv: int, decode: bool, drop: bool):
+    """The path to take: ``"einsum"``, ``"blockwise"``, or what to pass to
+    ``jax.nn.dot_product_attention``. Decode steps (the cache's traced offset) and
+    dropout on the weights always take the einsum path when blockwise is asked."""
     if implementation is None:
-        return "einsum" if jax.default_backend() == "cpu" else None
+        if jax.default_backend() != "cpu":
+            return None
+        implementation = "blockwise" if t_q > 1 and t_kv >= BLOCKWISE_FROM else "einsum"
+    if implementation == "blockwise" and (decode or drop):
+        return "einsum"
     return implementation
 
 
@@ -399,9 +416,12 @@ def MultiHeadAttention(
         dtype: computation dtype; ``None`` keeps a float input's dtype.
         param_dtype: dtype of the params.
         decode: keep a KV cache in ``state`` (see above).
-        implementation: one of ``IMPLEMENTATIONS``; ``None`` picks ``einsum`` on CPU
-            (faster there) and ``jax.nn.dot_product_attention`` on GPU/TPU, by
-            ``jax.default_backend()`` at trace time.
+        implementation: one of ``IMPLEMENTATIONS``; ``None`` picks, by
+            ``jax.default_backend()`` at trace time, ``jax.nn.dot_product_attention`` on
+            GPU/TPU and on CPU ``blockwise`` (scores one block at a time, never
+            ``(T_q, T_kv)``) from ``BLOCKWISE_FROM`` keys, ``einsum`` below and for
+            decode steps. ``blockwise`` takes the einsum path for decode steps and for
+            dropout on the weights.
         name: default name in a combinator.
 
     Returns:
@@ -592,18 +612,34 @@ def MultiHeadAttention(
             else:
                 k, v, kv_segments, new_state = _write_cache(state, k, v, written, index)
             segments = written  # the cache's empty slots are segment 0: never attended
-        mask = _mask(
-            pad=None if pad is None else _check_mask(pad, batch, max_len),
-            q_index=q_index,
-            kv_index=kv_index,
-            q_segments=segments,
-            kv_segments=kv_segments,
-            causal=use_causal,
-            window=sliding_window,
-            offset_zero=not decode,
-        )
+        pad = None if pad is None else _check_mask(pad, batch, max_len)
         drop = dropout_rng(rng, train)
-        y = _attend(q, k, v, mask, dtype_, _resolve(implementation), drop, dropout_rate, logits)
+        impl = _resolve(implementation, t_q=t_q, t_kv=t_kv, decode=decode, drop=drop is not None)
+        if impl == "blockwise":
+            y = blockwise_attention(
+                q,
+                k,
+                v,
+                pad=pad,
+                segments=segments,
+                kv_segments=kv_segments,
+                causal=use_causal,
+                window=sliding_window,
+                scale=logits.scale,
+                softcap=logits.softcap,
+            ).astype(dtype_)
+        else:
+            mask = _mask(
+                pad=pad,
+                q_index=q_index,
+                kv_index=kv_index,
+                q_segments=segments,
+                kv_segments=kv_segments,
+                causal=use_causal,
+                window=sliding_window,
+                offset_zero=not decode,
+            )
+            y = _attend(q, k, v, mask, dtype_, impl, drop, dropout_rate, logits)
         y, _ = call_child(
             "out", out_dense(out).apply, params["out"], {}, jnp.reshape(y, (*batch, t_q, qkv))
         )
