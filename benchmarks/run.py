@@ -34,6 +34,7 @@ STUDIES = {
     "checkpoint": "benchmarks.study_checkpoint",
     "llm": "benchmarks.study_llm",
     "llm-finetune": "benchmarks.study_llm_finetune",
+    "llm-long": "benchmarks.study_llm_long",
     "moe": "benchmarks.study_moe",
     "dpo": "benchmarks.study_dpo",
 }

@@ -53,7 +53,9 @@ def qwen2_05b_shape(quick: bool) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _nnjax(row: str, shape: dict, steps: int) -> dict:
+def _nnjax(
+    row: str, shape: dict, steps: int, *, attention: str | None = None, remat: bool = False
+) -> dict:
     import jax
     import numpy as np
     import optax
@@ -71,6 +73,8 @@ def _nnjax(row: str, shape: dict, steps: int) -> dict:
         tie_embeddings=True,
         rope_theta=1e6,
         family="qwen2",
+        attention_implementation=attention,
+        remat=remat,
     )
     model = nj.models.CausalLM(config)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, shape["tokens"] + 1))
@@ -90,6 +94,7 @@ def _nnjax(row: str, shape: dict, steps: int) -> dict:
     ts, m = tr.step(ts, (x, y))
     jax.block_until_ready(m)
     first = time.perf_counter() - t0
+    first_peak = rss()[1]
     reset_peak_rss()
     times = []
     for _ in range(steps):
@@ -101,6 +106,7 @@ def _nnjax(row: str, shape: dict, steps: int) -> dict:
         "first_s": first,
         "step_s": statistics.median(times),
         "peak_mb": rss()[1] / _MB,
+        "first_peak_mb": first_peak / _MB,
         "loss": float(m["loss"]),
         "trainable": nj.count_params(ts.params) if mask is None else _count(ts.params, mask),
     }
@@ -161,6 +167,7 @@ def _torch(shape: dict, steps: int) -> dict:
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
+    first_peak = rss()[1]
     reset_peak_rss()
     times = []
     for _ in range(steps):
@@ -172,6 +179,7 @@ def _torch(shape: dict, steps: int) -> dict:
         "first_s": first,
         "step_s": statistics.median(times),
         "peak_mb": rss()[1] / _MB,
+        "first_peak_mb": first_peak / _MB,
         "loss": loss,
         "trainable": int(trainable),
     }
