@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import nnjax as nj
-from nnjax.core.errors import ArgumentError, ShapeError
+from nnjax.core.errors import ArgumentError, LayerError, ShapeError
 from nnjax.training import losses
 from nnjax.training.chunked import LazyLogits, chunked_token_nll, token_log_probs
 
@@ -167,3 +167,21 @@ def test_causal_lm_head_with_adapters_gives_logits():
     params, _ = nj.finetune.add_lora(params, jax.random.PRNGKey(1), "lm_head/kernel", rank=2)
     out = model.apply(params, state, ids, train=True)[0]
     assert not isinstance(out, LazyLogits) and out.shape == (1, 4, 64)
+
+
+def test_causal_lm_lazy_logits_input_key():
+    """``lazy_logits`` overrides the train-mode rule both ways; the values are the logits'."""
+    cfg = nj.models.CausalLMConfig(vocab_size=64, hidden_size=16, mlp_hidden=32)
+    model = nj.models.CausalLM(cfg)
+    ids = jax.random.randint(jax.random.PRNGKey(0), (2, 5), 0, 64)
+    params, state = model.init(jax.random.PRNGKey(1), ids)
+    full = model.apply(params, state, ids)[0]
+    lazy = model.apply(params, state, {"ids": ids, "lazy_logits": True})[0]
+    assert isinstance(lazy, LazyLogits)
+    np.testing.assert_allclose(np.asarray(lazy), full, atol=1e-6)
+    big = nj.models.CausalLM(dataclasses.replace(cfg, lazy_logits_from=1))
+    out = big.apply(params, state, {"ids": ids, "lazy_logits": False}, train=True)[0]
+    assert not isinstance(out, LazyLogits)
+    np.testing.assert_allclose(out, full, atol=1e-6)
+    with pytest.raises(LayerError, match="lazy_logits to be a Python bool"):
+        model.apply(params, state, {"ids": ids, "lazy_logits": jnp.array(True)})

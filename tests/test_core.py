@@ -465,3 +465,24 @@ def test_a_layer_that_breaks_the_contract_gets_an_error_stating_it():
     good = _layer()
     params, state = nj.repeat(good, 2).init(jax.random.key(0), x)
     np.testing.assert_array_equal(nj.repeat(good, 2).apply(params, state, x)[0], x)
+
+
+def test_cpu_remat_policy_saves_wide_matmuls_and_recomputes_low_rank_ones():
+    """The policy on each matmul of a LoRA layer, ``x @ w + (x @ a) @ b``: against its rule
+    (no batch dims and a contraction wider than CHEAP_CONTRACTION)."""
+    from nnjax.core.combinators import _CPU_SAVED_RESIDUALS, CHEAP_CONTRACTION
+
+    d, r = 2 * CHEAP_CONTRACTION, CHEAP_CONTRACTION // 8
+
+    def lora(x, w, a, b, q):
+        y = x @ w + (x @ a) @ b
+        return jnp.einsum("bqd,bkd->bqk", q, q) + y[0, 0]  # a batched product too
+
+    args = (jnp.ones((4, d)), jnp.ones((d, d)), jnp.ones((d, r)), jnp.ones((r, d)))
+    jaxpr = jax.make_jaxpr(lora)(*args, jnp.ones((2, 3, 5)))
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    saved = [
+        _CPU_SAVED_RESIDUALS(e.primitive, *(v.aval for v in e.invars), **e.params) for e in dots
+    ]
+    # x @ w (contracts d), x @ a (contracts d), (x @ a) @ b (contracts r), the batched one
+    assert saved == [True, True, False, False]

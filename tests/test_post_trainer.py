@@ -180,3 +180,34 @@ def test_bad_arguments():
     flat = ({k: v[:, 0] for k, v in batch[0].items()}, batch[1][:, 0])
     with pytest.raises(nj.DataError, match=r"shape \(B, 2, T\)"):
         tr.step(tr.init(params), flat)
+
+
+def test_lazy_logits_keep_both_passes_chunked_and_change_nothing():
+    """A model whose training outputs are LazyLogits: the policy's and the reference's
+    log-probs stay lazy (never (B, 2, T, V)), and the steps equal the plain logits' ones."""
+    import dataclasses
+
+    _model, _data, batch, base, _params, _mask = _unpack(_setup())
+    # adapters in the blocks only: a head with adapters always gives the logits
+    params, mask = nj.finetune.add_lora(base, jax.random.key(1), "blocks/**/kernel", rank=4)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.05 if path[-1].key == "lora_b" else x, params
+    )
+    lazy_model = nj.models.CausalLM(dataclasses.replace(CFG, lazy_logits_from=1))
+    plain_model = nj.models.CausalLM(dataclasses.replace(CFG, lazy_logits_from=None))
+    out, _ = nj.post.preference_model(lazy_model).apply(params, {}, batch[0], train=True)
+    assert isinstance(out["logits"], nj.losses.LazyLogits)
+    assert isinstance(out["reference_logits"], nj.losses.LazyLogits)
+    assert out["reference_logits"].shape == (4, 2, 10, CFG.vocab_size)
+    runs = []
+    for m in (lazy_model, plain_model):
+        tr = nj.post.preference_trainer(m, optax.adam(1e-2), trainable=mask)
+        runs.append(_run(tr, params, [batch] * 2))
+    (ts_l, m_l), (ts_p, m_p) = runs
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), m_l, m_p)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        ts_l.params,
+        ts_p.params,
+    )
+    assert m_l[0]["rewards/margins"] != 0  # lora_b != 0: policy and reference differ

@@ -40,7 +40,7 @@ from nnjax.training.chunked import LazyLogits
 
 __all__ = ["CausalLM"]
 
-_INPUT_KEYS = ("positions", "segment_ids")
+_INPUT_KEYS = ("positions", "segment_ids", "lazy_logits")
 # Scaled by 1 / sqrt(2 * num_layers) at init (GPT-2): the projections into the residual stream.
 _RESIDUAL_KERNELS = (("attn", "out"), ("mlp", "proj"), ("mlp", "down"))
 
@@ -227,6 +227,17 @@ def _read_ids(x: Any) -> tuple[Any, Any, Any]:
     return ids, positions, segments
 
 
+def _lazy_request(x: Any) -> bool | None:
+    """The input's ``lazy_logits`` flag: a Python bool, or ``None`` (the train-mode rule)."""
+    flag = x.get("lazy_logits") if isinstance(x, Mapping) else None
+    if flag is not None and not isinstance(flag, bool):
+        raise LayerError(
+            f"expected lazy_logits to be a Python bool (it chooses the output's type, so it "
+            f"cannot be traced), got {type(flag).__name__}"
+        )
+    return flag
+
+
 def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causal_lm") -> Layer:
     """A decoder-only language model: token ids ``(..., T)`` -> logits ``(..., T, vocab_size)``.
 
@@ -245,6 +256,13 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
       packed sequences (restarting at 0 in each) and left-padded batches.
     - ``segment_ids``: packed sequences; a token attends only to earlier tokens of its
       own segment; 0 marks padding (attended by nobody; its logits are meaningless).
+    - ``lazy_logits`` (a Python bool, not an array): ``True`` returns
+      :class:`~nnjax.losses.LazyLogits` (the head's input and weight; losses read them a
+      vocabulary chunk at a time) in any mode, ``False`` always the logits. Absent:
+      LazyLogits in training (``train=True``) once ``B * T * vocab_size`` reaches the
+      config's ``lazy_logits_from``. An eval-mode pass that only feeds a loss (a
+      preference reference, perplexity) asks for them. A head with adapters or
+      quantized leaves always gives the logits.
 
     Init follows GPT-2: kernels and tables ``normal(initializer_range)``, biases 0,
     norms 1 (Gemma's stored ``scale`` 0), the projections into the residual stream
@@ -385,12 +403,14 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
             h = h + p
         return h  # (..., T, d)
 
-    def lazy_head(params, h):
-        """LazyLogits when the logits would reach ``lazy_logits_from`` and the head is a
-        plain table or kernel (no adapters, not quantized); else None."""
-        if c.lazy_logits_from is None or math.prod(np.shape(h)[:-1]) * c.vocab_size < (
-            c.lazy_logits_from
-        ):
+    def lazy_head(params, h, request):
+        """LazyLogits when asked (``request``), or by default when the logits would reach
+        ``lazy_logits_from``, and the head is a plain table or kernel (no adapters, not
+        quantized); else None."""
+        big = c.lazy_logits_from is not None and (
+            math.prod(np.shape(h)[:-1]) * c.vocab_size >= c.lazy_logits_from
+        )
+        if not (big if request is None else request):
             return None
         name, leaf = ("tok_embed", "embedding") if head is None else ("lm_head", "kernel")
         if list(params[name]) != [leaf]:
@@ -406,6 +426,7 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
 
     def apply(params, state, x, *, rng=None, train=False):
         ids, positions, segments = _read_ids(x)
+        request = _lazy_request(x)
         t = check_length(ids)
         check_keys(params, param_keys)
         if decode:
@@ -434,7 +455,9 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
             train=train,
         )
         h, _ = call_child("ln_f", ln_f.apply, params["ln_f"], {}, stream["query"])
-        lazy = lazy_head(params, h) if train and not decode else None
+        if request is None and not train:
+            request = False
+        lazy = None if decode else lazy_head(params, h, request)
         if lazy is not None:
             return lazy, {}
         if head is None:

@@ -37,7 +37,7 @@ from nnjax.models.causal_lm import CausalLM
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.generate import make_generate
 from nnjax.post.logprobs import token_logprobs
-from nnjax.post.trainer import wrapper_state
+from nnjax.post.trainer import reference_inputs, wrapper_state
 from nnjax.training.trainer import TrainerFunctions, TrainState, trainer
 
 __all__ = [
@@ -214,7 +214,8 @@ def _policy_model(model: Layer, reference: Any) -> Layer:
         out = {"logps": token_logprobs(logits, t, ignore_index=None)}
         if reference is not None:
             ref = remove_adapters(params) if reference == "adapters" else state.get("reference", {})
-            ref_logits, _ = model.apply(jax.lax.stop_gradient(ref), state.get("model", {}), x)
+            ref_x = reference_inputs(x, logits)
+            ref_logits, _ = model.apply(jax.lax.stop_gradient(ref), state.get("model", {}), ref_x)
             out["ref_logps"] = jax.lax.stop_gradient(
                 token_logprobs(ref_logits, t, ignore_index=None)
             )

@@ -17,6 +17,7 @@ import numpy as np
 
 from nnjax.core.checks import check_int, shape_str
 from nnjax.core.errors import ShapeError
+from nnjax.training.chunked import token_log_probs
 
 __all__ = ["SequenceLogprobs", "token_logprobs", "sequence_logprobs"]
 
@@ -38,7 +39,7 @@ class SequenceLogprobs(NamedTuple):
 
 
 def _check(logits: Any, targets: Any) -> None:
-    if np.ndim(logits) < 2 or np.shape(targets) != np.shape(logits)[:-1]:
+    if len(np.shape(logits)) < 2 or np.shape(targets) != tuple(np.shape(logits)[:-1]):
         raise ShapeError(
             f"expected targets.shape == logits.shape[:-1] == "
             f"{shape_str(np.shape(logits)[:-1])}, got targets.shape == "
@@ -55,8 +56,13 @@ def token_logprobs(
 ) -> jax.Array:
     """``log softmax(logits)[target]`` at every position; 0 where the target is ``ignore_index``.
 
+    Computed in float32 by :func:`nnjax.losses.token_log_probs`: from
+    :class:`~nnjax.losses.LazyLogits` (what ``nj.models.CausalLM`` returns in training)
+    a vocabulary chunk at a time, never holding the ``(..., V)`` logits.
+
     Args:
-        logits: ``(..., V)``, the model's outputs (position ``t`` predicts ``targets[t]``).
+        logits: ``(..., V)``, the model's outputs (position ``t`` predicts ``targets[t]``),
+            an array or :class:`~nnjax.losses.LazyLogits`.
         targets: int ``(...)``, ``logits.shape[:-1]``: the next token, or ``ignore_index``.
         ignore_index: the id that marks an uncounted position (``None``: all count).
 
@@ -69,12 +75,8 @@ def token_logprobs(
         [[-0.6931, 0.0]]
     """
     _check(logits, targets)
-    logits = jnp.asarray(logits)
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32
     counted = jnp.ones(targets.shape, bool) if ignore_index is None else targets != ignore_index
-    safe = jnp.where(counted, targets, 0)
-    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    out = picked - jax.nn.logsumexp(logits, axis=-1)
+    out = token_log_probs(logits, jnp.where(counted, targets, 0))
     return jnp.where(counted, out, 0.0)
 
 
@@ -94,7 +96,7 @@ def sequence_logprobs(
     prompt with ``ignore_index`` already.
 
     Args:
-        logits: ``(B, T, V)``.
+        logits: ``(B, T, V)``, an array or :class:`~nnjax.losses.LazyLogits`.
         targets: int ``(B, T)``.
         mask: optional bool ``(B, T)``.
         segment_ids: optional int ``(B, T)`` of packed rows (``1, 2, ...`` per example,

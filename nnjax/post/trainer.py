@@ -39,6 +39,7 @@ from nnjax.core.errors import ArgumentError, DataError
 from nnjax.finetune.adapters import remove_adapters
 from nnjax.post.logprobs import sequence_logprobs
 from nnjax.post.losses import PREFERENCE_LOSSES, PreferenceLoss
+from nnjax.training.chunked import LazyLogits, reshape_logits
 from nnjax.training.trainer import TrainerFunctions, trainer
 
 __all__ = [
@@ -73,6 +74,16 @@ def wrapper_state(model_state: Any, reference: Any) -> dict[str, Any]:
     if jax.tree.leaves(reference):
         out["reference"] = reference
     return out
+
+
+def reference_inputs(x: dict[str, Any], policy_logits: Any) -> dict[str, Any]:
+    """The reference pass's inputs: ``x``, asking for lazy logits when the policy gave them.
+
+    The reference runs in eval mode (no dropout), where a model gives full logits; a
+    model whose training outputs are :class:`~nnjax.losses.LazyLogits` (``nj.models.CausalLM``)
+    takes ``lazy_logits=True`` so the reference's log-probs are chunked too.
+    """
+    return {**x, "lazy_logits": True} if isinstance(policy_logits, LazyLogits) else x
 
 
 def _rows(inputs: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
@@ -114,12 +125,14 @@ def preference_model(model: Layer, reference: Any = "adapters") -> Layer:
     def apply(params, state, inputs, *, rng=None, train=False):
         x, (b, _) = _rows(inputs)
         logits, model_state = model.apply(params, state.get("model", {}), x, rng=rng, train=train)
-        out = {"logits": jnp.reshape(logits, (b, 2, *logits.shape[1:]))}
+        t = np.shape(x["ids"])[-1]
+        out = {"logits": reshape_logits(logits, (b, 2, t))}
         if kind in ("adapters", "params"):
             ref = remove_adapters(params) if kind == "adapters" else state.get("reference", {})
-            ref_logits, _ = model.apply(jax.lax.stop_gradient(ref), state.get("model", {}), x)
-            ref_logits = jax.lax.stop_gradient(ref_logits)
-            out["reference_logits"] = jnp.reshape(ref_logits, out["logits"].shape)
+            ref_x = reference_inputs(x, logits)
+            ref_logits, _ = model.apply(jax.lax.stop_gradient(ref), state.get("model", {}), ref_x)
+            ref_logits = jax.tree.map(jax.lax.stop_gradient, ref_logits)
+            out["reference_logits"] = reshape_logits(ref_logits, (b, 2, t))
         elif kind == "precomputed":
             if "reference_logps" not in inputs:
                 raise DataError(
@@ -135,7 +148,7 @@ def preference_model(model: Layer, reference: Any = "adapters") -> Layer:
 def _pair_logps(logits: jax.Array, targets: jax.Array):
     """``(sum, mean, count)`` of each side, ``(B, 2)``."""
     b, _, t = targets.shape
-    lp = sequence_logprobs(jnp.reshape(logits, (2 * b, t, -1)), jnp.reshape(targets, (2 * b, t)))
+    lp = sequence_logprobs(reshape_logits(logits, (2 * b, t)), jnp.reshape(targets, (2 * b, t)))
     return [jnp.reshape(v, (b, 2)) for v in lp]
 
 

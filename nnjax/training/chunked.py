@@ -32,7 +32,13 @@ from nnjax.core.checks import shape_str
 from nnjax.core.errors import ArgumentError, ShapeError
 from nnjax.layers.base import transposed_copy
 
-__all__ = ["LazyLogits", "chunked_token_nll", "token_log_probs", "DEFAULT_CHUNK_ELEMENTS"]
+__all__ = [
+    "LazyLogits",
+    "chunked_token_nll",
+    "token_log_probs",
+    "reshape_logits",
+    "DEFAULT_CHUNK_ELEMENTS",
+]
 
 # One chunk of logits holds about this many float32 elements (64 MiB).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
@@ -108,6 +114,25 @@ class LazyLogits:
 
     def __repr__(self) -> str:
         return f"LazyLogits(shape={shape_str(self.shape)}, dtype={self.dtype})"
+
+
+def reshape_logits(logits: Any, lead: tuple[int, ...]) -> Any:
+    """Logits ``(..., V)`` with their leading axes reshaped to ``lead``: ``(*lead, V)``.
+
+    An array is reshaped; :class:`LazyLogits` stay lazy (their hidden states are
+    reshaped), so splitting a batch's rows into pairs never materialises the logits.
+
+    Example:
+        >>> lazy = nj.losses.LazyLogits(jnp.zeros((4, 3, 8)), jnp.zeros((8, 50)))
+        >>> nj.losses.reshape_logits(lazy, (2, 2, 3)).shape
+        (2, 2, 3, 50)
+    """
+    if isinstance(logits, LazyLogits):
+        hidden = jnp.reshape(logits.hidden, (*lead, np.shape(logits.hidden)[-1]))
+        return LazyLogits(
+            hidden, logits.weight, transposed=logits.transposed, softcap=logits.softcap
+        )
+    return jnp.reshape(logits, (*lead, np.shape(logits)[-1]))
 
 
 def _chunk_size(n: int, vocab: int, chunk_size: int | None) -> int:
@@ -272,7 +297,7 @@ def chunked_token_nll(
 
 
 def token_log_probs(logits: Any, labels: jax.Array, *, chunk_size: int | None = None) -> jax.Array:
-    """``log softmax(logits)[label]`` at every position ``(...)``, float32.
+    """``log softmax(logits)[label]`` at every position ``(...)``, float32 (or wider).
 
     ``logits`` is ``(..., V)`` (an array, or :class:`LazyLogits`, then computed chunk by
     chunk); ``labels`` ``(...)`` ids in ``[0, V)``. Differentiable; the building block of
@@ -285,5 +310,7 @@ def token_log_probs(logits: Any, labels: jax.Array, *, chunk_size: int | None = 
             f"expected labels.shape == logits.shape[:-1] == "
             f"{shape_str(np.shape(logits)[:-1])}, got labels.shape == {shape_str(np.shape(labels))}"
         )
-    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
+    logits = jnp.asarray(logits)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32; f64 kept
+    logp = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp, jnp.asarray(labels)[..., None], axis=-1)[..., 0]
