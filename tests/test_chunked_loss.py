@@ -71,6 +71,26 @@ def test_chunked_equals_torch_loss_and_gradients(torch, transposed, smoothing, s
     np.testing.assert_allclose(gw, rw, atol=1e-5)
 
 
+@pytest.mark.parametrize("transposed, smoothing", [(False, 0.1), (True, 0.0)])
+def test_frozen_head_gradient_from_the_forward_loop_equals_torch(torch, transposed, smoothing):
+    """A frozen head (LoRA): d loss / d h is built in the forward loop, then scaled."""
+    h, w, labels = _case(seed=5)
+    weight = jnp.asarray(w.T.copy() if transposed else w)
+    keep = labels != -100
+
+    def fn(h):
+        lazy = LazyLogits(h, weight, transposed=transposed)
+        nll = chunked_token_nll(
+            lazy, np.where(keep, labels, 0), label_smoothing=smoothing, chunk_size=64
+        )
+        return jnp.sum(nll * keep) / keep.sum()
+
+    got, gh = jax.jit(jax.value_and_grad(fn))(jnp.asarray(h))
+    ref, rh, _ = _torch_ref(torch, h, w, labels, smoothing, None, transposed)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gh, rh, atol=1e-5)
+
+
 def test_chunked_where_mask_and_jit_equal_plain():
     h, w, labels = _case(seed=3)
     labels = np.abs(labels)
