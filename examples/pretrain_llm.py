@@ -19,7 +19,9 @@ The recipe, step by step:
    with linear warmup and cosine decay, gradient clipping, ``--accumulate`` micro-batches,
    ``--dtype bfloat16`` compute (float32 master weights), ``--remat``, an optional mesh
    (``--mesh data=2,model=2 --parallel tp``: data, FSDP or tensor parallel by
-   ``nj.sharding``'s rules);
+   ``nj.sharding``'s rules); on a CPU without ``--mesh``, one XLA device per core and
+   the batch split over them (data parallel: XLA:CPU keeps one core and a half busy
+   with one small computation; ``--mesh none`` runs on one device);
 4. every log line: the loss, tokens/s and model FLOPs utilisation (MFU: ``6N + 12LHQT``
    FLOPs per token, see ``nnjax.training.throughput``, over the device's peak; on a CPU
    the assumed peak is printed; ``--peak-tflops`` sets yours); every ``--eval-every``
@@ -253,9 +255,33 @@ def compute_dtype(name: str) -> Any:
 
 
 def parse_mesh(text: str | None) -> dict[str, int] | None:
-    if not text:
+    if not text or text == "none":
         return None
     return {k: int(v) for k, v in (part.split("=") for part in text.split(","))}
+
+
+def host_devices(args: argparse.Namespace) -> None:
+    """Without ``--mesh``, one XLA:CPU device per core, the batch split over them.
+
+    XLA:CPU runs one computation on a core and a half at small sizes (a chain of small
+    ops; ``docs/benchmarks.md``); a device per core, each with its share of the batch,
+    keeps both cores busy and gives the same update (data parallel: the gradients are
+    averaged over the devices). It has to be set before JAX starts its backends: where
+    they run already (``main`` called in a process that used JAX), or another backend
+    is the default, the run stays on one device. ``--mesh none`` asks for one device.
+    """
+    forced = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    if args.mesh is not None or args.distributed or forced:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = max(d for d in range(1, (cores or 1) + 1) if args.batch_size % d == 0)
+    try:
+        if n > 1:
+            jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backends are up: use the devices there are
+        return
+    if n > 1 and jax.default_backend() == "cpu" and len(jax.devices()) == n:
+        args.mesh = f"data={n}"
 
 
 def placement(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
@@ -309,7 +335,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop-after", type=int, help="stop at this step (the schedule keeps --steps)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), help="compute dtype")
     p.add_argument("--remat", action="store_true", help="recompute activations in the backward")
-    p.add_argument("--mesh", help="mesh axes, e.g. data=2,model=2 (data=-1: every device)")
+    p.add_argument(
+        "--mesh",
+        help="mesh axes, e.g. data=2,model=2 (data=-1: every device); none: one device; "
+        "default: on a CPU, data parallel over its cores",
+    )
     p.add_argument("--parallel", choices=("dp", "fsdp", "tp"), default="dp")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
     p.add_argument("--tensorboard", action="store_true", help="TensorBoard files in OUT/logs")
@@ -329,8 +359,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def final_loss(tr: Any, ts: Any, batches: Any) -> float:
-    losses = [float(tr.evaluate(ts, b)["loss"]) for b in batches]
-    return float(np.mean(losses))
+    """The mean loss over ``batches`` (equal sizes): one fetch from the device at the end."""
+    return nj.evaluate(tr, ts, batches)["loss"]
 
 
 def export(out: str, config: Any, params: Any, tok_dir: str | None) -> str:
@@ -348,14 +378,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.distributed:
         jax.distributed.initialize()
+    host_devices(args)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     folder, meta, tok_dir = prepare_data(args)
+    phases = {"data": time.perf_counter() - start}
     config = model_config(args, meta["vocab_size"])
     model = nj.models.CausalLM(config)
-    params, _ = jax.jit(model.init)(
-        jax.random.key(args.seed), jnp.zeros((1, args.seq_len), jnp.int32)
-    )
+    # Compiled without XLA's backend optimizations: the init runs once, and its random
+    # draws compiled 2.4x faster so (values within 1e-8 of the optimized program's).
+    init = jax.jit(model.init, compiler_options={"xla_backend_optimization_level": 0})
+    params, _ = init(jax.random.key(args.seed), jnp.zeros((1, args.seq_len), jnp.int32))
     n_params = nj.count_params(params)
     mesh, rules = placement(args, config)
     dtype = compute_dtype(args.dtype)
@@ -372,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if mesh is not None:
         ts = nj.sharding.shard_train_state(ts, mesh, rules)
     fn = batch_fn(mesh, args.batch_size)
+    phases["model init"] = time.perf_counter() - start - sum(phases.values())
     windows = dict(dtype=meta["dtype"])
     train = nj.data.token_batches(
         os.path.join(folder, "train.bin"), args.seq_len, args.batch_size, args.seed, **windows
@@ -431,6 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_dir=logs,
         tensorboard=args.tensorboard,
     )
+    phases["training"] = time.perf_counter() - start - sum(phases.values())
     final_batches = Mapped(
         nj.data.token_batches(
             val_path, args.seq_len, args.batch_size, 10**6, steps=args.final_eval_batches, **windows
@@ -442,17 +477,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"final val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f}, mean over "
         f"{args.final_eval_batches} batches of {args.batch_size} x {args.seq_len})"
     )
+    phases["final evaluation"] = time.perf_counter() - start - sum(phases.values())
     hf_dir = None
     done = (args.stop_after or args.steps) >= args.steps
     if done and not args.no_export and jax.process_index() == 0:
         hf_dir = export(args.out, config, ts.params, tok_dir)
         print(f"exported a Hugging Face folder: {hf_dir}")
     wall = time.perf_counter() - start
-    print(f"wall time {wall:.1f} s (tokenizing, compilation and evaluation included)")
+    phases["export"] = wall - sum(phases.values())
+    print(
+        f"wall time {wall:.1f} s: "
+        + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+        + f" (the training's evaluations {val.seconds:.1f} s)"
+    )
     return {
         "history": history,
         "val_loss": val_loss,
         "wall_s": wall,
+        "phases": phases,
         "config": config,
         "params": ts.params,
         "reports": report.records,
