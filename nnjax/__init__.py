@@ -42,6 +42,7 @@ from nnjax.core.combinators import (
     repeat,
     residual,
     serial,
+    unstack,
 )
 from nnjax.core.errors import (
     ArgumentError,
@@ -136,6 +137,7 @@ __all__ = [
     "fan_out",
     "residual",
     "repeat",
+    "unstack",
     "remat",
     "by_platform",
     "keep_lengths",

@@ -186,6 +186,9 @@ def test_mixed_repeat_equals_its_layers_applied_in_turn(layout):
 
     y, _ = model.apply(params, state, x)
     np.testing.assert_allclose(y, reference(params, x), rtol=1e-5, atol=1e-5)
+    # the copies unstacked (nj.unstack) run one after another without the scan
+    y_copies, _ = model.apply(nj.unstack(params), state, x)
+    np.testing.assert_allclose(y_copies, reference(params, x), rtol=1e-5, atol=1e-5)
     # every layer appears once under its logical path, with its kind's params
     logical = nj.paths.leaf_paths(params)
     for i, k in enumerate(kind_of):
@@ -197,6 +200,16 @@ def test_mixed_repeat_equals_its_layers_applied_in_turn(layout):
     want = jax.grad(lambda p: jnp.sum(reference(p, x) ** 2))(params)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unstacked_copies_must_be_one_tuple_per_copy():
+    model = nj.repeat(nj.Dense(4), 3)
+    params, _ = model.init(jax.random.key(0), jnp.zeros((2, 4)))
+    copies = nj.unstack(params)["stacked"]
+    with pytest.raises(
+        nj.LayerError, match=r"'stacked'.*as a tuple of 3 per-copy trees, got a tuple of 2"
+    ):
+        model.apply({"stacked": copies[:2]}, {}, jnp.ones((2, 4)))
 
 
 def test_mixed_repeat_of_one_kind_is_the_uniform_stack():

@@ -287,3 +287,59 @@ def test_unmarked_or_right_padding_is_refused_not_guessed():
     # GPT-2's pad id is its eos id, which may open a prompt: no refusal there
     _, gcfg, gparams = _gpt2()
     generate(gcfg, gparams, prompt, 2, temperature=0, pad_token_id=0, eos_token_id=0)
+
+
+def _weights_copy(model, change, only=lambda name: True):
+    """A copy of the transformers ``model`` with ``change`` applied to the weights named ``only``."""
+    import copy
+
+    import torch
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if only(name):
+                p.copy_(change(p))
+    return out
+
+
+def _greedy_pair(torch, model, cfg, params, seed, n=10):
+    """``(ours, transformers')`` greedy tokens for one prompt, up to transformers' eos."""
+    prompt = _prompts(seed, [5])[0]
+    eos = model.config.eos_token_id
+    out = np.asarray(generate(cfg, params, prompt, n, temperature=0, eos_token_id=eos))[0]
+    expected = _hf_greedy(torch, model, prompt, n)[0]
+    return out[: expected.size], expected
+
+
+def test_bf16_weights_decode_as_the_float32_model_of_their_values(torch):
+    model, cfg, params = _llama()
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    rounded = _weights_copy(model, lambda p: p.bfloat16().float())
+    for seed in range(3):
+        ours, expected = _greedy_pair(torch, rounded, cfg, half, seed)
+        np.testing.assert_array_equal(ours, expected, err_msg=f"seed {seed}")
+
+
+def _int8_dequantized(p):
+    """Per output channel (a torch weight's row), symmetric: the int8 scheme in NumPy."""
+    import torch
+
+    w = p.numpy()
+    scale = np.abs(w).max(axis=1, keepdims=True).astype(np.float32) / np.float32(127)
+    return torch.from_numpy(np.round(w / scale).astype(np.float32) * scale)
+
+
+def test_int8_weight_decode_is_the_dequantized_model_and_keeps_the_float_tokens(torch):
+    model, cfg, params = _llama()
+    q8 = nj.finetune.quantize(params, bits=8)  # every kernel, the head too
+    assert q8["blocks"]["stacked"]["mlp"]["down"]["kernel"].dtype == jnp.int8
+    dequantized = _weights_copy(
+        model, _int8_dequantized, lambda name: name.endswith(("proj.weight", "lm_head.weight"))
+    )
+    for seed in range(3):
+        ours, expected = _greedy_pair(torch, dequantized, cfg, q8, seed)
+        np.testing.assert_array_equal(ours, expected, err_msg=f"seed {seed}")
+        # quality: on this model int8 weights keep every greedy token of the float weights
+        float_tokens = _hf_greedy(torch, model, np.array(ours[None, :5]), ours.size - 5)[0]
+        np.testing.assert_array_equal(ours, float_tokens, err_msg=f"seed {seed}")

@@ -41,6 +41,7 @@ __all__ = [
     "fan_out",
     "residual",
     "repeat",
+    "unstack",
     "plan_segments",
     "Segment",
     "remat",
@@ -440,6 +441,8 @@ def repeat(
         p_len = len(sg.pattern)
         reps = (sg.stop - sg.start) // p_len
         names = [stack_key(sg.start + k, p_len) for k in range(p_len)]
+        if any(isinstance(params.get(k), tuple) for k in names):
+            return _apply_unstacked(sg, names, reps, params, state, x, rngs, train)
         seg_rngs = None
         if rngs is not None:
             seg_rngs = rngs[sg.start : sg.stop].reshape(reps, p_len, *rngs.shape[1:])
@@ -471,7 +474,68 @@ def repeat(
             y, out = scan(body, x, xs)
         return y, dict(zip(names, out, strict=True))
 
+    def _apply_unstacked(sg, names, reps, params, state, x, rngs, train):
+        """The copies one after another in Python, from tuples of per-copy trees (see
+        :func:`unstack`); the state comes back as such tuples."""
+        new_state: dict[str, list] = {k: [] for k in names}
+        for r in range(reps):
+            for k, kind in enumerate(sg.pattern):
+                copies, states = params.get(names[k]), state.get(names[k])
+                _check_copies("param", names[k], copies, reps)
+                _check_copies("state", names[k], states, reps)
+                layer_i = sg.start + r * len(sg.pattern) + k
+                x, s = checked_apply(
+                    kinds[kind],
+                    copies[r] if copies else {},
+                    states[r] if states else {},
+                    x,
+                    rng=None if rngs is None else rngs[layer_i],
+                    train=train,
+                )
+                new_state[names[k]].append(s)
+        return x, {k: tuple(v) if any(v) else {} for k, v in new_state.items()}
+
     return Layer(init, apply, kinds[0].name if len(kinds) == 1 else "repeat")
+
+
+def _check_copies(kind: str, key: str, copies: Any, reps: int) -> None:
+    """Unstacked copies: a tuple of ``reps`` trees (or nothing, ``{}``)."""
+    if copies and (not isinstance(copies, tuple) or len(copies) != reps):
+        got = f"a tuple of {len(copies)}" if isinstance(copies, tuple) else type(copies).__name__
+        raise LayerError(
+            f"repeat: {kind}s under {key!r}: expected unstacked copies (nj.unstack) as a "
+            f"tuple of {reps} per-copy trees, got {got}"
+        )
+
+
+def unstack(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A :func:`repeat`'s params or state with each stack (``stacked``, ``stacked[i::k]``)
+    split into a tuple of per-copy trees, which ``repeat``'s apply then runs one after
+    another instead of scanning.
+
+    For decoding: inside a scan XLA:CPU copies each copy's weights out of the stack
+    before its matrix-vector products, which costs more than the products; separate
+    buffers are read in place. Compile time then grows with the number of copies.
+
+    Args:
+        tree: ``{stack_key: tree with a leading axis of n copies}``, as ``repeat`` makes.
+
+    Example:
+        >>> model = nj.repeat(nj.Dense(4), 3)
+        >>> params, _ = model.init(key, jnp.zeros((2, 4)))
+        >>> copies = nj.unstack(params)
+        >>> len(copies["stacked"]), copies["stacked"][0]["kernel"].shape
+        (3, (4, 4))
+        >>> bool(jnp.allclose(model.apply(copies, {}, jnp.ones((2, 4)))[0],
+        ...                   model.apply(params, {}, jnp.ones((2, 4)))[0]))
+        True
+    """
+    out = {}
+    for key, stack in tree.items():
+        leaves = jax.tree.leaves(stack)
+        n = int(jnp.shape(leaves[0])[0]) if leaves else 0
+        out[key] = tuple(jax.tree.map(lambda a, i=i: a[i], stack) for i in range(n))
+    return out
 
 
 def remat(layer: Layer, *, policy: Callable | None = None) -> Layer:

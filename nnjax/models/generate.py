@@ -2,11 +2,15 @@
 
 One prefill call runs the (left-padded) prompts, then a ``lax.scan`` feeds one token
 per step; the whole loop is one XLA computation, compiled once per shape and static
-setting. Every argument is checked before anything is traced.
+setting. Every argument is checked before anything is traced. Each call splits the
+layer stack per layer before the loop (:func:`~nnjax.unstack`) and, on CPU, reads
+16-bit float weights as float32 (:func:`_for_platform`): both are for the speed of
+reading every weight once per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnjax.core.checks import check_ids, check_int, check_number, shape_str
+from nnjax.core.combinators import unstack
 from nnjax.core.errors import ArgumentError
 from nnjax.models.causal_lm import CausalLM
 from nnjax.models.causal_lm_config import CausalLMConfig
@@ -49,10 +54,12 @@ def _generate(params, prompt, lengths, rng, temperature, top_p, min_p, *, s: _St
     """``(B, T0)`` -> ``(B, T0 + N)``: prefill, then a scan over the new tokens."""
     b, t0 = prompt.shape
     n = s.max_new_tokens
-    model = CausalLM(s.config, decode=True)
+    config, params = _for_platform(s.config, params)
+    model = CausalLM(config, decode=True)
     spec = jax.ShapeDtypeStruct((b, t0 + n - 1), jnp.int32)
     _, state_spec = jax.eval_shape(model.init, jax.random.key(0), spec)
     state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), state_spec)
+    params, state = _unstacked(params, state)
     keys = None if s.greedy else jax.random.split(rng, n)
 
     def draw(logits, key):
@@ -92,6 +99,34 @@ def _generate(params, prompt, lengths, rng, temperature, top_p, min_p, *, s: _St
 
 
 _generate_jit = jax.jit(_generate, static_argnames="s")
+
+
+def _half(dtype: Any) -> bool:
+    return dtype is not None and jnp.dtype(dtype) in (
+        jnp.dtype(jnp.bfloat16),
+        jnp.dtype(jnp.float16),
+    )
+
+
+def _for_platform(config: CausalLMConfig, params: Any) -> tuple[CausalLMConfig, Any]:
+    """On CPU a model in 16-bit floats decodes in float32, its 16-bit weights upcast once
+    per call: XLA:CPU's matrix-vector product reads bfloat16 weights about 8x slower than
+    float32 ones (docs/benchmarks.md), so this is the faster way to read the same values.
+    Other platforms decode in the model's own dtypes."""
+    if jax.default_backend() != "cpu":
+        return config, params
+    if not (_half(config.dtype) or any(_half(a.dtype) for a in jax.tree.leaves(params))):
+        return config, params
+    params = jax.tree.map(lambda a: a.astype(jnp.float32) if _half(a.dtype) else a, params)
+    return dataclasses.replace(config, dtype=jnp.float32), params
+
+
+def _unstacked(params: Any, state: Any) -> tuple[Any, Any]:
+    """The layer stack's params and KV cache split per layer (:func:`~nnjax.unstack`),
+    once per call, outside the token loop: a scanned stack's weights are copied out of it
+    before every matrix-vector product (see docs/benchmarks.md)."""
+    params = {**params, "blocks": unstack(params["blocks"])}
+    return params, {**state, "blocks": unstack(state["blocks"])}
 
 
 def _config(config: Any) -> CausalLMConfig:
