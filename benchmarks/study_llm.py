@@ -12,13 +12,17 @@ the same weights. Each cell runs in a fresh child process:
 - ``decode``: greedy decoding of 64 new tokens after a 16-token prompt, batch 1 and
   8 (``nj.models.generate(..., temperature=0)`` against ``generate(do_sample=False)``
   with ``min_new_tokens`` so neither stops early), tokens/s over the batch, after a
-  warm-up call (nnjax's compilation).
+  warm-up call (nnjax's compilation). ``decode-bf16``: the same with bfloat16 weights
+  on both sides (``from_pretrained(dtype=...)``); ``decode-int8``: nnjax with int8
+  weights (``nj.finetune.quantize(params, bits=8)``: every kernel, per output channel),
+  read against transformers' float32 decode.
 - ``train``: one AdamW step on batch 1 x 256 tokens, full and LoRA (rank 16 on every
   attention and MLP projection; transformers with ``peft``), median of the timed
   steps after a first (compiling) step.
 
-Targets: load time <= 1.0x and peak RSS <= 0.7x transformers'; decode >= 1.5x
-transformers' tokens/s; train and LoRA steps <= 0.8x transformers'.
+Targets: load time <= 1.0x and peak RSS <= 0.7x transformers'; decode at batch 1
+>= 1.0x transformers' float32 tokens/s with float32 weights and >= 1.5x with int8
+weights, batch 8 >= 1.2x; train and LoRA steps <= 0.8x transformers'.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from benchmarks.workloads import (
 
 __all__ = ["main", "llama_shape", "CELLS"]
 
-CELLS = ("load", "decode", "train")
+CELLS = ("load", "decode", "decode-bf16", "decode-int8", "train")
 SIDES = ("nnjax", "transformers")
 PROMPT, NEW_TOKENS, TRAIN_TOKENS, RANK = 16, 64, 256, 16
 _MB = 1e6
@@ -83,7 +87,8 @@ def _nnjax(cell: str, folder: str, steps: int) -> dict:
     rss0, _ = rss()
     reset_peak_rss()
     t0 = time.perf_counter()
-    config, params = nj.models.hf.from_pretrained(folder)
+    dtype = jax.numpy.bfloat16 if cell == "decode-bf16" else None
+    config, params = nj.models.hf.from_pretrained(folder, dtype=dtype)
     jax.block_until_ready(params)
     load_s = time.perf_counter() - t0
     if cell == "load":
@@ -91,7 +96,9 @@ def _nnjax(cell: str, folder: str, steps: int) -> dict:
         float(sum(jax.numpy.sum(x) for x in jax.tree.leaves(params)))  # every weight read
         return {"s": load_s, "extra_mb": load_peak / _MB, "touched_mb": (rss()[1] - rss0) / _MB}
     rng = np.random.default_rng(0)
-    if cell == "decode":
+    if cell == "decode-int8":
+        params = jax.block_until_ready(nj.finetune.quantize(params, bits=8))
+    if cell.startswith("decode"):
         out = {}
         for b in (1, 8):
             prompt = rng.integers(0, config.vocab_size, (b, PROMPT)).astype(np.int32)
@@ -133,7 +140,8 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
     rss0, _ = rss()
     reset_peak_rss()
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    dtype = torch.bfloat16 if cell == "decode-bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype)
     load_s = time.perf_counter() - t0
     if cell == "load":
         load_peak = rss()[1] - rss0
@@ -142,7 +150,7 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
         return {"s": load_s, "extra_mb": load_peak / _MB, "touched_mb": (rss()[1] - rss0) / _MB}
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    if cell == "decode":
+    if cell.startswith("decode"):
         model.eval()
         return torch_greedy_decode(model, PROMPT, NEW_TOKENS, steps)
     from peft import LoraConfig, get_peft_model
@@ -169,6 +177,11 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
     return out
 
 
+def _sides(cell: str) -> tuple[str, ...]:
+    """Who runs ``cell``: int8 weights are nnjax's alone (read against transformers' float32)."""
+    return SIDES[:1] if cell == "decode-int8" else SIDES
+
+
 def child(side: str, cell: str, folder: str, steps: int) -> dict:
     """One cell measured in this (fresh) process."""
     return (_nnjax if side == "nnjax" else _transformers)(cell, folder, steps)
@@ -184,10 +197,11 @@ def main(args: argparse.Namespace, machine: dict) -> int:
             "llm study checkpoint",
             1800,
         )["params"]
-        samples: dict[tuple[str, str], list[dict]] = {(s, c): [] for s in SIDES for c in CELLS}
+        samples: dict[tuple[str, str], list[dict]] = {(s, c): [] for c in CELLS for s in _sides(c)}
         for r in range(rounds):
             for cell in CELLS:
-                for side in SIDES[r % 2 :] + SIDES[: r % 2]:
+                sides = _sides(cell)
+                for side in sides[r % 2 :] + sides[: r % 2]:
                     argv = ["benchmarks.study_llm", side, cell, folder, str(steps)]
                     samples[side, cell].append(
                         child_json(argv, f"llm {side} {cell}", 3600, {"JAX_PLATFORMS": "cpu"})
@@ -211,9 +225,10 @@ def main(args: argparse.Namespace, machine: dict) -> int:
 
 
 def _markdown(t: dict[str, dict], n_params: int, machine: dict) -> str:
-    def pair(cell: str, key: str) -> str:
-        a, b = t[f"nnjax {cell}"][key], t[f"transformers {cell}"][key]
-        return f"| {cell} {key} | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |"
+    def pair(cell: str, key: str, against: str | None = None) -> str:
+        a, b = t[f"nnjax {cell}"][key], t[f"transformers {against or cell}"][key]
+        name = f"{cell} {key}" + ("" if against is None else f" (transformers: {against})")
+        return f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |"
 
     rows = [
         pair("load", "s"),
@@ -221,6 +236,10 @@ def _markdown(t: dict[str, dict], n_params: int, machine: dict) -> str:
         pair("load", "touched_mb"),
         pair("decode", "b1 tok/s"),
         pair("decode", "b8 tok/s"),
+        pair("decode-bf16", "b1 tok/s"),
+        pair("decode-bf16", "b8 tok/s"),
+        pair("decode-int8", "b1 tok/s", "decode"),
+        pair("decode-int8", "b8 tok/s", "decode"),
         pair("train", "full step s"),
         pair("train", "lora step s"),
         pair("decode", "b1 first s"),
@@ -243,7 +262,12 @@ def _markdown(t: dict[str, dict], n_params: int, machine: dict) -> str:
                 "|---|---:|---:|---:|",
                 *rows,
                 "",
-                "Targets: load time <= 1.0x, load peak RSS <= 0.7x, decode tokens/s >= 1.5x, "
+                "`decode-bf16`: bfloat16 weights on both sides (nnjax decodes them in float32 on "
+                "CPU); `decode-int8`: nnjax with int8 weights (`nj.finetune.quantize(params, "
+                "bits=8)`), against transformers' float32 decode.",
+                "",
+                "Targets: load time <= 1.0x, load peak RSS <= 0.7x; decode b1 >= 1.0x (float32 "
+                "weights) and >= 1.5x (int8 weights) transformers' float32 tokens/s, b8 >= 1.2x; "
                 "train and LoRA step <= 0.8x.",
             ]
         )
