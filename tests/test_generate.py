@@ -315,6 +315,8 @@ def _greedy_pair(torch, model, cfg, params, seed, n=10):
 def test_bf16_weights_decode_as_the_float32_model_of_their_values(torch):
     model, cfg, params = _llama()
     half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    half = {**half, "blocks": nj.unstack(half["blocks"])}  # split once by the caller: kept
+    assert nj.unstack(half["blocks"])["stacked"] is half["blocks"]["stacked"]
     rounded = _weights_copy(model, lambda p: p.bfloat16().float())
     for seed in range(2):
         ours, expected = _greedy_pair(torch, rounded, cfg, half, seed)

@@ -516,6 +516,7 @@ def unstack(tree: Mapping[str, Any]) -> dict[str, Any]:
     For decoding: inside a scan XLA:CPU copies each copy's weights out of the stack
     before its matrix-vector products, which costs more than the products; separate
     buffers are read in place. Compile time then grows with the number of copies.
+    Stacks already split are kept as they are.
 
     Args:
         tree: ``{stack_key: tree with a leading axis of n copies}``, as ``repeat`` makes.
@@ -532,6 +533,9 @@ def unstack(tree: Mapping[str, Any]) -> dict[str, Any]:
     """
     out = {}
     for key, stack in tree.items():
+        if isinstance(stack, tuple):  # unstacked already
+            out[key] = stack
+            continue
         leaves = jax.tree.leaves(stack)
         n = int(jnp.shape(leaves[0])[0]) if leaves else 0
         out[key] = tuple(jax.tree.map(lambda a, i=i: a[i], stack) for i in range(n))

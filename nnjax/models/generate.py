@@ -124,7 +124,9 @@ def _for_platform(config: CausalLMConfig, params: Any) -> tuple[CausalLMConfig, 
 def _unstacked(params: Any, state: Any) -> tuple[Any, Any]:
     """The layer stack's params and KV cache split per layer (:func:`~nnjax.unstack`),
     once per call, outside the token loop: a scanned stack's weights are copied out of it
-    before every matrix-vector product (see docs/benchmarks.md)."""
+    before every matrix-vector product (see docs/benchmarks.md). Params whose stack is
+    split already (``params["blocks"] = nj.unstack(params["blocks"])``, done once by the
+    caller) are not copied again."""
     params = {**params, "blocks": unstack(params["blocks"])}
     return params, {**state, "blocks": unstack(state["blocks"])}
 
@@ -338,7 +340,12 @@ def generate(
 
     Args:
         config: the model's :class:`~nnjax.models.CausalLMConfig` or :class:`GPTConfig`.
-        params: the model's params (adapters beside the kernels are used).
+        params: the model's params (adapters beside the kernels are used; int8 or NF4
+            kernels from :func:`~nnjax.finetune.quantize` are dequantized in each product).
+            Each call copies the layer stack into one buffer per layer for speed; to copy
+            it once for many calls (and keep one copy in memory), pass
+            ``{**params, "blocks": nj.unstack(params["blocks"])}``. On CPU, bfloat16 or
+            float16 weights are read as float32 (an upcast copy for the call).
         prompt_ids: int ``(B, T0)``, ids in ``[0, vocab_size)``, left-padded.
         max_new_tokens: ``N >= 1``; ``T0 + N - 1 <= max_position`` unless the model
             attends a sliding window (Mistral: each token sees the last ``sliding_window``
