@@ -18,7 +18,11 @@ the same weights. Each cell runs in a fresh child process:
   read against transformers' float32 decode.
 - ``train``: one AdamW step on batch 1 x 256 tokens, full and LoRA (rank 16 on every
   attention and MLP projection; transformers with ``peft``), median of the timed
-  steps after a first (compiling) step.
+  steps after a first (compiling) step. ``train-bf16``: the full step with float32
+  params and bf16 compute (nnjax ``trainer(..., compute_dtype=bfloat16)``, torch
+  ``torch.autocast("cpu", bfloat16)``).
+- ``limits``: what the machine allows each library (:mod:`benchmarks.limits`): the
+  step's matmul in float32 and bf16 (GF/s) and a float32 sum over memory (GB/s).
 
 Targets: load time <= 1.0x and peak RSS <= 0.7x transformers'; decode at batch 1
 >= 1.0x transformers' float32 tokens/s with float32 weights and >= 1.5x with int8
@@ -35,6 +39,7 @@ import sys
 import tempfile
 import time
 
+from benchmarks.limits import jax_limits, torch_limits
 from benchmarks.report import fmt, machine_line, write_study
 from benchmarks.workloads import (
     child_json,
@@ -46,7 +51,7 @@ from benchmarks.workloads import (
 
 __all__ = ["main", "llama_shape", "CELLS"]
 
-CELLS = ("load", "decode", "decode-bf16", "decode-int8", "train")
+CELLS = ("limits", "load", "decode", "decode-bf16", "decode-int8", "train", "train-bf16")
 SIDES = ("nnjax", "transformers")
 PROMPT, NEW_TOKENS, TRAIN_TOKENS, RANK = 16, 64, 256, 16
 _MB = 1e6
@@ -84,6 +89,8 @@ def _nnjax(cell: str, folder: str, steps: int) -> dict:
 
     import nnjax as nj
 
+    if cell == "limits":
+        return jax_limits()
     rss0, _ = rss()
     reset_peak_rss()
     t0 = time.perf_counter()
@@ -116,12 +123,19 @@ def _nnjax(cell: str, folder: str, steps: int) -> dict:
     ids = rng.integers(0, config.vocab_size, (1, TRAIN_TOKENS + 1)).astype(np.int32)
     batch = (ids[:, :-1], ids[:, 1:])
     out = {}
-    for kind in ("full", "lora"):
+    bf16 = cell == "train-bf16"  # float32 params, bf16 compute (as torch's autocast)
+    for kind in ("full",) if bf16 else ("full", "lora"):
         p, mask = params, None
         if kind == "lora":
             targets = ["blocks/*/attn/*/kernel", "blocks/*/mlp/*/kernel"]
             p, mask = nj.finetune.add_lora(params, jax.random.key(1), targets, rank=RANK)
-        tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adamw(1e-4), trainable=mask)
+        tr = nj.trainer(
+            model,
+            nj.losses.softmax_cross_entropy,
+            optax.adamw(1e-4),
+            trainable=mask,
+            compute_dtype=jax.numpy.bfloat16 if bf16 else None,
+        )
         holder = [tr.init(p, {})]
 
         def step(tr=tr, holder=holder):
@@ -137,6 +151,8 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    if cell == "limits":
+        return torch_limits()
     rss0, _ = rss()
     reset_peak_rss()
     t0 = time.perf_counter()
@@ -157,7 +173,8 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
 
     ids = torch.randint(0, vocab, (1, TRAIN_TOKENS), generator=gen)
     out = {}
-    for kind in ("full", "lora"):
+    bf16 = cell == "train-bf16"
+    for kind in ("full",) if bf16 else ("full", "lora"):
         m = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
         if kind == "lora":
             m = get_peft_model(
@@ -167,7 +184,8 @@ def _transformers(cell: str, folder: str, steps: int) -> dict:
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
 
         def step(m=m, opt=opt):
-            loss = m(input_ids=ids, labels=ids).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = m(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -230,6 +248,8 @@ def _markdown(t: dict[str, dict], n_params: int, machine: dict) -> str:
         name = f"{cell} {key}" + ("" if against is None else f" (transformers: {against})")
         return f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f}x |"
 
+    f32_step, bf16_step = t["nnjax train"]["full step s"], t["nnjax train-bf16"]["full step s"]
+    own_bf16 = f"{bf16_step / f32_step:.2f}x"
     rows = [
         pair("load", "s"),
         pair("load", "extra_mb"),
@@ -242,6 +262,10 @@ def _markdown(t: dict[str, dict], n_params: int, machine: dict) -> str:
         pair("decode-int8", "b8 tok/s", "decode"),
         pair("train", "full step s"),
         pair("train", "lora step s"),
+        pair("train-bf16", "full step s"),
+        pair("limits", "matmul f32 GF/s"),
+        pair("limits", "matmul bf16 GF/s"),
+        pair("limits", "memory GB/s"),
         pair("decode", "b1 first s"),
         pair("train", "full first s"),
     ]
@@ -268,7 +292,13 @@ def _markdown(t: dict[str, dict], n_params: int, machine: dict) -> str:
                 "",
                 "Targets: load time <= 1.0x, load peak RSS <= 0.7x; decode b1 >= 1.0x (float32 "
                 "weights) and >= 1.5x (int8 weights) transformers' float32 tokens/s, b8 >= 1.2x; "
-                "train and LoRA step <= 0.8x.",
+                "train and LoRA step <= 0.8x; the bf16 step <= 0.8x torch's autocast step and "
+                f"<= 0.6x nnjax's own float32 step: {own_bf16}.",
+                "",
+                "`limits`: the step's matmul (256 x 768 -> 2048) in float32 and in bf16 (JAX: "
+                "bf16 operands, float32 accumulation) and a float32 sum over 256 MiB, each "
+                "library on its own; read the step times against the matmul rates and the decode "
+                "rates against memory GB/s (every weight is read once per token).",
             ]
         )
         + "\n"
