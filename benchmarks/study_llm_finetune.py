@@ -10,6 +10,8 @@ Rows (each in a fresh child process, batch 1 x 256 tokens, AdamW):
   channel; NF4 in blocks of 64); embeddings and norms stay float32.
 - ``transformers+peft lora``: ``Qwen2ForCausalLM`` with a ``peft`` LoRA of the same
   rank on the same modules (``q,k,v,o,gate,up,down_proj``), ``torch.optim.AdamW``.
+- the QLoRA memory rows of :mod:`benchmarks.llm_qlora`: an int8 token table, loading
+  quantized from a checkpoint (the load's own peak beside the quantized params).
 
 Weights are random (the same shapes on both sides; the values do not change the
 cost). Each child builds its model, runs one step (nnjax: the compilation), resets
@@ -30,12 +32,20 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.llm_qlora import EXTRA, QLORA_ROWS, profile, qlora_child, qlora_markdown
 from benchmarks.report import fmt, machine_line, write_study
 from benchmarks.workloads import child_json, reset_peak_rss, rss
 
 __all__ = ["main", "ROWS", "qwen2_05b_shape"]
 
-ROWS = ("nnjax full", "nnjax lora", "nnjax lora int8", "nnjax lora nf4", "transformers+peft lora")
+ROWS = (
+    "nnjax full",
+    "nnjax lora",
+    "nnjax lora int8",
+    "nnjax lora nf4",
+    "transformers+peft lora",
+    *QLORA_ROWS,
+)
 RANK = 16
 _MB = 1e6
 
@@ -53,16 +63,10 @@ def qwen2_05b_shape(quick: bool) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def _nnjax(
-    row: str, shape: dict, steps: int, *, attention: str | None = None, remat: bool = False
-) -> dict:
-    import jax
-    import numpy as np
-    import optax
-
+def _config(shape: dict, attention: str | None = None, remat: bool = False) -> Any:
     import nnjax as nj
 
-    config = nj.models.CausalLMConfig(
+    return nj.models.CausalLMConfig(
         vocab_size=shape["vocab_size"],
         hidden_size=shape["hidden_size"],
         num_layers=shape["num_layers"],
@@ -76,10 +80,32 @@ def _nnjax(
         attention_implementation=attention,
         remat=remat,
     )
+
+
+def _batch(shape: dict) -> tuple[Any, Any]:
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(0, shape["vocab_size"], (1, shape["tokens"] + 1))
+    return ids[:, :-1].astype(np.int32), ids[:, 1:].astype(np.int32)
+
+
+def _nnjax(
+    row: str,
+    shape: dict,
+    steps: int,
+    *,
+    attention: str | None = None,
+    remat: bool = False,
+    profiled: bool = False,
+) -> dict:
+    import jax
+
+    import nnjax as nj
+
+    config = _config(shape, attention, remat)
     model = nj.models.CausalLM(config)
-    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, shape["tokens"] + 1))
-    x, y = ids[:, :-1].astype(np.int32), ids[:, 1:].astype(np.int32)
-    params, state = model.init(jax.random.key(0), x)
+    x, y = _batch(shape)
+    params, _ = model.init(jax.random.key(0), x)
     targets = [f"blocks/*/{m}/kernel" for m in ("attn/*", "mlp/*")]
     mask = None
     if row != "nnjax full":
@@ -87,9 +113,24 @@ def _nnjax(
             bits = 8 if row.endswith("int8") else 4
             params = nj.finetune.quantize(params, targets, bits=bits)
         params, mask = nj.finetune.add_lora(params, jax.random.key(1), targets, rank=RANK)
+    return _train(model, params, mask, (x, y), steps, profiled)
+
+
+def _train(
+    model: Any, params: Any, mask: Any, batch: tuple[Any, Any], steps: int, profiled: bool
+) -> dict:
+    """Train ``steps`` timed steps after a first; with ``profiled``, also what the compiled
+    step holds (:func:`benchmarks.llm_qlora.profile`: one more compilation)."""
+    import jax
+    import optax
+
+    import nnjax as nj
+
+    x, y = batch
     tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adamw(1e-4), trainable=mask)
-    ts = tr.init(params, state)
+    ts = tr.init(params, {})
     del params
+    costs = profile(tr, ts, (x, y), mask) if profiled else {}
     t0 = time.perf_counter()
     ts, m = tr.step(ts, (x, y))
     jax.block_until_ready(m)
@@ -109,6 +150,7 @@ def _nnjax(
         "first_peak_mb": first_peak / _MB,
         "loss": float(m["loss"]),
         "trainable": nj.count_params(ts.params) if mask is None else _count(ts.params, mask),
+        **costs,
     }
 
 
@@ -179,7 +221,6 @@ def _torch(shape: dict, steps: int) -> dict:
         "first_s": first,
         "step_s": statistics.median(times),
         "peak_mb": rss()[1] / _MB,
-        "first_peak_mb": first_peak / _MB,
         "loss": loss,
         "trainable": int(trainable),
     }
@@ -188,8 +229,20 @@ def _torch(shape: dict, steps: int) -> dict:
 def child(row: str, quick: bool, steps: int) -> dict:
     """One row measured in this (fresh) process."""
     shape = qwen2_05b_shape(quick)
+    if row in QLORA_ROWS:
+        import nnjax as nj
+
+        model = nj.models.CausalLM(_config(shape))
+        return qlora_child(
+            row,
+            _config(shape),
+            _batch(shape),
+            steps,
+            quick,
+            lambda p, m: _train(model, p, m, _batch(shape), steps, True),
+        )
     if row.startswith("nnjax"):
-        return _nnjax(row, shape, steps)
+        return _nnjax(row, shape, steps, profiled=True)
     return _torch(shape, steps)
 
 
@@ -215,6 +268,7 @@ def main(args: argparse.Namespace, machine: dict) -> int:
                 **{k: statistics.median(x[k] for x in s) for k in ("first_s", "step_s", "peak_mb")},
                 "trainable": s[0]["trainable"],
                 "loss": s[0]["loss"],
+                **{k: statistics.median(x[k] for x in s) for k in EXTRA if k in s[0]},
             }
         )
     payload = {"machine": machine, "rounds": rounds, "quick": args.quick, "rows": rows}
@@ -248,6 +302,7 @@ def _markdown(rows: list[dict], machine: dict, quick: bool) -> str:
             f"{r['step_s'] / lora['step_s']:.2f} | {r['step_s'] / peft['step_s']:.2f} | "
             f"{fmt(r['first_s'])} |"
         )
+    out += qlora_markdown(by, full, peft)
     nf4 = by["nnjax lora nf4"]
     out += [
         "",

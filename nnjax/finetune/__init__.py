@@ -18,7 +18,8 @@ Adapters (LoRA, IA3, DoRA):
     add_lora, add_ia3, add_dora, merge_adapters, merge_lora, merge_ia3, merge_dora,
     save_adapters, load_adapters, adapter_params, adapter_mask, remove_adapters.
 Quantized bases (frozen kernels stored in fewer bits, adapters trained beside them):
-    quantize, dequantize.
+    quantize, dequantize, Quantization (quantize's arguments as one value, which
+    nj.models.hf.from_pretrained(..., quantize=) takes).
 Changing a model:
     load_pretrained, replace_head.
 What a step costs:

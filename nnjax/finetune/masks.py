@@ -138,7 +138,8 @@ def _counts(params: Any, m: Any) -> list[tuple[str, int, int, int, int]]:
     ``m`` is read as the trainer reads it (:func:`nnjax.core.masks.resolve`), so a bool
     may stand for a subtree and a report counts exactly what a train step updates.
     Counts are logical parameters: a quantized kernel counts the float kernel's values
-    (a packed NF4 byte holds two), its ``kernel_scale`` none; bytes are what is stored.
+    (a packed NF4 byte holds two), its ``kernel_scale`` none (an int8 token table's
+    ``embedding_scale`` none either); bytes are what is stored.
     """
     resolved = resolve(m, params)
     flat = flatten(params)
@@ -147,7 +148,7 @@ def _counts(params: Any, m: Any) -> list[tuple[str, int, int, int, int]]:
         parent, _, leaf = path.rpartition("/")
         prefix = f"{parent}/" if parent else ""
         size, mk, stored = int(np.prod(np.shape(x))), resolved[path], leaf_bytes(x)
-        if leaf == quantized.SCALE and f"{prefix}kernel" in flat:
+        if leaf in (quantized.SCALE, quantized.ROW_SCALE) and path[: -len("_scale")] in flat:
             rows.append((path, 0, 0, 0, stored))
             continue
         if leaf == "kernel" and quantized.is_quantized(x):

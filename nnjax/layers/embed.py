@@ -23,6 +23,7 @@ from nnjax.core.layer import (
     non_empty,
     output_shape,
 )
+from nnjax.layers import quantized
 from nnjax.layers.base import compute_dtype, matmul_last
 
 __all__ = [
@@ -89,7 +90,10 @@ def Embedding(
         param_dtype: dtype of the table.
 
     Params:
-        embedding: ``(num_embeddings, features)``.
+        embedding: ``(num_embeddings, features)``; int8 with ``embedding_scale``
+            beside it when stored quantized (``nj.finetune.quantize(...,
+            embeddings=...)``): row ``i`` is ``embedding[i] * embedding_scale[i]``.
+        embedding_scale: ``(num_embeddings,)`` float32, present only with an int8 table.
 
     Raises:
         LayerError: non-integer ids; eagerly, ids out of range.
@@ -113,7 +117,7 @@ def Embedding(
         del rng, train
         x, rest = padded.split(x)
         _check_ids(x, num_embeddings)
-        check_keys(params, ["embedding"])
+        check_keys(params, ["embedding"], [quantized.ROW_SCALE])
         table = get_param(params, "embedding", table_shape)
         dtype_ = compute_dtype(x, dtype, param_dtype)
         ids = jnp.asarray(x)
@@ -121,7 +125,13 @@ def Embedding(
             # negative ids are out of range (NaN), not wrapped around as in NumPy
             ids = ids.astype(jnp.promote_types(ids.dtype, jnp.int32))
             ids = jnp.where(ids < 0, num_embeddings, ids)
-        y = jnp.take(table.astype(dtype_), ids, axis=0, mode="fill")
+        if quantized.ROW_SCALE in params:
+            # int8 rows: only the looked-up rows become float; a bad id takes a NaN scale
+            scale = get_param(params, quantized.ROW_SCALE, (num_embeddings,))
+            rows = jnp.take(table, jnp.minimum(ids, num_embeddings - 1), axis=0).astype(dtype_)
+            y = rows * jnp.take(scale.astype(dtype_), ids, axis=0, mode="fill")[..., None]
+        else:
+            y = jnp.take(table.astype(dtype_), ids, axis=0, mode="fill")
         return padded.join(y, rest), state
 
     return Layer(init, apply, name)
@@ -130,15 +140,30 @@ def Embedding(
 def attend(embedding_params: dict[str, Any], x: Any, *, dtype: Any = None) -> jax.Array:
     """Logits over the vocabulary from an Embedding's table: ``x @ embedding.T``.
 
+    An int8 table (``embedding_scale`` beside it, per row) gives ``(x @ embedding.T) *
+    embedding_scale``: the product runs on the int8 values converted to ``dtype`` (a
+    float temporary of the table's size while it runs), the scales applied to the
+    ``(..., vocab)`` result. Training a ``CausalLM`` with a tied int8 table never
+    forms that temporary: its loss reads the head one vocabulary chunk at a time
+    (:class:`nnjax.losses.LazyLogits`).
+
     Args:
-        embedding_params: an Embedding's params, ``{"embedding": (vocab, d)}``.
+        embedding_params: an Embedding's params, ``{"embedding": (vocab, d)}`` (and
+            ``"embedding_scale": (vocab,)`` with an int8 table).
         x: ``(..., d)`` float.
         dtype: computation dtype; ``None`` keeps ``x``'s float dtype.
 
     Returns:
         ``(..., vocab)``.
+
+    Example:
+        >>> table = {"embedding": jnp.array([[2, -1], [1, 3]], jnp.int8),
+        ...          "embedding_scale": jnp.array([0.5, 0.25])}
+        >>> nj.attend(table, jnp.array([[1.0, 2.0]])).tolist()
+        [[0.0, 1.75]]
     """
     table = get_param(embedding_params, "embedding")
+    scale = embedding_params.get(quantized.ROW_SCALE)
     check_rank(x, 1, "(..., features)")
     check_float(x)
     if np.ndim(table) != 2 or np.shape(table)[1] != np.shape(x)[-1]:
@@ -147,7 +172,10 @@ def attend(embedding_params: dict[str, Any], x: Any, *, dtype: Any = None) -> ja
             f"(embedding {shape_str(np.shape(table))}), got x.shape == {shape_str(np.shape(x))}"
         )
     dtype_ = compute_dtype(x, dtype)
-    return matmul_last(jnp.asarray(x, dtype_), table.astype(dtype_).T)
+    logits = matmul_last(jnp.asarray(x, dtype_), table.astype(dtype_).T)
+    if scale is None:
+        return logits
+    return logits * jax.lax.broadcast_to_rank(jnp.asarray(scale).astype(dtype_), logits.ndim)
 
 
 def tied_embedding(embedding_layer: Layer, body: Layer | Callable, *, name: str = "tied") -> Layer:

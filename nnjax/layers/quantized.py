@@ -37,10 +37,28 @@ import numpy as np
 
 from nnjax.core.errors import ArgumentError
 
-__all__ = ["SCALE", "NF4", "quantize", "dequantize", "logical_shape", "is_quantized"]
+__all__ = [
+    "SCALE",
+    "ROW_SCALE",
+    "NF4",
+    "quantize_rows",
+    "dequantize_rows",
+    "row_scale",
+    "quantize",
+    "dequantize",
+    "logical_shape",
+    "is_quantized",
+    "int8_codes",
+    "nf4_codes",
+    "nf4_blocks",
+    "pack_nf4",
+]
 
 SCALE = "kernel_scale"
 """The leaf beside a quantized ``kernel`` that holds its scales."""
+
+ROW_SCALE = "embedding_scale"
+"""The leaf beside an int8 token table (``embedding``) that holds its per-row scales."""
 
 NF4 = np.array(
     [
@@ -95,8 +113,75 @@ def _normalized(w: jax.Array, absmax: jax.Array) -> jax.Array:
     return jnp.ldexp(w, -exponent) / mantissa
 
 
+@jax.jit
+def int8_codes(w: jax.Array, scale: jax.Array) -> jax.Array:
+    """``round(w / scale)`` as int8 (``scale`` broadcast against ``w``; 0 where it is 0)."""
+    return jnp.round(_normalized(w.astype(jnp.float32), scale)).astype(jnp.int8)
+
+
+@jax.jit
+def nf4_codes(blocks: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(codes uint8, absmax float32)`` of NF4 blocks ``(..., length)``: each block's
+    absmax ``(...)`` and the index of the nearest :data:`NF4` value of ``w / absmax``."""
+    blocks = blocks.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(blocks), axis=-1)
+    normed = _normalized(blocks, scale[..., None])
+    levels = jax.lax.broadcast_to_rank(jnp.asarray(NF4), normed.ndim + 1)
+    codes = jnp.argmin(jnp.abs(normed[..., None] - levels), axis=-1).astype(jnp.uint8)
+    return codes, scale
+
+
+def nf4_blocks(size: int, block_size: int) -> tuple[int, int]:
+    """``(n, length)``: a copy of ``size`` values is cut into ``n = ceil(size / block_size)``
+    blocks of ``length = ceil(size / n)`` values (the last zero-padded)."""
+    n = -(-size // block_size)
+    return n, -(-size // n)
+
+
+def pack_nf4(codes: Any, scale: Any, depth: int) -> tuple[Any, Any]:
+    """``(kernel, kernel_scale)`` from NF4 codes in the kernel's shape ``(*stack, ..., out)``
+    and the block scales ``(*stack, n)``: two codes a byte, the first in the high nibble;
+    an odd ``out`` ends each row with a zero code (index 7) and gives the scale the
+    kernel's rank. NumPy in, NumPy out; jax arrays in, jax arrays out."""
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    out = codes.shape[-1]
+    if out % 2:
+        codes = xp.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, 1)], constant_values=7)
+        rank = codes.ndim - depth
+        scale = xp.reshape(scale, (*scale.shape[:-1], *(1,) * (rank - 1), scale.shape[-1]))
+    pairs = xp.reshape(codes, (*codes.shape[:-1], codes.shape[-1] // 2, 2))
+    return (pairs[..., 0] << 4) | pairs[..., 1], scale
+
+
+def row_scale(w: jax.Array) -> jax.Array:
+    """Per-row int8 scales ``(rows,)`` of a table ``(rows, features)``: ``absmax / 127``."""
+    return jnp.max(jnp.abs(jnp.asarray(w, jnp.float32)), axis=-1) / 127.0
+
+
+def quantize_rows(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(embedding int8 (rows, features), embedding_scale (rows,))`` of a token table,
+    symmetric per row (a row is one token's vector; a tied head's output channel).
+
+    Example:
+        >>> q, s = nj.layers.quantized.quantize_rows(jnp.array([[0.5, -1.0], [0.25, 2.0]]))
+        >>> q.tolist()
+        [[64, -127], [16, 127]]
+    """
+    scale = row_scale(w)
+    return int8_codes(jnp.asarray(w), scale[:, None]), scale
+
+
+def dequantize_rows(table: jax.Array, scale: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+    """The float table ``(rows, features)`` in ``dtype`` from int8 rows and their scales."""
+    return table.astype(dtype) * jnp.asarray(scale).astype(dtype)[:, None]
+
+
 def quantize(w: jax.Array, bits: int, *, depth: int = 0, block_size: int = 64):
     """``(kernel, kernel_scale)`` of the float kernel ``w`` (see the module docstring).
+
+    The whole kernel at once: its float temporaries are several times its size
+    (NF4's nearest-code search holds 16 distances per value);
+    :func:`nnjax.finetune.quantize` streams the same computation in chunks.
 
     Args:
         w: ``(*stack, ..., out)`` with ``depth`` stacked axes in front; finite.
@@ -106,34 +191,29 @@ def quantize(w: jax.Array, bits: int, *, depth: int = 0, block_size: int = 64):
 
     Raises:
         ArgumentError: other ``bits``, or a ``block_size`` below 1.
+
+    Example:
+        >>> q, scale = nj.layers.quantized.quantize(jnp.array([[0.5, -1.0], [0.25, 2.0]]), 8)
+        >>> q.tolist(), scale.tolist()
+        ([[127, -64], [64, 127]], [0.003937007859349251, 0.015748031437397003])
     """
     w = jnp.asarray(w, jnp.float32)
     stack, shape = w.shape[:depth], w.shape[depth:]
     if bits == 8:
         axes = tuple(range(depth, w.ndim - 1))
         scale = jnp.max(jnp.abs(w), axis=axes) / 127.0  # (*stack, out)
-        q = jnp.round(_normalized(w, jnp.expand_dims(scale, axes)))
-        return q.astype(jnp.int8), scale
+        return int8_codes(w, jnp.expand_dims(scale, axes)), scale
     if bits != 4:
         raise ArgumentError(f"bits must be 4 or 8, got {bits!r}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ArgumentError(f"block_size must be an int >= 1, got {block_size!r}")
-    size, out = math.prod(shape), shape[-1]
-    n = -(-size // block_size)
-    length = -(-size // n)  # values per block: block_size when it divides the size
+    size = math.prod(shape)
+    n, length = nf4_blocks(size, block_size)
     flat = jnp.reshape(w, (*stack, size))
     blocks = jnp.pad(flat, [(0, 0)] * depth + [(0, n * length - size)])
-    blocks = jnp.reshape(blocks, (*stack, n, length))
-    scale = jnp.max(jnp.abs(blocks), axis=-1)  # (*stack, n)
-    normed = _normalized(blocks, scale[..., None])
-    levels = jax.lax.broadcast_to_rank(jnp.asarray(NF4), normed.ndim + 1)
-    codes = jnp.argmin(jnp.abs(normed[..., None] - levels), axis=-1).astype(jnp.uint8)
+    codes, scale = nf4_codes(jnp.reshape(blocks, (*stack, n, length)))  # scale (*stack, n)
     codes = jnp.reshape(jnp.reshape(codes, (*stack, n * length))[..., :size], w.shape)
-    if out % 2:  # a zero code (index 7) ends each row; the scale's rank records it
-        codes = jnp.pad(codes, [(0, 0)] * (w.ndim - 1) + [(0, 1)], constant_values=7)
-        scale = jnp.reshape(scale, (*stack, *(1,) * (len(shape) - 1), n))
-    pairs = jnp.reshape(codes, (*codes.shape[:-1], codes.shape[-1] // 2, 2))
-    return (pairs[..., 0] << 4) | pairs[..., 1], scale
+    return pack_nf4(codes, scale, depth)
 
 
 def dequantize(kernel: jax.Array, scale: jax.Array, dtype: Any = jnp.float32) -> jax.Array:

@@ -413,15 +413,17 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
         if not (big if request is None else request):
             return None
         name, leaf = ("tok_embed", "embedding") if head is None else ("lm_head", "kernel")
-        if list(params[name]) != [leaf]:
-            return None
-        weight = params[name][leaf]
+        weight, scale = params[name][leaf], params[name].get(f"{leaf}_scale")
+        int8 = scale is not None and jnp.result_type(weight) == jnp.int8
+        if sorted(params[name]) != sorted([leaf] + ([f"{leaf}_scale"] if int8 else [])):
+            return None  # adapters or NF4: the head's own apply
         dtype_ = h.dtype if c.dtype is None else jnp.dtype(c.dtype)
         return LazyLogits(
             h.astype(dtype_),
-            weight.astype(dtype_),
+            weight if int8 else weight.astype(dtype_),
             transposed=head is None,
             softcap=c.final_logit_softcap,  # computed in float32 per chunk
+            scale=scale,  # int8 rows (tied) / columns (head): dequantized a chunk at a time
         )
 
     def apply(params, state, x, *, rng=None, train=False):
@@ -438,7 +440,7 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
         if positions is None:
             positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), np.shape(ids))
         r_drop, r_blocks = (None, None) if rng is None else tuple(jax.random.split(rng))
-        table = params["tok_embed"].get("embedding")
+        table = params["tok_embed"].get("embedding_scale", params["tok_embed"].get("embedding"))
         dtype_ = c.dtype if c.dtype is not None else getattr(table, "dtype", None)
         h = embed_tokens(params, ids, positions, dtype_)
         h = drop.apply({}, {}, h, rng=r_drop, train=train)[0]

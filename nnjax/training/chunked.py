@@ -54,6 +54,9 @@ class LazyLogits:
             ``transposed=True``.
         transposed: ``weight`` is ``(V, d)``.
         softcap: logits are ``softcap * tanh(z / softcap)`` (Gemma 2); ``None``: plain.
+        scale: ``(V,)`` with an int8 ``weight`` (a quantized table's per-row or head's
+            per-column scales): the head is ``weight * scale`` per vocabulary entry,
+            dequantized one chunk at a time; ``None``: ``weight`` is float.
 
     ``shape`` is ``(..., V)``; ``dtype`` the computation's. A pytree (its arrays are the
     leaves), so it passes through ``jit`` and ``jax.tree.map``.
@@ -66,18 +69,20 @@ class LazyLogits:
         *,
         transposed: bool = False,
         softcap: float | None = None,
+        scale: Any = None,
     ) -> None:
         self.hidden = hidden
         self.weight = weight
         self.transposed = transposed
         self.softcap = softcap
+        self.scale = scale
 
     def tree_flatten(self):
-        return (self.hidden, self.weight), (self.transposed, self.softcap)
+        return (self.hidden, self.weight, self.scale), (self.transposed, self.softcap)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children, transposed=aux[0], softcap=aux[1])
+        return cls(*children[:2], transposed=aux[0], softcap=aux[1], scale=children[2])
 
     @property
     def vocab_size(self) -> int:
@@ -93,12 +98,14 @@ class LazyLogits:
 
     @property
     def dtype(self) -> Any:
-        return jnp.result_type(self.hidden, self.weight)
+        return jnp.result_type(self.hidden, self.weight if self.scale is None else self.scale)
 
     def materialize(self) -> jax.Array:
         """The full logits ``(..., V)``."""
         w = self.weight.T if self.transposed else self.weight
         z = jnp.asarray(self.hidden) @ jnp.asarray(w, self.dtype)
+        if self.scale is not None:
+            z = z * jax.lax.broadcast_to_rank(jnp.asarray(self.scale, self.dtype), z.ndim)
         if self.softcap is not None:
             z = self.softcap * jnp.tanh(z / self.softcap)
         return z
@@ -130,7 +137,11 @@ def reshape_logits(logits: Any, lead: tuple[int, ...]) -> Any:
     if isinstance(logits, LazyLogits):
         hidden = jnp.reshape(logits.hidden, (*lead, np.shape(logits.hidden)[-1]))
         return LazyLogits(
-            hidden, logits.weight, transposed=logits.transposed, softcap=logits.softcap
+            hidden,
+            logits.weight,
+            transposed=logits.transposed,
+            softcap=logits.softcap,
+            scale=logits.scale,
         )
     return jnp.reshape(logits, (*lead, np.shape(logits)[-1]))
 
@@ -143,14 +154,17 @@ def _chunk_size(n: int, vocab: int, chunk_size: int | None) -> int:
     return min(chunk_size, vocab)
 
 
-def _chunk(w, i, c, vocab, transposed):
+def _chunk(w, i, c, vocab, transposed, scale=None):
     """Columns ``[start, start + c)`` of the head (``start`` clamped so the last chunk fits)
-    as ``(d, c)``, ``start``, and which of them are new (not in an earlier chunk)."""
+    as ``(d, c)`` (dequantized by ``scale``'s chunk when given), ``start``, and which of
+    them are new (not in an earlier chunk)."""
     start = jnp.minimum(i * c, vocab - c)
     if transposed:
         wc = jax.lax.dynamic_slice_in_dim(w, start, c, axis=0).T
     else:
         wc = jax.lax.dynamic_slice_in_dim(w, start, c, axis=1)
+    if scale is not None:  # int8: one chunk in float at a time, never the whole head
+        wc = wc.astype(scale.dtype) * jax.lax.dynamic_slice_in_dim(scale, start, c)[None, :]
     cols = (start + jnp.arange(c))[None, :]
     return wc, cols, cols >= i * c  # (1, c) each
 
@@ -164,13 +178,13 @@ def _logits(h, wc, softcap):
     return z
 
 
-def _forward(h, w, labels, c, transposed, smoothing, softcap):
+def _forward(h, w, scale, labels, c, transposed, smoothing, softcap):
     vocab = w.shape[0 if transposed else 1]
     n = h.shape[0]
 
     def body(i, carry):
         m, s, zy, zsum = carry
-        wc, cols, new = _chunk(w, i, c, vocab, transposed)
+        wc, cols, new = _chunk(w, i, c, vocab, transposed, scale)
         z = _logits(h, wc, softcap)
         zm = jnp.where(new, z, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(zm, axis=-1))
@@ -189,7 +203,15 @@ def _forward(h, w, labels, c, transposed, smoothing, softcap):
     return nll, lse
 
 
-def _forward_and_dh(h, w, labels, c, transposed, smoothing):
+def _dequantized(w, scale, transposed):
+    """The head as float: ``w`` itself, or an int8 ``w`` times its per-entry ``scale``
+    (only inside a gather or a reduction, which XLA fuses: no float copy of ``w``)."""
+    if scale is None:
+        return w
+    return w.astype(scale.dtype) * (scale[:, None] if transposed else scale[None, :])
+
+
+def _forward_and_dh(h, w, scale, labels, c, transposed, smoothing):
     """:func:`_forward` that also returns ``d nll / d h`` per row ``(N, d)`` float32 (for
     a unit cotangent), accumulated chunk by chunk with the same online rescaling as the
     softmax's normaliser: the backward pass then scales it instead of recomputing the
@@ -199,14 +221,14 @@ def _forward_and_dh(h, w, labels, c, transposed, smoothing):
 
     def body(i, carry):
         m, s, zy, zsum, acc = carry
-        wc, cols, new = _chunk(w, i, c, vocab, transposed)
+        wc, cols, new = _chunk(w, i, c, vocab, transposed, scale)
         z = _logits(h, wc, None)
         zm = jnp.where(new, z, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(zm, axis=-1))
         e = jnp.exp(zm - m_new[:, None])
-        scale = jnp.exp(m - m_new)
-        s = s * scale + jnp.sum(e, axis=-1)
-        acc = acc * scale[:, None] + jax.lax.dot_general(
+        rescale = jnp.exp(m - m_new)
+        s = s * rescale + jnp.sum(e, axis=-1)
+        acc = acc * rescale[:, None] + jax.lax.dot_general(
             e.astype(h.dtype), wc.astype(h.dtype), (((1,), (1,)), ((), ())),
             preferred_element_type=jnp.float32,
         )  # fmt: skip
@@ -220,43 +242,56 @@ def _forward_and_dh(h, w, labels, c, transposed, smoothing):
     m, s, zy, zsum, acc = jax.lax.fori_loop(0, -(-vocab // c), body, init)
     lse = m + jnp.log(s)
     nll = lse - (1.0 - smoothing) * zy - (smoothing / vocab) * zsum
-    w_y = jnp.take(w, labels, axis=0) if transposed else jnp.take(w, labels, axis=1).T
+    if transposed:
+        w_y = jnp.take(w, labels, axis=0)
+        w_y = w_y if scale is None else w_y.astype(scale.dtype) * scale[labels][:, None]
+    else:
+        w_y = jnp.take(w, labels, axis=1)
+        w_y = (w_y if scale is None else w_y.astype(scale.dtype) * scale[labels][None, :]).T
     dh = acc / s[:, None] - (1.0 - smoothing) * w_y.astype(jnp.float32)
     if smoothing:
-        w_sum = jnp.sum(w, axis=1 - int(transposed)).astype(jnp.float32)
+        w_sum = jnp.sum(_dequantized(w, scale, transposed), axis=1 - int(transposed))
+        w_sum = w_sum.astype(jnp.float32)
         dh = dh - (smoothing / vocab) * w_sum[None, :]
     return nll, dh
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _nll(h, w, labels, c, transposed, smoothing, softcap):
-    return _forward(h, w, labels, c, transposed, smoothing, softcap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _nll(h, w, scale, labels, c, transposed, smoothing, softcap):
+    return _forward(h, w, scale, labels, c, transposed, smoothing, softcap)[0]
 
 
-def _nll_fwd(h, w, labels, c, transposed, smoothing, softcap):
+def _nll_fwd(h, w, scale, labels, c, transposed, smoothing, softcap):
     # symbolic_zeros: h, w, labels arrive as CustomVJPPrimal; a frozen head (LoRA) skips
     # its weight gradient, a whole (N, d) x (d, V) product.
     need_dw = w.perturbed
+    if scale is not None and (scale.perturbed or need_dw):
+        raise ArgumentError(
+            "LazyLogits: an int8 head (weight with scale) is frozen: no gradient with "
+            "respect to its weight or scale is computed; differentiate the hidden states "
+            "only, or dequantize the head first (nj.finetune.dequantize)"
+        )
     h, w, labels = h.value, w.value, labels.value
+    scale = None if scale is None else scale.value
     if not need_dw and softcap is None:  # d nll / d h in the forward loop
-        nll, dh = _forward_and_dh(h, w, labels, c, transposed, smoothing)
-        return nll, (h, w, labels, None, None, dh)
-    nll, lse = _forward(h, w, labels, c, transposed, smoothing, softcap)
-    return nll, (h, w, labels, lse, () if need_dw else None, None)
+        nll, dh = _forward_and_dh(h, w, scale, labels, c, transposed, smoothing)
+        return nll, (h, w, scale, labels, None, None, dh)
+    nll, lse = _forward(h, w, scale, labels, c, transposed, smoothing, softcap)
+    return nll, (h, w, scale, labels, lse, () if need_dw else None, None)
 
 
 def _nll_bwd(c, transposed, smoothing, softcap, res, g):
-    h, w, labels, lse, need_dw, dh_unit = res
+    h, w, scale, labels, lse, need_dw, dh_unit = res
     vocab = w.shape[0 if transposed else 1]
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
-        return None, None, None
+        return None, None, None, None
     g = g.astype(jnp.float32)
     if dh_unit is not None:
-        return (g[:, None] * dh_unit).astype(h.dtype), None, None
+        return (g[:, None] * dh_unit).astype(h.dtype), None, None, None
 
     def body(i, carry):
         dh, dw = carry
-        wc, cols, new = _chunk(w, i, c, vocab, transposed)
+        wc, cols, new = _chunk(w, i, c, vocab, transposed, scale)
         z = _logits(h, wc, softcap)
         p = jnp.exp(z - lse[:, None])
         target = (1.0 - smoothing) * (cols == labels[:, None]) + smoothing / vocab
@@ -290,7 +325,7 @@ def _nll_bwd(c, transposed, smoothing, softcap, res, g):
     dh0 = jnp.zeros(h.shape, jnp.float32)
     dw0 = None if need_dw is None else jnp.zeros(w.shape, jnp.float32)
     dh, dw = jax.lax.fori_loop(0, -(-vocab // c), body, (dh0, dw0))
-    return dh.astype(h.dtype), None if dw is None else dw.astype(w.dtype), None
+    return dh.astype(h.dtype), None if dw is None else dw.astype(w.dtype), None, None
 
 
 _nll.defvjp(_nll_fwd, _nll_bwd, symbolic_zeros=True)
@@ -331,6 +366,7 @@ def chunked_token_nll(
     nll: Any = _nll(
         h2,
         jnp.asarray(logits.weight),
+        None if logits.scale is None else jnp.asarray(logits.scale),
         jnp.reshape(jnp.asarray(labels, jnp.int32), (-1,)),
         c,
         logits.transposed,

@@ -21,6 +21,7 @@ import numpy as np
 from nnjax.core.errors import CheckpointError, LayerError
 from nnjax.core.paths import flatten, leaf_paths, stack_depth, unflatten
 from nnjax.finetune.adapters import check_adapter_shapes, merge_adapters
+from nnjax.finetune.quantization import CHUNK, Quantization, quantize_leaf, scale_path
 from nnjax.layers import quantized
 from nnjax.layers.adapters import ADAPTER_KEYS
 from nnjax.models.hf.files import Pending, TensorInfo
@@ -92,6 +93,30 @@ def _set_copy(stack: jax.Array, value: jax.Array, index: tuple[jax.Array, ...]) 
     return stack.at[index].set(value.astype(stack.dtype))
 
 
+def _table_rows(
+    name: str, shape: tuple[int, ...], read_rows: Callable[[str, int, int], np.ndarray], target
+) -> tuple[np.ndarray, np.ndarray]:
+    """An int8-per-row token table read and quantized a chunk of rows at a time (each
+    row's scale is its own, so this is the whole table's result bit for bit)."""
+    rows, width = shape
+    step = max(1, CHUNK // width)
+    q, scale = np.empty(shape, np.int8), np.empty(rows, np.float32)
+    for r in range(0, rows, step):
+        part = np.asarray(read_rows(name, r, min(r + step, rows)), dtype=target)
+        q[r : r + step], scale[r : r + step] = quantize_leaf(part, "embedding", 8, 1)
+    return q, scale
+
+
+def _place(out: dict, path: str, index: tuple, value: Any, stack: tuple, where: Any) -> None:
+    """``out[path]`` = ``value``, or its copy ``index`` of a ``stack`` made on first use."""
+    if not index:
+        out[path] = jax.device_put(value, where)
+        return
+    if path not in out:
+        out[path] = jnp.zeros((*stack, *np.shape(value)), value.dtype, device=where)
+    out[path] = _set_copy(out[path], value, tuple(np.int32(i) for i in index))
+
+
 def tensors_to_params(
     infos: Mapping[str, TensorInfo],
     read: Callable[[str], np.ndarray],
@@ -101,6 +126,8 @@ def tensors_to_params(
     *,
     dtype: Any = None,
     shardings: Any = None,
+    quantize: Quantization | None = None,
+    read_rows: Callable[[str, int, int], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Params shaped as ``template`` from the tensors ``infos`` describes, read one at a time.
 
@@ -112,6 +139,10 @@ def tensors_to_params(
         template: the model's params as ``ShapeDtypeStruct``s (``jax.eval_shape`` of init).
         dtype: the params' dtype; ``None``: each tensor's own.
         shardings: a tree like ``template`` of ``Sharding``s; ``None``: the default device.
+        quantize: store the leaves it selects quantized, each copy as it is read
+            (cast to ``dtype`` first): the result is ``quantize(params, *quantize)``.
+        read_rows: ``read_rows(name, start, stop)`` reads rows of one tensor; given, a
+            token table ``quantize`` stores as int8 rows is read a chunk of rows at a time.
 
     Raises:
         CheckpointError: missing, unexpected or wrongly shaped tensors, named with their
@@ -123,22 +154,36 @@ def tensors_to_params(
     _check_names(infos, slots, table, config)
     _check_shapes(infos, slots, flat_t)
     devices = flatten(shardings) if shardings is not None else {}
+    plan = quantize.plan(template, "quantize") if quantize is not None else {}
     out: dict[str, jax.Array] = {}
     for name in infos:  # file order, then each file's order: each file is read front to back
         if name not in slots:
             continue
         slot = slots[name]
+        first = slot.places[0][0]
+        target = np.dtype(dtype) if dtype is not None else infos[name].dtype
+        if plan.get(first) == "embedding" and read_rows is not None and len(slot.places) == 1:
+            q, s = _table_rows(name, infos[name].shape, read_rows, target)
+            out[first], out[scale_path(first)] = jax.device_put(q), jax.device_put(s)
+            continue
         widths = [s[-1] for s in _copy_shapes(slot, flat_t)]
         values = to_nnjax(slot, read(name), widths)
         for (path, index), value in zip(slot.places, values, strict=True):
-            target = np.dtype(dtype) if dtype is not None else value.dtype
             where = devices.get(path)
-            if not index:
+            kind = plan.get(path)
+            if kind is not None and quantize is not None:
+                v = np.asarray(value, dtype=target)  # the float leaf from_pretrained would hold
+                q, s = quantize_leaf(v, kind, quantize.bits, quantize.block_size, 0, path)
+                del v
+                stack = tuple(flat_t[path].shape[: len(index)])
+                _place(out, path, index, q, stack, where)
+                _place(out, scale_path(path), index, s, stack, where)
+            elif not index:
                 out[path] = jax.device_put(np.asarray(value, dtype=target), where)
-                continue
-            if path not in out:
-                out[path] = jnp.zeros(flat_t[path].shape, target, device=where)
-            out[path] = _set_copy(out[path], value, tuple(np.int32(i) for i in index))
+            else:
+                if path not in out:
+                    out[path] = jnp.zeros(flat_t[path].shape, target, device=where)
+                out[path] = _set_copy(out[path], value, tuple(np.int32(i) for i in index))
     return unflatten(out)
 
 
@@ -152,8 +197,8 @@ def split_adapters(
         parent, _, name = path.rpartition("/")
         if name in ADAPTER_KEYS:
             adapters.setdefault(parent, {})[name] = leaf
-        elif name == quantized.SCALE:
-            scales[f"{parent}/kernel"] = leaf
+        elif name in (quantized.SCALE, quantized.ROW_SCALE):
+            scales[path[: -len("_scale")]] = leaf
         else:
             base[path] = leaf
     return base, adapters, scales
@@ -175,7 +220,9 @@ def _host_copy(src: _Source, path: str, index: tuple[int, ...]) -> np.ndarray:
         return leaf[index] if index else leaf
 
     value = take(src.base[path])
-    if path in src.scales:
+    if path in src.scales and path.endswith("/embedding"):
+        value = quantized.dequantize_rows(value, src.scales[path]).astype(src.dtype)
+    elif path in src.scales:
         value = quantized.dequantize(value, take(src.scales[path])).astype(src.dtype)
     parent, _, name = path.rpartition("/")
     group = src.adapters.get(parent) if name == "kernel" else None
@@ -225,7 +272,7 @@ def params_to_tensors(
             raise CheckpointError(
                 f"param {path}: expected shape {tuple(flat_t[path].shape)}, got {shape}"
             )
-    embed = base.get("tok_embed/embedding")
+    embed = scales.get("tok_embed/embedding", base.get("tok_embed/embedding"))
     src = _Source(
         base, adapters, scales, np.dtype(embed.dtype if embed is not None else np.float32)
     )

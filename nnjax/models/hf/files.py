@@ -33,6 +33,7 @@ __all__ = [
     "model_files",
     "read_headers",
     "read_tensor",
+    "read_rows",
     "parse_size",
     "Pending",
     "write_file",
@@ -158,6 +159,14 @@ def read_tensor(name: str, info: TensorInfo) -> np.ndarray:
 
     with safe_open(info.file, framework="numpy") as f:
         return f.get_tensor(name)
+
+
+def read_rows(name: str, info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of one tensor (its own handle), without reading the rest."""
+    from safetensors import safe_open
+
+    with safe_open(info.file, framework="numpy") as f:
+        return f.get_slice(name)[start:stop]
 
 
 def parse_size(size: int | str) -> int:

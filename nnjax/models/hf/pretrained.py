@@ -20,12 +20,13 @@ from jax.sharding import Mesh
 
 from nnjax.core.checks import check_bool
 from nnjax.core.errors import ArgumentError, CheckpointError
+from nnjax.finetune.quantization import Quantization
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.hf.config_checks import read_json as _read_json
 from nnjax.models.hf.configs import config_from_hf, config_to_hf
 from nnjax.models.hf.convert import params_to_tensors, tensors_to_params
 from nnjax.models.hf.families import family_of
-from nnjax.models.hf.files import model_files, parse_size, read_headers, read_tensor
+from nnjax.models.hf.files import model_files, parse_size, read_headers, read_rows, read_tensor
 from nnjax.models.hf.staging import save_model_folder
 from nnjax.models.hf.tokenizer import Tokenizer
 
@@ -62,6 +63,7 @@ def from_pretrained(
     dtype: Any = None,
     mesh: Mesh | None = None,
     rules: Mapping[str, Any] | None = None,
+    quantize: Quantization | None = None,
 ) -> tuple[CausalLMConfig, dict[str, Any]]:
     """Load a local Hugging Face model folder as ``(config, params)`` for ``nj.models.CausalLM``.
 
@@ -79,6 +81,13 @@ def from_pretrained(
         mesh: place each leaf on this mesh, by ``rules``.
         rules: sharding rules (``nj.sharding.tensor_parallel_rules()``); default with a
             mesh: replicated.
+        quantize: a :class:`nnjax.finetune.Quantization` (the arguments of
+            :func:`nnjax.finetune.quantize`: which kernels, ``bits``, ``block_size``,
+            which token tables as int8 rows): each selected tensor is read, cast to
+            ``dtype``, quantized in chunks and only the quantized leaf kept, so the float
+            model never exists whole; a token table is read a chunk of rows at a time.
+            The params equal ``quantize(from_pretrained(path, dtype=dtype), *quantize)``
+            bit for bit. Not with ``mesh`` (quantize after loading there).
 
     Returns:
         ``(config, params)``; ``config.extra`` keeps the ``config.json`` fields for export.
@@ -92,6 +101,9 @@ def from_pretrained(
             followed, single files and shards alike.
             Each names the file and the tensor.
         ShardingError, GlobError: rules that do not fit the params.
+        ArgumentError, GlobError: a ``quantize`` that is not a ``Quantization``, bad
+            ``bits`` / ``block_size``, globs that select nothing (each named, before any
+            tensor is read); ``quantize`` with ``mesh``.
 
     Example:
         A tiny random Llama saved by transformers stands in for a downloaded one:
@@ -106,13 +118,34 @@ def from_pretrained(
         >>> logits, _ = nj.models.CausalLM(config).apply(params, {}, jnp.array([[1, 2, 3]]))
         >>> logits.shape
         (1, 3, 100)
+
+        Loaded as a QLoRA base: NF4 block kernels, the token table as int8 rows:
+
+        >>> q = nj.finetune.Quantization("blocks/**/kernel", bits=4, embeddings="tok_embed/embedding")
+        >>> config, params = nj.models.hf.from_pretrained("llama-tiny", quantize=q)
+        >>> params["blocks"]["stacked"]["mlp"]["up"]["kernel"].dtype, params["tok_embed"]["embedding"].dtype
+        (dtype('uint8'), dtype('int8'))
     """
     if rules is not None and mesh is None:
         raise ArgumentError("from_pretrained: rules= needs mesh=")
+    if quantize is not None:
+        if not isinstance(quantize, Quantization):
+            raise ArgumentError(
+                "from_pretrained: quantize must be an nj.finetune.Quantization(include, "
+                f"exclude, bits, block_size, embeddings) or None, got {quantize!r}"
+            )
+        if mesh is not None:
+            raise ArgumentError(
+                "from_pretrained: quantize= with mesh= is not supported; load on the mesh, "
+                "then nj.finetune.quantize"
+            )
+        quantize = quantize.checked("from_pretrained: quantize")
     config = load_config(path)
+    template = param_template(config)
+    if quantize is not None:  # globs checked against the model before any file is read
+        quantize.plan(template, "from_pretrained: quantize")
     files, weight_map = model_files(os.fspath(path))
     infos = read_headers(files, weight_map)
-    template = param_template(config)
     shardings = None
     if mesh is not None:
         from nnjax.sharding import param_shardings
@@ -126,6 +159,8 @@ def from_pretrained(
         template,
         dtype=dtype,
         shardings=shardings,
+        quantize=quantize,
+        read_rows=lambda n, a, b: read_rows(n, infos[n], a, b),
     )
     return config, params
 
@@ -183,7 +218,10 @@ def save_pretrained(
     """
     parse_size(max_shard_size)  # checked before any work
     check_bool(merge_adapters, "merge_adapters")
-    hf = config_to_hf(config, dtype=str(np.dtype(params["tok_embed"]["embedding"].dtype)))
+    tok = params["tok_embed"]
+    hf = config_to_hf(
+        config, dtype=str(np.dtype(tok.get("embedding_scale", tok["embedding"]).dtype))
+    )
     table = family_of(config.family, "config.family").table
     tensors = params_to_tensors(params, table, config, param_template(config), merge=merge_adapters)
     folder = os.fspath(path)
