@@ -221,6 +221,7 @@ def _torch(shape: dict, steps: int) -> dict:
         "first_s": first,
         "step_s": statistics.median(times),
         "peak_mb": rss()[1] / _MB,
+        "first_peak_mb": first_peak / _MB,
         "loss": loss,
         "trainable": int(trainable),
     }
