@@ -20,8 +20,9 @@ import numpy as np
 
 from nnjax.core.errors import CheckpointError, LayerError
 from nnjax.core.paths import flatten, leaf_paths, stack_depth, unflatten
+from nnjax.finetune import quantization
 from nnjax.finetune.adapters import check_adapter_shapes, merge_adapters
-from nnjax.finetune.quantization import CHUNK, Quantization, quantize_leaf, scale_path
+from nnjax.finetune.quantization import Quantization, quantize_leaf, scale_path
 from nnjax.layers import quantized
 from nnjax.layers.adapters import ADAPTER_KEYS
 from nnjax.models.hf.files import Pending, TensorInfo
@@ -93,17 +94,24 @@ def _set_copy(stack: jax.Array, value: jax.Array, index: tuple[jax.Array, ...]) 
     return stack.at[index].set(value.astype(stack.dtype))
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_rows(table: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(table, rows, start, axis=0)
+
+
 def _table_rows(
     name: str, shape: tuple[int, ...], read_rows: Callable[[str, int, int], np.ndarray], target
-) -> tuple[np.ndarray, np.ndarray]:
-    """An int8-per-row token table read and quantized a chunk of rows at a time (each
-    row's scale is its own, so this is the whole table's result bit for bit)."""
+) -> tuple[jax.Array, jax.Array]:
+    """An int8-per-row token table read and quantized a chunk of rows at a time, written
+    into its (donated) device buffer as it goes: no second copy of the table is made.
+    Each row's scale is its own, so this is the whole table's result bit for bit."""
     rows, width = shape
-    step = max(1, CHUNK // width)
-    q, scale = np.empty(shape, np.int8), np.empty(rows, np.float32)
+    step = max(1, quantization.CHUNK // width)
+    q, scale = jnp.zeros(shape, jnp.int8), jnp.zeros(rows, jnp.float32)
     for r in range(0, rows, step):
         part = np.asarray(read_rows(name, r, min(r + step, rows)), dtype=target)
-        q[r : r + step], scale[r : r + step] = quantize_leaf(part, "embedding", 8, 1)
+        q_rows, s_rows = quantize_leaf(part, "embedding", 8, 1)
+        q, scale = _set_rows(q, q_rows, np.int32(r)), _set_rows(scale, s_rows, np.int32(r))
     return q, scale
 
 
@@ -163,8 +171,9 @@ def tensors_to_params(
         first = slot.places[0][0]
         target = np.dtype(dtype) if dtype is not None else infos[name].dtype
         if plan.get(first) == "embedding" and read_rows is not None and len(slot.places) == 1:
-            q, s = _table_rows(name, infos[name].shape, read_rows, target)
-            out[first], out[scale_path(first)] = jax.device_put(q), jax.device_put(s)
+            out[first], out[scale_path(first)] = _table_rows(
+                name, infos[name].shape, read_rows, target
+            )
             continue
         widths = [s[-1] for s in _copy_shapes(slot, flat_t)]
         values = to_nnjax(slot, read(name), widths)
