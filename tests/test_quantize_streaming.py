@@ -160,6 +160,34 @@ def test_int8_embedding_in_a_causal_lm_equals_the_dequantized_model(tie):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), gq, gr)
 
 
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_chunked_loss_of_an_int8_head_equals_the_dequantized_head(transposed, smoothing):
+    """Loss and d loss / d hidden over vocabulary chunks (3 of 4 entries, the last
+    clamped) with an int8 head and its per-entry scales equal the float head's (1e-5)."""
+    q, scale = _table()  # (11, 6): a tied table's rows
+    w = q if transposed else q.T
+    float_w = (q.astype(np.float32) * scale[:, None]) if transposed else (q * scale[:, None]).T
+    h = jax.random.normal(jax.random.key(0), (2, 3, 6))
+    labels = jnp.array([[0, 10, 4], [7, 7, 2]])
+
+    def loss(hidden, weight, s):
+        lazy = nj.losses.LazyLogits(hidden, weight, transposed=transposed, scale=s)
+        nll = nj.losses.chunked_token_nll(lazy, labels, label_smoothing=smoothing, chunk_size=4)
+        return jnp.mean(nll)
+
+    got, g_got = jax.value_and_grad(loss)(h, jnp.asarray(w), jnp.asarray(scale))
+    want, g_want = jax.value_and_grad(loss)(h, jnp.asarray(float_w, jnp.float32), None)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(g_got, g_want, rtol=1e-5, atol=1e-7)
+    lazy = nj.losses.LazyLogits(h, jnp.asarray(w), transposed=transposed, scale=jnp.asarray(scale))
+    np.testing.assert_allclose(
+        np.asarray(lazy), np.asarray(h, np.float64) @ float_w.astype(np.float64).T
+        if transposed else np.asarray(h, np.float64) @ float_w.astype(np.float64),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
+
+
 def test_lazy_logits_with_an_int8_head_refuses_its_gradient():
     q, scale = _table()
     h = jnp.ones((3, 6))

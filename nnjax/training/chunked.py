@@ -146,9 +146,9 @@ def reshape_logits(logits: Any, lead: tuple[int, ...]) -> Any:
     return jnp.reshape(logits, (*lead, np.shape(logits)[-1]))
 
 
-def _chunk_size(n: int, vocab: int, chunk_size: int | None) -> int:
-    if chunk_size is None:
-        chunk_size = max(128, DEFAULT_CHUNK_ELEMENTS // max(n, 1) // 128 * 128)
+def _chunk_size(n: int, vocab: int, chunk_size: int | None, d: int = 1) -> int:
+    if chunk_size is None:  # a chunk holds (n, c) logits and the (d, c) slice of the head
+        chunk_size = max(128, DEFAULT_CHUNK_ELEMENTS // max(n, d, 1) // 128 * 128)
     if chunk_size < 1:
         raise ArgumentError(f"chunk_size must be >= 1, got {chunk_size}")
     return min(chunk_size, vocab)
@@ -347,7 +347,8 @@ def chunked_token_nll(
             a label outside the range gives a finite, meaningless value).
         label_smoothing: ``eps``: the target is ``(1 - eps) * onehot + eps / V``.
         chunk_size: vocabulary columns per chunk; ``None``: about
-            ``DEFAULT_CHUNK_ELEMENTS / N`` (a multiple of 128).
+            ``DEFAULT_CHUNK_ELEMENTS / max(N, d)`` (a multiple of 128: a chunk's logits
+            ``(N, c)`` and its slice of the head ``(d, c)`` both stay near that size).
 
     Returns:
         float32 ``(...)``: ``logsumexp(z) - (1 - eps) z[label] - eps mean(z)``.
@@ -362,7 +363,7 @@ def chunked_token_nll(
         )
     lead = np.shape(h)[:-1]
     h2 = jnp.reshape(h, (-1, np.shape(h)[-1]))
-    c = _chunk_size(h2.shape[0], logits.vocab_size, chunk_size)
+    c = _chunk_size(h2.shape[0], logits.vocab_size, chunk_size, h2.shape[1])
     nll: Any = _nll(
         h2,
         jnp.asarray(logits.weight),
