@@ -47,3 +47,47 @@ def test_host_buffers_hold_about_one_tensor(tmp_path):
     print(f"params {total / mb:.1f} MB, largest {max(sizes) / mb:.1f} MB, held {held / mb:.1f} MB")
     assert total == sum(sizes) and total > 5 * max(sizes)  # many tensors, so "one" is telling
     assert held <= 2 * max(sizes) + 2 * mb  # a tensor's bytes and one converted copy
+
+
+def test_quantize_while_loading_never_holds_the_float_table(tmp_path):
+    """``from_pretrained(quantize=...)`` with an int8 table reads it a chunk of rows at a
+    time: host buffers peak near the largest *other* tensor, far below the table's 8 MB
+    (the NF4 and int8 results go to device buffers, which tracemalloc does not count)."""
+    import torch
+    import transformers
+    from safetensors import safe_open
+
+    import nnjax as nj
+    from nnjax.models import hf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    spec = nj.finetune.Quantization("blocks/**/kernel", bits=4, embeddings="tok_embed/embedding")
+    hf.from_pretrained(tmp_path, quantize=spec)  # warm-up: compilations are not the load's
+    tracemalloc.start()
+    try:
+        _, params = hf.from_pretrained(tmp_path, quantize=spec)
+        jax.block_until_ready(params)
+        held = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    with safe_open(str(tmp_path / "model.safetensors"), "numpy") as f:
+        sizes = {k: int(np.prod(f.get_slice(k).get_shape())) * 4 for k in f.keys()}  # noqa: SIM118
+    table = sizes.pop("model.embed_tokens.weight")
+    mb = 2**20
+    print(
+        f"table {table / mb:.1f} MB, largest other {max(sizes.values()) / mb:.1f} MB, held {held / mb:.1f} MB"
+    )
+    assert table == 8000 * 256 * 4 and max(sizes.values()) == 256 * 1024 * 4
+    # a kernel read, its float32 copy, its codes; never the table (7.8 MB) in float
+    assert held <= 3 * max(sizes.values()) + mb and held < table / 2
+    assert params["tok_embed"]["embedding"].dtype == np.int8
