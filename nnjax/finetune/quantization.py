@@ -226,8 +226,18 @@ def quantize_leaf(
         depth: the number of stacked axes in front.
         path: named in the error.
 
+    Returns:
+        ``kind="kernel"``: as :func:`nnjax.layers.quantized.quantize`; ``"embedding"``:
+        int8 ``(rows, features)`` and float32 scales ``(rows,)``.
+
     Raises:
         ArgumentError: a NaN or an infinity in ``value`` (named by ``path`` and index).
+
+    Example:
+        >>> w = jax.random.normal(key, (2, 96, 40))  # two stacked copies
+        >>> q, scale = nj.finetune.quantize_leaf(w, "kernel", 4, 64, depth=1)
+        >>> q.shape, q.dtype, scale.shape
+        ((2, 96, 20), dtype('uint8'), (2, 60))
     """
     host = np.asarray(value)  # a view of a CPU array, not a copy
     _check_finite(path, host)

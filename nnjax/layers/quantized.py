@@ -172,7 +172,13 @@ def quantize_rows(w: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def dequantize_rows(table: jax.Array, scale: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    """The float table ``(rows, features)`` in ``dtype`` from int8 rows and their scales."""
+    """The float table ``(rows, features)`` in ``dtype`` from int8 rows and their scales.
+
+    Example:
+        >>> table = jnp.array([[64, -127], [16, 127]], jnp.int8)
+        >>> nj.layers.quantized.dequantize_rows(table, jnp.array([0.5, 0.25])).tolist()
+        [[32.0, -63.5], [4.0, 31.75]]
+    """
     return table.astype(dtype) * jnp.asarray(scale).astype(dtype)[:, None]
 
 
