@@ -123,10 +123,12 @@ def _blocks(c: CausalLMConfig, decode: bool) -> Layer:
     names = list(dict.fromkeys(kinds))
     built = [_block(c.kind_config(k), decode) for k in names]
     built = [remat(b) if c.remat else b for b in built]
+    # remat keeps only each block's input; repeat's CPU policy would keep every large
+    # matmul output besides (at 4,096 tokens of a Qwen2-0.5B shape, ~200 MB per layer).
     if len(built) == 1:
-        return repeat(built[0], c.num_layers, unroll=c.scan_unroll)
+        return repeat(built[0], c.num_layers, unroll=c.scan_unroll, cpu_remat=not c.remat)
     layout = [names.index(k) for k in kinds]
-    return repeat(built, c.num_layers, layout=layout, unroll=c.scan_unroll)
+    return repeat(built, c.num_layers, layout=layout, unroll=c.scan_unroll, cpu_remat=not c.remat)
 
 
 def _norm(c: CausalLMConfig, param_dtype: Any, *, rms: bool = False) -> Layer:
