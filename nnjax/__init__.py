@@ -14,7 +14,8 @@ Layers:
     attend, tied_embedding, LearnedPositionalEmbedding, SinusoidalPositionalEmbedding,
     SimpleRNN, LSTM, GRU, Bidirectional, MultiHeadAttention, TransformerBlock.
 Combinators:
-    serial, fan_out, residual, repeat, remat, by_platform; for transformer blocks
+    serial, fan_out, residual, repeat, unstack (a repeat's stacked params as one tree
+    per layer), remat, by_platform; for transformer blocks
     pre_norm_block and on_hidden (the feed-forward block is nj.layers.MLP);
     keep_lengths (stack recurrent layers over a padded batch).
 Writing and inspecting layers:

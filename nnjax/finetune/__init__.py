@@ -19,7 +19,7 @@ Adapters (LoRA, IA3, DoRA):
     save_adapters, load_adapters, adapter_params, adapter_mask, remove_adapters.
 Quantized bases (frozen kernels stored in fewer bits, adapters trained beside them):
     quantize, dequantize, Quantization (quantize's arguments as one value, which
-    nj.models.hf.from_pretrained(..., quantize=) takes).
+    nj.models.hf.from_pretrained(..., quantize=) takes), quantize_leaf (one array).
 Changing a model:
     load_pretrained, replace_head.
 What a step costs:

@@ -4,7 +4,7 @@ One prefill call runs the (left-padded) prompts, then a ``lax.scan`` feeds one t
 per step; the whole loop is one XLA computation, compiled once per shape and static
 setting. Every argument is checked before anything is traced. Each call splits the
 layer stack per layer before the loop (:func:`~nnjax.unstack`) and, on CPU, reads
-16-bit float weights as float32 (:func:`_for_platform`): both are for the speed of
+16-bit float weights as float32 (converted once per call): both are for the speed of
 reading every weight once per token.
 """
 
