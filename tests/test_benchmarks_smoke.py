@@ -112,7 +112,7 @@ def test_quick_tiny_mlp_runs_and_writes_every_row(tmp_path):
 @pytest.mark.slow
 def test_quick_suite_every_installed_framework(tmp_path):
     frameworks = [f for f in FRAMEWORKS if available(f) and f != "torch-compile"]
-    proc = _run(tmp_path, "--quick")
+    proc = _run(tmp_path, "--quick", "--rounds", "1")  # every row, one timing round
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_outputs(tmp_path, list(WORKLOADS), frameworks)
 
