@@ -151,18 +151,10 @@ def qlora_child(row: str, config: Any, batch: Any, steps: int, quick: bool, trai
 
 
 def _tiny() -> dict:
-    """The quick shape's fields (a warm-up load compiles what the real load runs)."""
+    """The quick shape's config fields (a warm-up load compiles what the real load runs)."""
     from benchmarks.study_llm_finetune import qwen2_05b_shape
 
-    shape = qwen2_05b_shape(True)
-    return dict(
-        vocab_size=shape["vocab_size"],
-        hidden_size=shape["hidden_size"],
-        num_layers=shape["num_layers"],
-        num_heads=shape["num_heads"],
-        num_kv_heads=shape["num_kv_heads"],
-        mlp_hidden=shape["mlp_hidden"],
-    )
+    return {k: v for k, v in qwen2_05b_shape(True).items() if k != "tokens"}
 
 
 def qlora_markdown(by: dict, full: dict, peft: dict) -> list[str]:
