@@ -83,38 +83,24 @@ def test_unknown_framework_is_rejected(tmp_path):
     assert "unknown ['tensorflow']" in proc.stderr
 
 
-def test_quick_tiny_mlp_runs_and_writes_every_row(tmp_path):
-    frameworks = [f for f in ("jax", "nnjax", "nnjax-fused", "torch") if available(f)]
-    proc = _run(
-        tmp_path,
-        "--quick",
-        "--workloads",
-        "tiny-mlp",
-        "--frameworks",
-        ",".join(frameworks),
-        "--rounds",
-        "1",
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _check_outputs(tmp_path, ["tiny-mlp"], frameworks)
-    rows = json.loads((tmp_path / "quick-suite.json").read_text())["rows"]
-    fused = [r for r in rows if r["framework"].endswith("-fused")]
-    assert all(r["steps_per_call"] > 1 and "loop_ms" not in r for r in fused)
-    assert all("loop_ms" in r for r in rows if r["steps_per_call"] == 1)
-    # --render rewrites the markdown from the JSON alone, the same text
-    text = (tmp_path / "quick-suite.md").read_text()
-    (tmp_path / "quick-suite.md").unlink()
-    proc = _run(tmp_path, "--render", str(tmp_path / "quick-suite.json"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (tmp_path / "quick-suite.md").read_text() == text
-
-
 @pytest.mark.slow
 def test_quick_suite_every_installed_framework(tmp_path):
     frameworks = [f for f in FRAMEWORKS if available(f) and f != "torch-compile"]
     proc = _run(tmp_path, "--quick", "--rounds", "1")  # every row, one timing round
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_outputs(tmp_path, list(WORKLOADS), frameworks)
+    rows = json.loads((tmp_path / "quick-suite.json").read_text())["rows"]
+    fused = [r for r in rows if r["framework"].endswith("-fused")]
+    assert fused and all(r["steps_per_call"] > 1 and "loop_ms" not in r for r in fused)
+    assert all(
+        "loop_ms" in r for r in rows if r["steps_per_call"] == 1 and r["workload"] == "tiny-mlp"
+    )
+    # --render rewrites the markdown from the JSON alone, the same text
+    text = (tmp_path / "quick-suite.md").read_text()
+    (tmp_path / "quick-suite.md").unlink()
+    proc = _run(tmp_path, "--render", str(tmp_path / "quick-suite.json"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "quick-suite.md").read_text() == text
 
 
 def test_quick_cpu_conv_study_writes_both_forms(tmp_path):
