@@ -24,7 +24,8 @@ Writing and inspecting layers:
     Initializer.
 Training:
     trainer (-> TrainerFunctions of init/step/evaluate/predict), TrainState, fit,
-    early_stopping, evaluate, predict, ONEDNN_DOTS.
+    early_stopping, evaluate, predict, ONEDNN_DOTS, release_host_memory (give the
+    compiler's freed heap back to the OS; fit does after its first step).
 Errors (all are NNJaxError):
     LayerError, ShapeError, ArgumentError, DataError, GlobError, MaskError,
     OptimizerStateError, CheckpointError, ShardingError, TrainingDiverged.
@@ -102,6 +103,7 @@ from nnjax.layers import (
 from nnjax.training import losses, metrics
 from nnjax.training.evaluate import evaluate, predict
 from nnjax.training.fit import early_stopping, fit
+from nnjax.training.host_memory import release_host_memory
 from nnjax.training.trainer import ONEDNN_DOTS, TrainerFunctions, TrainState, trainer
 
 __version__ = "0.1.0"
@@ -168,6 +170,7 @@ __all__ = [
     "evaluate",
     "predict",
     "ONEDNN_DOTS",
+    "release_host_memory",
     # errors
     "NNJaxError",
     "LayerError",

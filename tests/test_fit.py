@@ -516,3 +516,20 @@ def test_tensorboard_event_file_reads_back(tmp_path):
         [v for _, v in scalars["train/loss"]], [t["loss"] for t in h["train"]], rtol=1e-6
     )
     assert scalars["epoch/loss"][0][0] == 6
+
+
+def test_the_compilers_freed_heap_is_released_once_after_the_first_step(monkeypatch):
+    import nnjax.training.fit as fit_module
+
+    tr, init = _setup()
+    x, y = _data()
+    seen = []
+
+    def step(ts, batch, rng):  # counts the steps taken when the release comes
+        seen.append("step")
+        return tr.step(ts, batch, rng)
+
+    monkeypatch.setattr(fit_module, "release_host_memory", lambda: seen.append("release"))
+    data = nd.batches((x, y), 8, epochs=1)
+    fit(tr._replace(step=step), _fresh(tr, init), data, progress=False)
+    assert seen == ["step", "release"] + ["step"] * 5

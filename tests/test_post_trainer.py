@@ -14,6 +14,8 @@ import nnjax as nj
 from nnjax.core.report import param_bytes
 
 TOK = nj.data.ByteTokenizer()
+MODEL_KEYS = ("ids", "positions", "segment_ids")  # the model's own inputs of a preference batch
+
 CFG = nj.models.CausalLMConfig(
     vocab_size=256, hidden_size=16, num_heads=2, mlp_hidden=32, num_layers=1, max_position=32
 )
@@ -105,7 +107,7 @@ def test_reference_sources_agree_and_the_loss_is_the_pure_function():
     # the same loss from log-probs computed apart: per side, a row of its own
     seq = lambda p, side: (
         nj.post.sequence_logprobs(
-            model.apply(p, {}, {k: batch[0][k][:, side] for k in batch[0]})[0], batch[1][:, side]
+            model.apply(p, {}, {k: batch[0][k][:, side] for k in MODEL_KEYS})[0], batch[1][:, side]
         ).sum
     )
     want, metrics = nj.post.dpo_loss(
@@ -198,7 +200,9 @@ def test_lazy_logits_keep_both_passes_chunked_and_change_nothing():
     out, _ = nj.post.preference_model(lazy_model).apply(params, {}, batch[0], train=True)
     assert isinstance(out["logits"], nj.losses.LazyLogits)
     assert isinstance(out["reference_logits"], nj.losses.LazyLogits)
-    assert out["reference_logits"].shape == (4, 2, 10, CFG.vocab_size)
+    # the head runs over the response positions only: R of the T = 10
+    r = batch[0]["response_index"].shape[-1]
+    assert r < 10 and out["reference_logits"].shape == (4, 2, r, CFG.vocab_size)
     runs = []
     for m in (lazy_model, plain_model):
         tr = nj.post.preference_trainer(m, optax.adam(1e-2), trainable=mask)
@@ -211,3 +215,29 @@ def test_lazy_logits_keep_both_passes_chunked_and_change_nothing():
         ts_p.params,
     )
     assert m_l[0]["rewards/margins"] != 0  # lora_b != 0: policy and reference differ
+
+
+def test_response_index_computes_the_head_over_responses_only_and_changes_nothing():
+    """With inputs["response_index"] (load_preference's) the logits are gathered at the
+    response positions before the head; the losses, metrics and updates equal those of
+    the same batch without the index (every position's logits, prompt ones masked)."""
+    model, _data, batch, _base, params, mask = _unpack(_setup())
+    full = ({k: batch[0][k] for k in MODEL_KEYS}, batch[1])
+    index = batch[0]["response_index"]
+    assert index.shape[-1] < batch[1].shape[-1]
+    out, _ = nj.post.preference_model(model).apply(params, {}, batch[0])
+    out_full, _ = nj.post.preference_model(model).apply(params, {}, full[0])
+    got = np.asarray(out["logits"])
+    want = np.take_along_axis(np.asarray(out_full["logits"]), np.maximum(index, 0)[..., None], 2)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    runs = []
+    for b in (batch, full):
+        tr = nj.post.preference_trainer(model, optax.adam(1e-2), trainable=mask)
+        runs.append(_run(tr, params, [b] * 2))
+    (ts_i, m_i), (ts_f, m_f) = runs
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), m_i, m_f)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        ts_i.params,
+        ts_f.params,
+    )

@@ -42,6 +42,10 @@ def test_masks_cover_exactly_the_responses_of_both_sides():
         n = len(want_x)
         assert d.inputs["segment_ids"][0, side].tolist() == [1] * n + [0] * (12 - n)
         assert d.inputs["positions"][0, side, :n].tolist() == list(range(n))
+    # the response index: the positions of the targets above, "five" + end the longest
+    want = [[i for i, t in enumerate(_want_targets("2+2=", r, 0, 12)[0]) if t != IGNORE]
+            for r in ("4", "five")]  # fmt: skip
+    assert d.inputs["response_index"][0].tolist() == [want[0] + [-1] * 3, want[1]]
 
 
 def test_chat_form_learns_only_the_turns_after_the_shared_prompt():
@@ -72,6 +76,8 @@ def test_chat_form_learns_only_the_turns_after_the_shared_prompt():
         learnt = np.flatnonzero(a.targets[0, side] != IGNORE)
         assert learnt.tolist() == list(range(p - 1, len(ids) - 1))
         assert a.targets[0, side, learnt].tolist() == ids[p:]
+        index = a.inputs["response_index"][0, side]
+        assert index[index >= 0].tolist() == learnt.tolist()
 
 
 def test_truncation_cuts_the_prompt_first_then_the_responses_and_reports_empty_pairs():

@@ -11,7 +11,10 @@ An example is one pair, kept together on an axis of its own: a preference batch 
 ``(inputs, targets)`` with ``inputs`` a dict of int32 ``(B, 2, T)`` arrays ``ids``,
 ``positions``, ``segment_ids`` (1 on tokens, 0 on padding) and ``targets`` int32
 ``(B, 2, T)``, the next token on response positions and :data:`IGNORE_INDEX` elsewhere;
-``[:, 0]`` is the chosen side, ``[:, 1]`` the rejected one. A batch iterator (or
+``[:, 0]`` is the chosen side, ``[:, 1]`` the rejected one. ``inputs["response_index"]``
+int32 ``(B, 2, R)`` lists each side's response positions (where ``targets`` is not
+:data:`IGNORE_INDEX`), ``-1`` after them, ``R`` the most any side of the data has: the
+preference trainer computes the vocabulary head only there, not over the prompt. A batch iterator (or
 gradient accumulation) splits axis 0 only, so a pair is never split.
 
 Truncation, to ``T`` positions (``T + 1`` tokens): first the prompt, to its last
@@ -41,7 +44,13 @@ from nnjax.data.instruct import (
 from nnjax.data.iterators import BatchIterator, batches
 from nnjax.data.records import iter_records
 
-__all__ = ["PreferenceData", "tokenize_pair", "load_preference", "preference_batches"]
+__all__ = [
+    "PreferenceData",
+    "tokenize_pair",
+    "load_preference",
+    "preference_batches",
+    "response_index",
+]
 
 Record = dict[str, Any]
 
@@ -180,7 +189,8 @@ class PreferenceData(NamedTuple):
     """Tokenized, truncated preference pairs.
 
     Attributes:
-        inputs: ``{"ids", "positions", "segment_ids"}``, int32 ``(N, 2, T)``.
+        inputs: ``{"ids", "positions", "segment_ids"}``, int32 ``(N, 2, T)``, and
+            ``"response_index"`` int32 ``(N, 2, R)`` (the module doc).
         targets: int32 ``(N, 2, T)``.
         dropped: where each left-out pair came from (``data.jsonl:7``): no response
             token fit on a side.
@@ -274,7 +284,27 @@ def load_preference(
             inputs["positions"][n, side, : len(x)] = np.arange(len(x))
             inputs["segment_ids"][n, side, : len(x)] = 1
             targets[n, side, : len(x)] = t
+    inputs["response_index"] = response_index(targets)
     return PreferenceData(inputs, targets, dropped)
+
+
+def response_index(targets: np.ndarray) -> np.ndarray:
+    """The positions of each row's scored tokens: int32 ``(..., R)``, ascending, ``-1`` after.
+
+    ``targets`` ``(..., T)``; a position is scored where its target is not
+    :data:`IGNORE_INDEX`; ``R`` is the most scored positions of any row (at least 1).
+
+    Example:
+        >>> t = np.array([[-100, 5, 6, -100], [-100, -100, 7, -100]])
+        >>> nj.data.response_index(t).tolist()
+        [[1, 2], [2, -1]]
+    """
+    scored = np.asarray(targets) != IGNORE_INDEX
+    width = max(int(scored.sum(axis=-1).max(initial=0)), 1)
+    # a stable sort puts each row's scored positions first, in order
+    order = np.argsort(~scored, axis=-1, kind="stable")[..., :width]
+    keep = np.take_along_axis(scored, order, axis=-1)
+    return np.where(keep, order, -1).astype(np.int32)
 
 
 def preference_batches(

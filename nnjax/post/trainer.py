@@ -36,10 +36,11 @@ import optax
 
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import ArgumentError, DataError
+from nnjax.data.instruct import IGNORE_INDEX
 from nnjax.finetune.adapters import remove_adapters
 from nnjax.post.logprobs import sequence_logprobs
 from nnjax.post.losses import PREFERENCE_LOSSES, PreferenceLoss
-from nnjax.training.chunked import LazyLogits, reshape_logits
+from nnjax.training.chunked import LazyLogits, reshape_logits, take_positions
 from nnjax.training.trainer import TrainerFunctions, trainer
 
 __all__ = [
@@ -102,12 +103,32 @@ def _rows(inputs: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[int, int]]:
     return {k: jnp.reshape(inputs[k], (-1, shape[2])) for k in _MODEL_KEYS}, shape[:2]
 
 
+def _scored(logits: Any, index: Any, lead: tuple[int, ...]) -> Any:
+    """``logits`` ``(2B, T, V)`` as ``(*lead, R, V)`` at ``index``, or all ``T`` without one."""
+    if index is None:
+        return reshape_logits(logits, lead)
+    return take_positions(reshape_logits(logits, lead), index)
+
+
+def _scored_targets(targets: Any, index: Any) -> Any:
+    """``targets`` ``(B, 2, T)`` at ``index`` ``(B, 2, R)``; :data:`IGNORE_INDEX` on its padding."""
+    if index is None:
+        return targets
+    index = jnp.asarray(index)
+    picked = jnp.take_along_axis(jnp.asarray(targets), jnp.maximum(index, 0), axis=-1)
+    return jnp.where(index >= 0, picked, IGNORE_INDEX)
+
+
 def preference_model(model: Layer, reference: Any = "adapters") -> Layer:
     """``model`` as a layer scoring preference pairs: the policy's logits and the reference's.
 
     ``apply(params, state, inputs)`` takes ``inputs`` of ``(B, 2, T)`` arrays and returns
     ``{"logits": (B, 2, T, V)}`` plus ``"reference_logits"`` (``"adapters"`` or a tree) or
     ``"reference_logps"`` ``(B, 2)`` (``"precomputed"``, passed through from the inputs).
+    With ``inputs["response_index"]`` ``(B, 2, R)`` (:func:`nnjax.data.load_preference`
+    gives it) the logits are those of the response positions only, ``(B, 2, R, V)``,
+    and the output carries the index as ``"response_index"``: a lazy head
+    (:class:`~nnjax.losses.LazyLogits`) then runs over ``R`` positions, not ``T``.
     The state is ``{"model": model's state, "reference": the tree}``, each key only when
     not empty.
 
@@ -126,13 +147,16 @@ def preference_model(model: Layer, reference: Any = "adapters") -> Layer:
         x, (b, _) = _rows(inputs)
         logits, model_state = model.apply(params, state.get("model", {}), x, rng=rng, train=train)
         t = np.shape(x["ids"])[-1]
-        out = {"logits": reshape_logits(logits, (b, 2, t))}
+        index = inputs.get("response_index")
+        out = {"logits": _scored(logits, index, (b, 2, t))}
+        if index is not None:
+            out["response_index"] = jnp.asarray(index)
         if kind in ("adapters", "params"):
             ref = remove_adapters(params) if kind == "adapters" else state.get("reference", {})
             ref_x = reference_inputs(x, logits)
             ref_logits, _ = model.apply(jax.lax.stop_gradient(ref), state.get("model", {}), ref_x)
             ref_logits = jax.tree.map(jax.lax.stop_gradient, ref_logits)
-            out["reference_logits"] = reshape_logits(ref_logits, (b, 2, t))
+            out["reference_logits"] = _scored(ref_logits, index, (b, 2, t))
         elif kind == "precomputed":
             if "reference_logps" not in inputs:
                 raise DataError(
@@ -177,6 +201,7 @@ def preference_loss(loss: str = "dpo", **options: Any):
     _check_options(entry, loss, options)
 
     def loss_fn(outputs, targets):
+        targets = _scored_targets(targets, outputs.get("response_index"))
         total, mean, count = _pair_logps(outputs["logits"], targets)
         pick = total if entry.logps == "sum" else mean
         args = [pick[:, 0], pick[:, 1]]
@@ -297,12 +322,13 @@ def precompute_reference(
     @jax.jit
     def score(params, x, t):
         out, _ = wrapped.apply(params, {}, x)
-        return _pair_logps(out["logits"], t)[0]
+        return _pair_logps(out["logits"], _scored_targets(t, out.get("response_index")))[0]
 
+    keys = [*_MODEL_KEYS, *(["response_index"] if "response_index" in inputs else [])]
     n = len(targets)
     sums = []
     for i in range(0, n, batch_size):
-        x = {k: np.asarray(inputs[k][i : i + batch_size]) for k in _MODEL_KEYS}
+        x = {k: np.asarray(inputs[k][i : i + batch_size]) for k in keys}
         sums.append(np.asarray(score(reference_params, x, np.asarray(targets[i : i + batch_size]))))
     out = dict(inputs)
     out["reference_logps"] = np.concatenate(sums).astype(np.float32)

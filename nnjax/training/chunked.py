@@ -37,11 +37,14 @@ __all__ = [
     "chunked_token_nll",
     "token_log_probs",
     "reshape_logits",
+    "take_positions",
     "DEFAULT_CHUNK_ELEMENTS",
 ]
 
-# One chunk of logits holds about this many float32 elements (64 MiB).
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# One chunk of logits, or of the head's weight, holds about this many float32 elements
+# (8 MiB): smaller chunks lowered the peak of a Qwen2-0.5B-shaped DPO step and did not
+# slow it (docs/benchmarks.md, "Preference tuning").
+DEFAULT_CHUNK_ELEMENTS = 1 << 21
 
 
 @jax.tree_util.register_pytree_node_class
@@ -144,6 +147,31 @@ def reshape_logits(logits: Any, lead: tuple[int, ...]) -> Any:
             scale=logits.scale,
         )
     return jnp.reshape(logits, (*lead, np.shape(logits)[-1]))
+
+
+def take_positions(logits: Any, index: Any) -> Any:
+    """The logits at ``index`` along the position axis: ``(..., T, V)`` -> ``(..., R, V)``.
+
+    ``index`` is int ``(..., R)`` with the leading axes of ``logits``; an entry ``-1``
+    (padding) reads position 0, so a caller masks it. :class:`LazyLogits` stay lazy
+    (their hidden states are gathered), so a loss over a few positions of a long
+    sequence (a preference pair's response tokens) computes the head only there.
+
+    Example:
+        >>> lazy = nj.losses.LazyLogits(jnp.arange(12.0).reshape(1, 3, 4), jnp.eye(4))
+        >>> nj.losses.take_positions(lazy, jnp.array([[2, 0]])).materialize()[0, :, 0].tolist()
+        [8.0, 0.0]
+    """
+    safe = jnp.maximum(jnp.asarray(index), 0)[..., None]
+    if isinstance(logits, LazyLogits):
+        return LazyLogits(
+            jnp.take_along_axis(logits.hidden, safe, axis=-2),
+            logits.weight,
+            transposed=logits.transposed,
+            softcap=logits.softcap,
+            scale=logits.scale,
+        )
+    return jnp.take_along_axis(jnp.asarray(logits), safe, axis=-2)
 
 
 def _chunk_size(n: int, vocab: int, chunk_size: int | None, d: int = 1) -> int:

@@ -34,6 +34,7 @@ from nnjax.core.errors import ArgumentError, CheckpointError, DataError, Trainin
 from nnjax.data.iterators import BatchIterator, batches
 from nnjax.training import stream
 from nnjax.training.evaluate import evaluate
+from nnjax.training.host_memory import release_host_memory
 from nnjax.training.logs import Logger, MetricLog, jsonable, jsonl_logger, tensorboard_logger
 
 __all__ = ["fit", "TrainingDiverged", "early_stopping"]
@@ -228,6 +229,7 @@ def _checkpoint(run: _Run, directory: str, plan: _Plan, log: MetricLog) -> None:
 def _loop(trainer: Any, run: _Run, plan: _Plan, calls: Iterator, log: MetricLog) -> None:
     """Step until the data, ``steps`` or a callback ends the run; log, evaluate, save on the way."""
     due = lambda every, first: bool(every) and run.step // every > first // every
+    start = run.step
     while plan.steps is None or run.step + plan.k <= plan.steps:
         item = next(calls, None)
         if item is None:
@@ -235,6 +237,8 @@ def _loop(trainer: Any, run: _Run, plan: _Plan, calls: Iterator, log: MetricLog)
         batch, pos, n = item
         first = run.step
         run.ts, metrics = trainer.step(run.ts, batch, jax.random.fold_in(run.rng, first))
+        if first == start:  # the call that compiled: return the compiler's freed heap
+            release_host_memory()
         run.step, run.pos = first + plan.k, pos
         log.add(first, metrics, n)
         at_end = run.step == plan.total

@@ -22,12 +22,19 @@ import optax
 
 from nnjax.core.checks import labels_in_range, shape_str
 from nnjax.core.errors import ShapeError
-from nnjax.training.chunked import LazyLogits, chunked_token_nll, reshape_logits, token_log_probs
+from nnjax.training.chunked import (
+    LazyLogits,
+    chunked_token_nll,
+    reshape_logits,
+    take_positions,
+    token_log_probs,
+)
 
 __all__ = [
     "LazyLogits",
     "token_log_probs",
     "reshape_logits",
+    "take_positions",
     "softmax_cross_entropy",
     "softmax_cross_entropy_onehot",
     "sigmoid_binary_cross_entropy",
