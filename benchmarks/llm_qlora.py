@@ -130,7 +130,8 @@ def _load(row: str, config: Any, quick: bool) -> tuple[Any, dict]:
 
 
 def qlora_child(row: str, config: Any, batch: Any, steps: int, quick: bool, train: Any) -> dict:
-    """One QLoRA row in this (fresh) process; ``train(params, mask) -> dict`` trains it."""
+    """One QLoRA row in this (fresh) process; ``train([params], mask) -> dict`` trains it
+    (the list emptied: this frame keeps no second reference to the params)."""
     import jax
 
     import nnjax as nj
@@ -147,7 +148,9 @@ def qlora_child(row: str, config: Any, batch: Any, steps: int, quick: bool, trai
             make_checkpoint(dataclasses.replace(config, **_tiny()), True)
         params, load = _load(row, config, quick)
     params, mask = nj.finetune.add_lora(params, jax.random.key(1), targets, rank=16)
-    return {**load, **train(params, mask)}
+    box = [params]
+    del params
+    return {**load, **train(box, mask)}
 
 
 def _tiny() -> dict:

@@ -14,7 +14,8 @@ Rows (each in a fresh child process, batch 1 x 256 tokens, AdamW):
   quantized from a checkpoint (the load's own peak beside the quantized params).
 
 Weights are random (the same shapes on both sides; the values do not change the
-cost). Each child builds its model, runs one step (nnjax: the compilation), resets
+cost). Each child builds its model, runs one step (nnjax: the compilation; then, as
+``nj.fit`` does, ``nj.release_host_memory()`` gives the compiler's freed heap back), resets
 its peak RSS (``/proc/self/clear_refs``), runs ``--steps`` timed steps, and reports
 the median step time and the peak RSS while training (``VmHWM``: the params, the
 optimizer state and the step's temporaries; the process's libraries included).
@@ -113,15 +114,18 @@ def _nnjax(
             bits = 8 if row.endswith("int8") else 4
             params = nj.finetune.quantize(params, targets, bits=bits)
         params, mask = nj.finetune.add_lora(params, jax.random.key(1), targets, rank=RANK)
-    return _train(model, params, mask, (x, y), steps, profiled)
+    box = [params]  # _train holds the only reference: tr.init's copy replaces it
+    del params
+    return _train(model, box, mask, (x, y), steps, profiled)
 
 
 def _train(
-    model: Any, params: Any, mask: Any, batch: tuple[Any, Any], steps: int, profiled: bool
+    model: Any, box: list, mask: Any, batch: tuple[Any, Any], steps: int, profiled: bool
 ) -> dict:
-    """Train ``steps`` timed steps after a first; with ``profiled``, also what the compiled
-    step holds (:func:`benchmarks.llm_qlora.profile`: one more compilation, after the
-    peak is read)."""
+    """Train the params in ``box`` (a one-element list, emptied: no caller keeps them
+    beside the train state's copy) ``steps`` timed steps after a first; with
+    ``profiled``, also what the compiled step holds (:func:`benchmarks.llm_qlora.profile`:
+    one more compilation, after the peak is read)."""
     import jax
     import optax
 
@@ -129,6 +133,7 @@ def _train(
 
     x, y = batch
     tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.adamw(1e-4), trainable=mask)
+    params = box.pop()
     ts = tr.init(params, {})
     del params
     t0 = time.perf_counter()
@@ -136,6 +141,7 @@ def _train(
     jax.block_until_ready(m)
     first = time.perf_counter() - t0
     first_peak = rss()[1]
+    nj.release_host_memory()  # the compiler's freed heap, as nj.fit does after its first step
     reset_peak_rss()
     times = []
     for _ in range(steps):
@@ -242,7 +248,7 @@ def child(row: str, quick: bool, steps: int) -> dict:
             _batch(shape),
             steps,
             quick,
-            lambda p, m: _train(model, p, m, _batch(shape), steps, True),
+            lambda box, m: _train(model, box, m, _batch(shape), steps, True),
         )
     if row.startswith("nnjax"):
         return _nnjax(row, shape, steps, profiled=True)
