@@ -193,6 +193,20 @@ def test_sampling_without_a_key_is_refused_and_greedy_needs_none():
     assert int(nj.models.sample(logits, None, greedy=True)[0]) == int(np.argmax(LOGITS))
 
 
+def test_sampling_a_single_new_token_draws_from_the_last_logits():
+    """One sampled token (no token loop): with top_k=1 the draw is the argmax of the
+    model's own last-position logits, whatever the key."""
+    cfg = CausalLMConfig(vocab_size=32, hidden_size=16, num_heads=2, mlp_hidden=32, num_layers=1)
+    model = nj.models.CausalLM(cfg)
+    prompt = jnp.asarray(_prompts(0, [5], vocab=32)[0])
+    params, _ = model.init(jax.random.key(0), prompt)
+    logits, _ = model.apply(params, {}, prompt)
+    for seed in range(3):
+        out = generate(cfg, params, prompt, 1, temperature=1.0, top_k=1, rng=jax.random.key(seed))
+        assert out.shape == (1, 6)
+        assert int(out[0, -1]) == int(jnp.argmax(logits[0, -1]))
+
+
 def test_sample_counts_follow_the_filtered_distribution():
     options = dict(top_k=6, top_p=0.8, temperature=0.9)
     _, probs = _np_filter(LOGITS, **options)

@@ -92,7 +92,7 @@ def _generate(params, prompt, lengths, rng, temperature, top_p, min_p, *, s: _St
         token = jnp.where(done, s.pad, draw(logits[:, -1], key))
         return (state, token, position + 1, done | jnp.isin(token, eos)), token
 
-    rest_keys = None if keys is None or n == 1 else keys[1:]
+    rest_keys = None if keys is None else keys[1:]  # (0, ...) for one token: still keys
     carry = (state, first, lengths.astype(jnp.int32), done)
     _, rest = jax.lax.scan(step, carry, rest_keys, length=n - 1)
     return jnp.concatenate([prompt, first[:, None], rest.T.astype(jnp.int32)], axis=1)
