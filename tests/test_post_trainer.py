@@ -203,18 +203,23 @@ def test_lazy_logits_keep_both_passes_chunked_and_change_nothing():
     # the head runs over the response positions only: R of the T = 10
     r = batch[0]["response_index"].shape[-1]
     assert r < 10 and out["reference_logits"].shape == (4, 2, r, CFG.vocab_size)
-    runs = []
-    for m in (lazy_model, plain_model):
-        tr = nj.post.preference_trainer(m, optax.adam(1e-2), trainable=mask)
-        runs.append(_run(tr, params, [batch] * 2))
-    (ts_l, m_l), (ts_p, m_p) = runs
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), m_l, m_p)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        ts_l.params,
-        ts_p.params,
+    lazy = _dpo_run(lazy_model, params, mask, batch)
+    _assert_runs_agree(lazy, _dpo_run(plain_model, params, mask, batch))
+    assert lazy[1][0]["rewards/margins"] != 0  # lora_b != 0: policy and reference differ
+
+
+def _dpo_run(model, params, mask, batch):
+    """Two DPO steps (adapters-off reference) on ``batch``: ``(train state, metrics)``."""
+    return _run(
+        nj.post.preference_trainer(model, optax.adam(1e-2), trainable=mask), params, [batch] * 2
     )
-    assert m_l[0]["rewards/margins"] != 0  # lora_b != 0: policy and reference differ
+
+
+def _assert_runs_agree(a, b):
+    """Two ``(train state, metrics)`` runs: the same metrics and params (1e-5)."""
+    close = lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    jax.tree.map(close, a[1], b[1])
+    jax.tree.map(close, a[0].params, b[0].params)
 
 
 def test_response_index_computes_the_head_over_responses_only_and_changes_nothing():
@@ -230,14 +235,4 @@ def test_response_index_computes_the_head_over_responses_only_and_changes_nothin
     got = np.asarray(out["logits"])
     want = np.take_along_axis(np.asarray(out_full["logits"]), np.maximum(index, 0)[..., None], 2)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    runs = []
-    for b in (batch, full):
-        tr = nj.post.preference_trainer(model, optax.adam(1e-2), trainable=mask)
-        runs.append(_run(tr, params, [b] * 2))
-    (ts_i, m_i), (ts_f, m_f) = runs
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), m_i, m_f)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-        ts_i.params,
-        ts_f.params,
-    )
+    _assert_runs_agree(_dpo_run(model, params, mask, batch), _dpo_run(model, params, mask, full))
