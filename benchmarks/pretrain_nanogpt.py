@@ -9,7 +9,8 @@ saving included): nanoGPT's CPU recipe for ``config/train_shakespeare_char.py``
 (``benchmarks/nanogpt_torch.py``, PyTorch) and the same model, data, optimizer,
 schedule and steps through ``examples/pretrain_llm.py --preset nanogpt-char``: as it
 runs by default (on a CPU, one XLA device per core, the batch split over them: data
-parallel), and on one XLA:CPU device (``--mesh none``). The runs alternate,
+parallel; bfloat16 compute where the CPU has AMX or AVX-512 BF16), and in float32
+(``--dtype float32``). The runs alternate,
 ``--repeats`` times.
 
 Part 2: ``examples/pretrain_llm.py --preset llama-124m`` (GPT-2 small's sizes in Llama
@@ -56,9 +57,11 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     losses = re.findall(r"final val loss ([0-9.]+)", proc.stdout)
+    dtype = re.search(r"; compute (\w+)", proc.stdout)
     phases = re.search(r"wall time [0-9.]+ s: (.*)", proc.stdout)
     return {
         "phases": phases.group(1) if phases else None,  # the recipe's own account
+        "compute": dtype.group(1) if dtype else "float32",
         "wall_s": round(wall, 2),
         "cpu_s": round(cpu, 2),  # user + system over all threads: less sensitive to load
         "val_loss": float(losses[-1]),
@@ -73,7 +76,7 @@ def side_by_side(data: str, repeats: int, smoke: bool) -> dict:
     py = sys.executable
     iters = ["--iters", "20"] if smoke else []
     steps = ["--steps", "50", "--eval-every", "25", "--log-every", "25"] if smoke else []
-    runs: dict[str, list] = {"nanogpt_torch": [], "nnjax_default": [], "nnjax_1_device": []}
+    runs: dict[str, list] = {"nanogpt_torch": [], "nnjax_default": [], "nnjax_float32": []}
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             runs["nanogpt_torch"].append(
@@ -82,7 +85,9 @@ def side_by_side(data: str, repeats: int, smoke: bool) -> dict:
             recipe = [py, str(ROOT / "examples/pretrain_llm.py"), "--preset", "nanogpt-char"]
             recipe += ["--data", data, *steps]
             runs["nnjax_default"].append(_run([*recipe, "--out", f"{tmp}/default"]))
-            runs["nnjax_1_device"].append(_run([*recipe, "--out", f"{tmp}/one", "--mesh", "none"]))
+            runs["nnjax_float32"].append(
+                _run([*recipe, "--out", f"{tmp}/f32", "--dtype", "float32"])
+            )
     for r in (r for v in runs.values() for r in v):
         r.pop("stdout")
     best = {k: min(r["wall_s"] for r in v) for k, v in runs.items()}
@@ -103,6 +108,7 @@ def throughput_124m(data: str, smoke: bool) -> dict:
     params = re.search(r"([0-9.]+)M params", run.pop("stdout"))
     return {
         "wall_s": run["wall_s"],
+        "compute": run["compute"],
         "load_before": run["load_before"],
         "load_after": run["load_after"],
         "windows": timed,
@@ -122,14 +128,14 @@ def report(result: dict) -> str:
         f"Machine: {result['machine']}. Whole-process wall time (fresh process, timed from "
         "outside), final val loss over 200 batches of 12 x 64.",
         "",
-        "| run | wall time (s) | x nanoGPT | CPU time (s) | val loss | load avg before/after |",
-        "|---|---:|---:|---:|---:|---|",
+        "| run | compute | wall time (s) | x nanoGPT | CPU time (s) | val loss | load avg before/after |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for name, runs in sb["runs"].items():
         for r in runs:
             ratio = r["wall_s"] / torch_best
             lines.append(
-                f"| {name} | {r['wall_s']:.1f} | {ratio:.2f} | {r.get('cpu_s', 0):.1f} | "
+                f"| {name} | {r['compute']} | {r['wall_s']:.1f} | {ratio:.2f} | {r.get('cpu_s', 0):.1f} | "
                 f"{r['val_loss']:.4f} | {r['load_before']:.1f} / {r['load_after']:.1f} |"
             )
     for name, runs in sb["runs"].items():
@@ -141,8 +147,9 @@ def report(result: dict) -> str:
         lines += [
             "",
             f"124M Llama-shaped training step ({t['params_M']}M params, 4 x 512 tokens, "
-            f"float32 on the CPU): {t['tokens_per_s']:,.0f} tokens/s, MFU "
-            f"{100 * t['mfu']:.2f}% of the assumed CPU peak (load {t['load_before']:.1f} / "
+            f"{t.get('compute', 'float32')} compute on the CPU): {t['tokens_per_s']:,.0f} "
+            f"tokens/s, MFU {100 * t['mfu']:.2f}% of the assumed float32 CPU peak (load "
+            f"{t['load_before']:.1f} / "
             f"{t['load_after']:.1f}).",
         ]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,9 @@ The recipe, step by step:
    blocks) at the sizes of ``--preset`` and the size flags;
 3. training: ``nj.fit`` over random windows of ``train.bin`` (resumable exactly), AdamW
    with linear warmup and cosine decay, gradient clipping, ``--accumulate`` micro-batches,
-   ``--dtype bfloat16`` compute (float32 master weights), ``--remat``, an optional mesh
+   bfloat16 compute (float32 master weights) where the devices multiply it fast (GPUs,
+   TPUs, CPUs with AMX or AVX-512 BF16; ``--dtype`` chooses), ``--remat``, ``--unroll``
+   blocks per iteration of the scan over blocks, an optional mesh
    (``--mesh data=2,model=2 --parallel tp``: data, FSDP or tensor parallel by
    ``nj.sharding``'s rules); on a CPU without ``--mesh``, one XLA device per core and
    the batch split over them (data parallel: XLA:CPU keeps one core and a half busy
@@ -81,7 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         family="gpt2", hidden_size=128, layers=4, heads=4, kv_heads=None, mlp_hidden=512,
         seq_len=64, batch_size=12, steps=2000, lr=1e-3, min_lr=1e-4, warmup=100, beta2=0.99,
         eval_every=250, eval_batches=20, final_eval_batches=200, log_every=250,
-        checkpoint_every=1000, steps_per_call=25, tokenizer="chars",
+        checkpoint_every=1000, steps_per_call=25, unroll=4, tokenizer="chars",
     ),
     # GPT-2 small's sizes (width 768, 12 layers and heads, vocabulary 50,304 tied) in
     # Llama blocks: 124M params; for throughput
@@ -100,7 +102,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 DEFAULTS = dict(
     kv_heads=None, vocab_size=None, tie=None, beta1=0.9, beta2=0.95, weight_decay=0.1, clip=1.0,
-    accumulate=1, steps_per_call=1, final_eval_batches=None, dtype="auto", seed=1337,
+    accumulate=1, steps_per_call=1, unroll=None, final_eval_batches=None, dtype="auto", seed=1337,
 )  # fmt: skip
 
 
@@ -219,7 +221,8 @@ def model_config(args: argparse.Namespace, vocab: int) -> nj.models.CausalLMConf
         config = nj.models.hf.config_from_hf({"model_type": args.family, "vocab_size": v, **hf})
     if config.vocab_size < vocab:
         raise SystemExit(f"the model's vocab_size {config.vocab_size} < the tokenizer's {vocab}")
-    return dataclasses.replace(config, remat=args.remat)
+    config = dataclasses.replace(config, remat=args.remat)
+    return config if args.unroll is None else dataclasses.replace(config, scan_unroll=args.unroll)
 
 
 def decay_mask(params: Any) -> Any:
@@ -246,8 +249,9 @@ def optimizer(params: Any, args: argparse.Namespace) -> optax.GradientTransforma
 
 
 def compute_dtype(name: str) -> Any:
-    if name == "auto":  # XLA:CPU runs bfloat16 dots slower than float32 ones
-        return None if jax.default_backend() == "cpu" else jnp.bfloat16
+    """``auto``: bfloat16 where the devices multiply it fast, else float32 (``None``)."""
+    if name == "auto":
+        return throughput.training_dtype()
     return {"float32": None, "bfloat16": jnp.bfloat16}[name]
 
 
@@ -326,7 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="a JSON file of CausalLMConfig fields (instead of --family)")
     p.add_argument("--family", help="llama, gpt2, qwen2, qwen3, mistral, gemma, ...")
     ints = ["hidden-size", "layers", "heads", "kv-heads", "mlp-hidden", "vocab-size", "seq-len"]
-    ints += ["batch-size", "steps", "warmup", "accumulate", "steps-per-call", "eval-every"]
+    ints += ["batch-size", "steps", "warmup", "accumulate", "steps-per-call", "unroll"]
+    ints += ["eval-every"]
     ints += ["eval-batches", "final-eval-batches", "log-every", "checkpoint-every", "seed"]
     for name in ints:
         p.add_argument(f"--{name}", type=int, help="overrides the preset")

@@ -69,3 +69,31 @@ def test_bfloat16_products_accumulate_in_float32():
         np.asarray(gw, np.float64), np.asarray(x, np.float64).T @ g16, rtol=1e-2, atol=1e-2
     )
     np.testing.assert_array_equal(transposed_copy(x), np.asarray(x).T)
+
+
+def test_bfloat16_bias_gradient_is_summed_in_float32():
+    """A bf16 Dense over 4096 rows: the float32 bias' gradient is the NumPy float64 sum
+    of the bf16 cotangent to float32 rounding (a bf16 sum is off by ~1e-2 relative);
+    the forward is the bf16 sum of the bf16 product and the bias rounded to bf16."""
+    rng = np.random.default_rng(0)
+    layer = nj.Dense(8)
+    x = jnp.asarray(rng.normal(size=(4, 1024, 16)), jnp.bfloat16)
+    params, _ = layer.init(jax.random.key(0), x)
+    params["bias"] = jnp.asarray(rng.normal(size=(8,)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(4, 1024, 8)) + 3.0, jnp.bfloat16)
+
+    def loss(p):
+        y, _ = layer.apply(p, {}, x)
+        return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32))
+
+    grad = jax.grad(loss)(params)["bias"]
+    assert grad.dtype == jnp.float32
+    ref = np.asarray(g, np.float64).reshape(-1, 8).sum(0)
+    np.testing.assert_allclose(grad, ref, rtol=1e-6)
+    y, _ = layer.apply(params, {}, x)
+    plain = np.asarray(
+        jnp.asarray(matmul_last(x, params["kernel"].astype(jnp.bfloat16))), np.float32
+    )
+    bias16 = np.asarray(jnp.asarray(params["bias"], jnp.bfloat16), np.float32)
+    expect = np.asarray(jnp.asarray(plain + bias16, jnp.bfloat16), np.float32)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), expect)

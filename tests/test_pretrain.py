@@ -74,6 +74,21 @@ def test_peak_given_and_assumed():
         throughput.device_peak(-1)
 
 
+def test_training_dtype_follows_the_devices_instructions(monkeypatch):
+    """bfloat16 on accelerators and on CPUs whose flags list AMX or AVX-512 BF16."""
+
+    class Device:
+        def __init__(self, platform):
+            self.platform = platform
+
+    assert throughput.training_dtype([Device("gpu")]) == jnp.bfloat16
+    for flags, expected in [({"avx2", "amx_bf16"}, jnp.bfloat16), ({"avx512_bf16"}, jnp.bfloat16)]:
+        monkeypatch.setattr(throughput, "_cpu_info", lambda f=flags: (2000.0, f))
+        assert throughput.training_dtype([Device("cpu")]) == expected
+    monkeypatch.setattr(throughput, "_cpu_info", lambda: (2000.0, {"avx2", "avx512f"}))
+    assert throughput.training_dtype([Device("cpu")]) is None
+
+
 def _text(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(_recipe().made_text(600))

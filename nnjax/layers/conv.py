@@ -20,7 +20,7 @@ from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, Layer
 from nnjax.layers import im2col
 from nnjax.layers.adapters import KERNEL_KEYS, adapted_kernel, kernel_shape
-from nnjax.layers.base import compute_dtype
+from nnjax.layers.base import add_bias, compute_dtype
 
 __all__ = ["Conv", "ConvTranspose"]
 
@@ -260,9 +260,7 @@ def Conv(
         x, batch = batch_flat(jnp.asarray(x, dtype_), st.nd)
         y = _conv(x, adapted_kernel(params, dtype_), st, groups, padding)
         if use_bias:
-            y = y + jax.lax.broadcast_to_rank(
-                get_param(params, "bias", (features,)).astype(dtype_), y.ndim
-            )
+            y = add_bias(y, get_param(params, "bias", (features,)))
         return jnp.reshape(y, (*batch, *y.shape[1:])), state
 
     return Layer(init, apply, name)
@@ -400,9 +398,7 @@ def ConvTranspose(
         kernel = adapted_kernel(params, dtype_)
         y = jax.lax.conv_transpose(x, kernel, strides_, pad, k_dil, _dimension_numbers(nd))
         if use_bias:
-            y = y + jax.lax.broadcast_to_rank(
-                get_param(params, "bias", (features,)).astype(dtype_), y.ndim
-            )
+            y = add_bias(y, get_param(params, "bias", (features,)))
         return jnp.reshape(y, (*batch, *y.shape[1:])), state
 
     return Layer(init, apply, name)

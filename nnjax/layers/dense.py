@@ -12,7 +12,7 @@ from nnjax.core.checks import check_keys, check_rank, get_param, shape_str
 from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, Layer
 from nnjax.layers.adapters import KERNEL_KEYS, adapted_matmul, kernel_shape
-from nnjax.layers.base import compute_dtype
+from nnjax.layers.base import add_bias, compute_dtype
 
 __all__ = ["Dense"]
 
@@ -75,9 +75,7 @@ def Dense(
         dtype_ = compute_dtype(x, dtype, param_dtype)
         y = adapted_matmul(params, jnp.asarray(x, dtype_), dtype_)
         if use_bias:
-            y = y + jax.lax.broadcast_to_rank(
-                get_param(params, "bias", (features,)).astype(dtype_), y.ndim
-            )
+            y = add_bias(y, get_param(params, "bias", (features,)))
         return y, state
 
     return Layer(init, apply, name)

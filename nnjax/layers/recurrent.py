@@ -48,7 +48,7 @@ from nnjax.core.layer import (
     non_empty,
 )
 from nnjax.layers.adapters import KERNEL_KEYS, adapted_matmul, kernel_shape
-from nnjax.layers.base import compute_dtype
+from nnjax.layers.base import add_bias, compute_dtype
 
 __all__ = ["SimpleRNN", "LSTM", "GRU", "Bidirectional"]
 
@@ -232,9 +232,7 @@ def _recurrent(
         # stays inside the scan.
         xp = adapted_matmul(params, jnp.asarray(inputs, dtype_), dtype_)  # (..., T, G)
         if use_bias:
-            xp = xp + jax.lax.broadcast_to_rank(
-                get_param(params, "bias", (G,)).astype(dtype_), xp.ndim
-            )
+            xp = add_bias(xp, get_param(params, "bias", (G,)))
         xs = jnp.moveaxis(xp, -2, 0)  # (T, ..., G)
         masks = None
         if lengths is not None:

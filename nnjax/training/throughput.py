@@ -20,10 +20,11 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from nnjax.core.errors import ArgumentError
 
-__all__ = ["flops_per_token", "Peak", "device_peak", "throughput_callback"]
+__all__ = ["flops_per_token", "Peak", "device_peak", "training_dtype", "throughput_callback"]
 
 # Dense bf16 peaks per chip, from the vendors' data sheets (FLOP/s).
 _PEAKS = {
@@ -71,16 +72,22 @@ class Peak(NamedTuple):
     source: str
 
 
-def _cpu_peak(devices: int) -> Peak:
-    cores = os.cpu_count() or 1
-    mhz, flags = 2000.0, ""
+def _cpu_info() -> tuple[float, set[str]]:
+    """The first core's clock (MHz; 2000 where unknown) and instruction-set flags."""
+    mhz, flags = 2000.0, set()
     try:
         with open("/proc/cpuinfo") as f:
             info = f.read()
+        flags = set(info.split("flags")[1].split("\n")[0].split(":")[-1].split())
         mhz = float(info.split("cpu MHz")[1].split(":")[1].split()[0])
-        flags = info.split("flags")[1].split("\n")[0]
     except (OSError, IndexError, ValueError):
         pass
+    return mhz, flags
+
+
+def _cpu_peak(devices: int) -> Peak:
+    cores = os.cpu_count() or 1
+    mhz, flags = _cpu_info()
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     per_cycle = 2 * 2 * lanes  # two FMA units, 2 FLOPs per lane
     flops = cores * mhz * 1e6 * per_cycle
@@ -90,6 +97,29 @@ def _cpu_peak(devices: int) -> Peak:
         f"FLOP/cycle ({'AVX-512' if lanes == 16 else 'AVX2' if lanes == 8 else 'SSE'} FMA, two "
         f"units) = {flops / 1e9:.0f} GFLOP/s; pass --peak-tflops for yours",
     )
+
+
+def training_dtype(devices: list[Any] | None = None) -> Any:
+    """The compute dtype that trains fastest on ``devices``: ``jnp.bfloat16`` or ``None``.
+
+    ``None`` (float32) on a CPU without bfloat16 instructions; bfloat16 on GPUs, TPUs
+    and CPUs with them (AMX or AVX-512 BF16, from ``/proc/cpuinfo``), where
+    :func:`nnjax.trainer`'s ``compute_dtype=bfloat16`` multiplies bfloat16 operands
+    with float32 accumulation (the speeds are in ``docs/benchmarks.md``).
+
+    Args:
+        devices: the devices training runs on; default ``jax.devices()``.
+
+    Example:
+        >>> from nnjax.training import throughput
+        >>> throughput.training_dtype() in (None, jnp.bfloat16)
+        True
+    """
+    devices = jax.devices() if devices is None else devices
+    if devices[0].platform != "cpu":
+        return jnp.bfloat16
+    flags = _cpu_info()[1]
+    return jnp.bfloat16 if flags & {"amx_bf16", "avx512_bf16"} else None
 
 
 def device_peak(peak_tflops: float | None = None, devices: list[Any] | None = None) -> Peak:
