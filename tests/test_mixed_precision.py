@@ -97,3 +97,58 @@ def test_bfloat16_bias_gradient_is_summed_in_float32():
     bias16 = np.asarray(jnp.asarray(params["bias"], jnp.bfloat16), np.float32)
     expect = np.asarray(jnp.asarray(plain + bias16, jnp.bfloat16), np.float32)
     np.testing.assert_array_equal(np.asarray(y, np.float32), expect)
+
+
+def test_bfloat16_mlp_activation_runs_in_float32_and_rounds_once():
+    """A gated bf16 MLP (SwiGLU): ``silu(gate) * up`` is computed from the bf16 products
+    in float32 (NumPy float64 here) and rounded to bf16 once, then projected; the
+    plain GELU MLP likewise. The references use only the products (tested above)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.bfloat16)
+
+    def bf16(a):
+        return np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+
+    def silu(a):
+        return a / (1.0 + np.exp(-a))
+
+    def gelu(a):
+        from math import erf, sqrt
+
+        return 0.5 * a * (1.0 + np.vectorize(erf)(a / sqrt(2.0)))
+
+    for gated, act, ref_act in [(True, jax.nn.silu, silu), (False, _exact_gelu, gelu)]:
+        layer = nj.layers.MLP(24, gated=gated, activation=act, use_bias=False)
+        params, _ = layer.init(jax.random.key(0), x)
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        y, _ = layer.apply(params, {}, x)
+        first, out = ("gate", "down") if gated else ("fc", "proj")
+        g = np.asarray(matmul_last(x, params[first]["kernel"]), np.float64)
+        h = ref_act(g)
+        if gated:
+            h = h * np.asarray(matmul_last(x, params["up"]["kernel"]), np.float64)
+        h16 = jnp.asarray(bf16(h), jnp.bfloat16)
+        expect = np.asarray(matmul_last(h16, params[out]["kernel"]), np.float32)
+        np.testing.assert_allclose(np.asarray(y, np.float32), expect, rtol=1e-2, atol=1e-2)
+        # rounded once: within half a bf16 ulp (2**-8 relative) of the float64 reference
+        h_lib = _hidden_of(params, x, first, gated)
+        np.testing.assert_allclose(h_lib, h, rtol=2**-8 * 1.01, atol=1e-6)
+
+
+def _exact_gelu(a):
+    return jax.nn.gelu(a, approximate=False)
+
+
+def _hidden_of(params, x, first, gated):
+    """The MLP's bf16 hidden activation: the projection's input, read by running the
+    layer with an identity projection."""
+    d_hidden = params[first]["kernel"].shape[1]
+    out = "down" if gated else "proj"
+    eye = {**params, out: {"kernel": jnp.eye(d_hidden, dtype=jnp.bfloat16)}}
+    wide = nj.layers.MLP(d_hidden, gated=gated, activation=_act_of(gated), use_bias=False)
+    h, _ = wide.apply(eye, {}, x)
+    return np.asarray(h, np.float64)
+
+
+def _act_of(gated):
+    return jax.nn.silu if gated else _exact_gelu

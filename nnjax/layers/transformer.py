@@ -21,6 +21,7 @@ from nnjax.core.checks import check_keys, check_rank
 from nnjax.core.combinators import Layer, serial
 from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, as_layer, call_child
+from nnjax.layers.base import LOW_PRECISION
 from nnjax.layers.attention import MultiHeadAttention
 from nnjax.layers.dense import Dense
 from nnjax.layers.dropout import Dropout
@@ -270,12 +271,22 @@ def MLP(
         def run(n, width, h):
             return call_child(n, dense(width).apply, params[n], {}, h)[0]
 
-        h = activation(run(into[0], hidden, x))
-        if gated:
-            h = h * run("up", hidden, x)
+        h = _activate(activation, run(into[0], hidden, x), run("up", hidden, x) if gated else None)
         return run(out, d, h), state
 
     return Layer(init, apply, name)
+
+
+def _activate(activation: Callable, gate: jax.Array, up: jax.Array | None) -> jax.Array:
+    """``activation(gate)`` (times ``up`` when gated), in float32 for bfloat16/float16
+    inputs and cast back: XLA:CPU runs ``erf``/``exp`` on bfloat16 about 2x slower than
+    on float32 (``docs/benchmarks.md``), and the product is rounded once."""
+    if jnp.result_type(gate) in LOW_PRECISION:
+        h = activation(gate.astype(jnp.float32))
+        h = h if up is None else h * up.astype(jnp.float32)
+        return h.astype(gate.dtype)
+    h = activation(gate)
+    return h if up is None else h * up
 
 
 def TransformerBlock(
