@@ -21,8 +21,8 @@ from nnjax.core.checks import check_keys, check_rank
 from nnjax.core.combinators import Layer, serial
 from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, as_layer, call_child
-from nnjax.layers.base import LOW_PRECISION
 from nnjax.layers.attention import MultiHeadAttention
+from nnjax.layers.base import LOW_PRECISION
 from nnjax.layers.dense import Dense
 from nnjax.layers.dropout import Dropout
 from nnjax.layers.norm import LayerNorm
