@@ -42,6 +42,7 @@ import time
 from benchmarks.limits import jax_limits, torch_limits
 from benchmarks.report import fmt, machine_line, write_study
 from benchmarks.workloads import (
+    HUGE_PAGES_ENV,
     child_json,
     first_and_median,
     reset_peak_rss,
@@ -221,9 +222,8 @@ def main(args: argparse.Namespace, machine: dict) -> int:
                 sides = _sides(cell)
                 for side in sides[r % 2 :] + sides[: r % 2]:
                     argv = ["benchmarks.study_llm", side, cell, folder, str(steps)]
-                    samples[side, cell].append(
-                        child_json(argv, f"llm {side} {cell}", 3600, {"JAX_PLATFORMS": "cpu"})
-                    )
+                    env = {"JAX_PLATFORMS": "cpu", **(HUGE_PAGES_ENV if side == "nnjax" else {})}
+                    samples[side, cell].append(child_json(argv, f"llm {side} {cell}", 3600, env))
                     print(f"  llm {side} {cell}: {samples[side, cell][-1]}", file=sys.stderr)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -277,7 +277,10 @@ def _markdown(t: dict[str, dict], n_params: int, machine: dict) -> str:
                 f"Measured {machine_line(machine)}",
                 "",
                 f"{n_params / 1e6:.1f}M params, float32, the same weights on both sides (one "
-                "`save_pretrained` folder). One fresh process per cell. Decode: 16-token prompt, "
+                "`save_pretrained` folder). One fresh process per cell; nnjax's with glibc's "
+                "malloc in huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as "
+                "`examples/pretrain_llm.py` runs), transformers' without (slower with it). "
+                "Decode: 16-token prompt, "
                 f"{NEW_TOKENS} greedy tokens; train: AdamW, batch 1 x {TRAIN_TOKENS}; LoRA rank "
                 f"{RANK} on every attention and MLP projection (transformers: peft). `extra_mb` is "
                 "the peak RSS of the load beyond the RSS before it.",

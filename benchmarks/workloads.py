@@ -263,6 +263,13 @@ def torch_greedy_decode(model: Any, prompt_len: int, new_tokens: int, steps: int
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+HUGE_PAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+"""glibc's malloc in 2 MB transparent huge pages (read at process start): XLA:CPU
+allocates each step's large buffers afresh, and with 4 KB pages a 124M train step took
+~137,000 page faults (examples/pretrain_llm.py starts itself with it; docs/benchmarks.md).
+PyTorch is run without it: its full float32 step was slower with it (2.0 s against 1.3)."""
+
+
 def child_json(argv: list[str], what: str, timeout: float, env: dict | None = None) -> Any:
     """Run ``python -m ARGV...`` from the checkout in a fresh process; the JSON on its last line.
 

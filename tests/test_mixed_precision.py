@@ -152,3 +152,37 @@ def _hidden_of(params, x, first, gated):
 
 def _act_of(gated):
     return jax.nn.silu if gated else _exact_gelu
+
+
+def test_stacked_params_are_cast_one_copy_at_a_time_with_float32_gradients():
+    """``compute_dtype=bfloat16`` leaves the stacked blocks' params float32 and lets each
+    block cast its copy inside the scan: the loss equals the model run on params all
+    cast to bf16 up front (the same bf16 values), and the stacked kernels' float32
+    gradients equal that run's to bf16 rounding."""
+    from nnjax.training.step import forward_fn
+
+    cfg = nj.models.CausalLMConfig(
+        vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=2, mlp_hidden=64, num_layers=3
+    )
+    model = nj.models.CausalLM(cfg)
+    ids = np.random.default_rng(2).integers(0, 64, size=(4, 17)).astype(np.int32)
+    params, _ = model.init(jax.random.key(0), jnp.zeros((4, 16), jnp.int32))
+    forward = forward_fn(model, jnp.bfloat16)
+
+    def loss(p):
+        out, _ = forward(p, {}, ids[:, :-1], None, True)
+        return nj.losses.softmax_cross_entropy(out, ids[:, 1:])
+
+    def loss_cast_up_front(p):
+        p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), p)
+        out, _ = model.apply(p16, {}, ids[:, :-1], train=True)
+        return nj.losses.softmax_cross_entropy(out.astype(jnp.float32), ids[:, 1:])
+
+    (value, grads), (ref_value, ref_grads) = (
+        jax.value_and_grad(f)(params) for f in (jax.jit(loss), jax.jit(loss_cast_up_front))
+    )
+    np.testing.assert_array_equal(value, ref_value)
+    kernel = grads["blocks"]["stacked"]["mlp"]["down"]["kernel"]
+    ref_kernel = ref_grads["blocks"]["stacked"]["mlp"]["down"]["kernel"]
+    assert kernel.dtype == jnp.float32 and kernel.shape[0] == 3
+    np.testing.assert_allclose(kernel, ref_kernel, rtol=2**-7, atol=1e-6)

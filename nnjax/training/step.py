@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nnjax.core import aux, masks
+from nnjax.core import aux, masks, paths
 from nnjax.core.combinators import Layer
 from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Params
@@ -58,12 +58,33 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
     )
 
 
+def _in_stack(path: tuple) -> bool:
+    return any(str(getattr(k, "key", "")).startswith(paths.STACKED) for k in path)
+
+
+def _cast_unstacked(params: Any, dtype: Any) -> Any:
+    """Float params cast to ``dtype``, except those of stacked copies (:func:`nnjax.repeat`).
+
+    The copies' layers cast each copy's params inside the scan (a layer computes in its
+    input's dtype), so their gradients are gathered into the stacked float32 buffers in
+    place; cast before the scan, XLA:CPU rewrote the whole stacked bfloat16 gradient for
+    every layer (an unsupported bfloat16 ``dynamic-update-slice`` converted to float32).
+    """
+
+    def cast(path, x):
+        if _in_stack(path) or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return x
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def forward_fn(model: Layer, compute_dtype: Any) -> Callable:
     """``forward(params, state, inputs, rng, train) -> (outputs, state)``, in ``compute_dtype``."""
 
     def forward(params, state, inputs, rng, train):
         if compute_dtype is not None:
-            params, inputs = _cast_floats((params, inputs), compute_dtype)
+            params, inputs = _cast_unstacked(params, compute_dtype), _cast_floats(inputs, compute_dtype)
         outputs, new_state = model.apply(params, state, inputs, rng=rng, train=train)
         if compute_dtype is not None:
             outputs = _cast_floats(outputs, jnp.float32)

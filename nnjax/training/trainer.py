@@ -178,9 +178,10 @@ def trainer(
             threaded through in order), then one optimizer update. Metrics are the
             mean over micro-batches.
         compute_dtype: e.g. ``jnp.bfloat16``: float params and inputs are cast to it
-            for the forward and backward pass; params and optimizer state stay in
-            their own dtype (float32 master copy) and the loss is computed on outputs
-            cast to float32.
+            for the forward and backward pass (the params of stacked copies,
+            :func:`~nnjax.repeat`, by their layers inside the scan, one copy at a time);
+            params and optimizer state stay in their own dtype (float32 master copy)
+            and the loss is computed on outputs cast to float32.
         donate: donate the train state to ``step`` (``donate_argnums=0``): the ``ts``
             passed in is invalid afterwards; use the returned one.
         check_finite: add a bool metric ``"finite"`` (loss and gradients finite);
