@@ -84,7 +84,10 @@ def forward_fn(model: Layer, compute_dtype: Any) -> Callable:
 
     def forward(params, state, inputs, rng, train):
         if compute_dtype is not None:
-            params, inputs = _cast_unstacked(params, compute_dtype), _cast_floats(inputs, compute_dtype)
+            params, inputs = (
+                _cast_unstacked(params, compute_dtype),
+                _cast_floats(inputs, compute_dtype),
+            )
         outputs, new_state = model.apply(params, state, inputs, rng=rng, train=train)
         if compute_dtype is not None:
             outputs = _cast_floats(outputs, jnp.float32)
