@@ -222,7 +222,8 @@ def main(args: argparse.Namespace, machine: dict) -> int:
                 sides = _sides(cell)
                 for side in sides[r % 2 :] + sides[: r % 2]:
                     argv = ["benchmarks.study_llm", side, cell, folder, str(steps)]
-                    env = {"JAX_PLATFORMS": "cpu", **(HUGE_PAGES_ENV if side == "nnjax" else {})}
+                    huge = side == "nnjax" and cell != "load"  # loading is slower with it
+                    env = {"JAX_PLATFORMS": "cpu", **(HUGE_PAGES_ENV if huge else {})}
                     samples[side, cell].append(child_json(argv, f"llm {side} {cell}", 3600, env))
                     print(f"  llm {side} {cell}: {samples[side, cell][-1]}", file=sys.stderr)
     finally:
@@ -277,9 +278,11 @@ def _markdown(t: dict[str, dict], n_params: int, machine: dict) -> str:
                 f"Measured {machine_line(machine)}",
                 "",
                 f"{n_params / 1e6:.1f}M params, float32, the same weights on both sides (one "
-                "`save_pretrained` folder). One fresh process per cell; nnjax's with glibc's "
-                "malloc in huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as "
-                "`examples/pretrain_llm.py` runs), transformers' without (slower with it). "
+                "`save_pretrained` folder). One fresh process per cell; nnjax's decode and "
+                "train cells with glibc's malloc in huge pages "
+                "(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, as `examples/pretrain_llm.py` runs), "
+                "its load without (0.7 s slower with them); transformers' without (slower "
+                "with them). "
                 "Decode: 16-token prompt, "
                 f"{NEW_TOKENS} greedy tokens; train: AdamW, batch 1 x {TRAIN_TOKENS}; LoRA rank "
                 f"{RANK} on every attention and MLP projection (transformers: peft). `extra_mb` is "
