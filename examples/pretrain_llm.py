@@ -67,7 +67,7 @@ if __name__ == "__main__" and sys.platform == "linux" and "NNJAX_NO_REEXEC" not 
     if "glibc.malloc.hugetlb" not in tunables:
         os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
         os.environ["NNJAX_NO_REEXEC"] = "1"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+        os.execv(sys.executable, sys.orig_argv)  # the same interpreter flags and arguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{jnp.dtype(dtype or jnp.float32).name}{', remat' if config.remat else ''}; "
         f"{len(devices)} {devices[0].platform} device(s)"
         + (f", mesh {dict(mesh.shape)} ({args.parallel})" if mesh is not None else "")
+        + ("; malloc in huge pages" if HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "") else "")
     )
     print(
         f"steps: {args.steps} of {args.batch_size} x {args.seq_len} tokens "
