@@ -104,14 +104,14 @@ def _low_precision_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 def _low_precision_bias_fwd(y, bias):
-    return _low_precision_bias(y, bias), jnp.zeros((0,), bias.dtype)
+    return _low_precision_bias(y, bias), bias
 
 
-def _low_precision_bias_bwd(res, g):
+def _low_precision_bias_bwd(bias, g):
     # Summed in float32: XLA:CPU reduces a bfloat16 cotangent with a windowed
     # reduction (several times slower than the float32 sum) and rounds the sum.
     axes = tuple(range(g.ndim - 1))
-    return g, jnp.sum(g.astype(jnp.float32), axis=axes).astype(res.dtype)
+    return g, jnp.sum(g.astype(jnp.float32), axis=axes).astype(bias.dtype)
 
 
 _low_precision_bias.defvjp(_low_precision_bias_fwd, _low_precision_bias_bwd)

@@ -59,7 +59,7 @@ def _cast_floats(tree: Any, dtype: Any) -> Any:
 
 
 def _in_stack(path: tuple) -> bool:
-    return any(str(getattr(k, "key", "")).startswith(paths.STACKED) for k in path)
+    return any(paths.parse_stack_key(str(getattr(k, "key", ""))) is not None for k in path)
 
 
 def _cast_unstacked(params: Any, dtype: Any) -> Any:
