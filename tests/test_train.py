@@ -506,3 +506,38 @@ def test_reusing_a_donated_state_says_it_was_donated():
     keep.step(ts, batch)  # donate=False: the state stays valid
     with pytest.raises(nj.ShapeError):  # other errors pass through unchanged
         tr.step(new, (jnp.ones((4, 3)), jnp.ones((4, 5))))
+
+
+_QUEUED_STEPS = """
+import jax, numpy as np, optax
+import nnjax as nj
+mesh = nj.sharding.mesh({"data": 2})
+model = nj.serial(nj.Dense(64), jax.nn.relu, nj.Dense(10))
+x, y = np.ones((8, 32), np.float32), np.zeros(8, np.int32)
+tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.sgd(0.1))
+ts = nj.sharding.shard_train_state(
+    tr.init(model.init(jax.random.key(0), x)[0]), mesh, nj.sharding.data_parallel_rules()
+)
+batch = nj.sharding.shard_batch((x, y), mesh)
+for _ in range(600):  # no host work between calls: all queued at once without the guard
+    ts, m = tr.step(ts, batch)
+    values = tr.evaluate(ts, batch)
+print("steps", int(ts.step), "loss", float(m["loss"]), float(values["loss"]))
+"""
+
+
+def test_many_queued_steps_over_two_cpu_devices_finish():
+    """600 steps and evaluations of a small model, dispatched back to back over two host
+    devices, finish: unguarded, XLA:CPU's in-process all-reduce deadlocked with ~128
+    queued and aborted the process after its 40 s rendezvous timeout."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", _QUEUED_STEPS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "steps 600" in proc.stdout

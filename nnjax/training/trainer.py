@@ -104,19 +104,43 @@ DONATED = (
 )
 
 
+CPU_CALLS_IN_FLIGHT = 16
+"""Calls of one trainer function a computation over several CPU devices may have queued:
+XLA:CPU's in-process collectives deadlocked (a rendezvous timeout that aborts the
+process) with 128 or more small train steps queued over 2 host devices; waiting for
+every 32nd call's result prevented it."""
+
+
+def _over_cpu_devices(out: Any) -> bool:
+    leaf = next((x for x in jax.tree.leaves(out) if isinstance(x, jax.Array)), None)
+    if leaf is None or isinstance(leaf, jax.core.Tracer):
+        return False
+    devices = leaf.sharding.device_set
+    return len(devices) > 1 and next(iter(devices)).platform == "cpu"
+
+
 class _Donated:
     """A jitted function of a TrainState whose error for a donated state says what happened.
 
     Reusing a state after ``step`` donated it fails inside XLA ("Buffer has been deleted
     or donated"); the arrays are checked only then, so a good call pays nothing. Every
-    other attribute (``lower``, ``_cache_size``) is the jitted function's.
+    other attribute (``lower``, ``_cache_size``) is the jitted function's. Over several
+    CPU devices, every :data:`CPU_CALLS_IN_FLIGHT`-th call waits for its result.
     """
 
     def __init__(self, jitted: Callable[..., Any]):
         self._jitted = jitted
+        self._calls = 0
         functools.update_wrapper(self, jitted)
 
     def __call__(self, ts: TrainState, *args: Any, **kwargs: Any) -> Any:
+        out = self._call(ts, *args, **kwargs)
+        self._calls += 1
+        if self._calls % CPU_CALLS_IN_FLIGHT == 0 and _over_cpu_devices(out):
+            jax.block_until_ready(out)
+        return out
+
+    def _call(self, ts: TrainState, *args: Any, **kwargs: Any) -> Any:
         try:
             return self._jitted(ts, *args, **kwargs)
         except (RuntimeError, ValueError) as e:
