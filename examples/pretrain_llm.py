@@ -36,6 +36,10 @@ The recipe, step by step:
 6. export: ``OUT/hf``, a Hugging Face folder (weights, config, tokenizer) that
    ``transformers.AutoModelForCausalLM`` and ``python -m nnjax.eval`` load.
 
+On Linux the script starts itself again once with glibc's malloc in 2 MB pages
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: XLA:CPU's per-step buffers then take few page
+faults); ``NNJAX_NO_REEXEC=1`` stops that.
+
 Several processes (hosts): start the same command on each, with ``--distributed``
 (``jax.distributed.initialize()``: the coordinator address, process count and id come
 from the environment on Cloud TPU and SLURM, else set ``JAX_COORDINATOR_ADDRESS``,
