@@ -29,6 +29,7 @@ import os
 import pathlib
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,7 @@ def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     }
 
 
-def side_by_side(data: str, repeats: int, smoke: bool) -> dict:
+def side_by_side(data: str, repeats: int, smoke: bool, float32: bool = True) -> dict:
     py = sys.executable
     iters = ["--iters", "20"] if smoke else []
     steps = ["--steps", "50", "--eval-every", "25", "--log-every", "25"] if smoke else []
@@ -85,11 +86,13 @@ def side_by_side(data: str, repeats: int, smoke: bool) -> dict:
             recipe = [py, str(ROOT / "examples/pretrain_llm.py"), "--preset", "nanogpt-char"]
             recipe += ["--data", data, *steps]
             runs["nnjax_default"].append(_run([*recipe, "--out", f"{tmp}/default"]))
-            runs["nnjax_float32"].append(
-                _run([*recipe, "--out", f"{tmp}/f32", "--dtype", "float32"])
-            )
+            if float32:
+                runs["nnjax_float32"].append(
+                    _run([*recipe, "--out", f"{tmp}/f32", "--dtype", "float32"])
+                )
     for r in (r for v in runs.values() for r in v):
         r.pop("stdout")
+    runs = {k: v for k, v in runs.items() if v}
     best = {k: min(r["wall_s"] for r in v) for k, v in runs.items()}
     return {"runs": runs, "best_wall_s": best}
 
@@ -138,6 +141,14 @@ def report(result: dict) -> str:
                 f"| {name} | {r['compute']} | {r['wall_s']:.1f} | {ratio:.2f} | {r.get('cpu_s', 0):.1f} | "
                 f"{r['val_loss']:.4f} | {r['load_before']:.1f} / {r['load_after']:.1f} |"
             )
+    medians = {k: statistics.median(r["wall_s"] for r in v) for k, v in sb["runs"].items()}
+    lines.append(
+        "\nMedian wall time: "
+        + ", ".join(
+            f"{k} {v:.1f} s ({v / medians['nanogpt_torch']:.3f}x)" for k, v in medians.items()
+        )
+        + "."
+    )
     for name, runs in sb["runs"].items():
         for r in runs:
             if r.get("phases"):
@@ -161,10 +172,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="a few steps: the plumbing only")
     p.add_argument("--skip-124m", action="store_true")
+    p.add_argument("--skip-float32", action="store_true", help="only the default recipe")
     p.add_argument("--out", default=str(RESULTS / "pretrain"), help="OUT.json and OUT.md")
     args = p.parse_args(argv)
     result: dict = {"machine": f"{os.cpu_count()} CPU cores ({os.uname().machine})"}
-    result["side_by_side"] = side_by_side(args.data, args.repeats, args.smoke)
+    result["side_by_side"] = side_by_side(
+        args.data, args.repeats, args.smoke, float32=not args.skip_float32
+    )
     if not args.skip_124m:
         result["throughput_124m"] = throughput_124m(args.data, args.smoke)
     text = report(result)

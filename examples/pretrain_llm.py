@@ -23,7 +23,9 @@ The recipe, step by step:
    (``--mesh data=2,model=2 --parallel tp``: data, FSDP or tensor parallel by
    ``nj.sharding``'s rules); on a CPU without ``--mesh``, one XLA device per core and
    the batch split over them (data parallel: XLA:CPU keeps one core and a half busy
-   with one small computation; ``--mesh none`` runs on one device);
+   with one small computation; ``--mesh none`` runs on one device); a small model's
+   data parallelism on a CPU runs as ``trainer(replicas=)`` (one flat all-reduce of
+   the gradients a step);
 4. every log line: the loss, tokens/s and model FLOPs utilisation (MFU: ``6N + 12LHQT``
    FLOPs per token, see ``nnjax.training.throughput``, over the device's peak; on a CPU
    the assumed peak is printed; ``--peak-tflops`` sets yours); every ``--eval-every``
@@ -82,6 +84,7 @@ import optax
 
 import nnjax as nj
 from nnjax.training import throughput
+from nnjax.training.ahead import compile_beside
 
 DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared/data/tinyshakespeare/input.txt"
 
@@ -318,6 +321,26 @@ def placement(args: argparse.Namespace, config: Any) -> tuple[Any, Any]:
     return mesh, nj.sharding.data_parallel_rules()
 
 
+REPLICAS_BELOW = 10_000_000
+"""Params below which data parallelism over host devices runs as replicas."""
+
+
+def replicas(args: argparse.Namespace, mesh: Any, n_params: int) -> int:
+    """Data parallel over host devices, a small model: one replica per device.
+
+    XLA:CPU's in-process all-reduce meets the other devices once per buffer: a step
+    that sums each gradient on its own pays ~50 meetings, one over replicas
+    (``trainer(replicas=)``). Where the gradients are large the flat copy costs more
+    than the meetings (``docs/benchmarks.md``: the char model's step gains, a 124M
+    model's does not).
+    """
+    if mesh is None or args.parallel != "dp" or jax.devices()[0].platform != "cpu":
+        return 1
+    if n_params >= REPLICAS_BELOW:
+        return 1
+    return int(mesh.shape["data"]) if "data" in mesh.shape else 1
+
+
 def batch_fn(mesh: Any, batch_size: int) -> Any:
     """Token windows as int32; on a mesh, this process's rows put on the ``data`` axis."""
 
@@ -412,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n_params = nj.count_params(params)
     mesh, rules = placement(args, config)
     dtype = compute_dtype(args.dtype)
+    n_replicas = replicas(args, mesh, n_params)
     tr = nj.trainer(
         model,
         nj.losses.softmax_cross_entropy,
@@ -419,6 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         steps_per_call=args.steps_per_call,
         accumulate=args.accumulate,
         compute_dtype=dtype,
+        replicas=n_replicas,
     )
     ts = tr.init(params)
     del params
@@ -450,6 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{jnp.dtype(dtype or jnp.float32).name}{', remat' if config.remat else ''}; "
         f"{len(devices)} {devices[0].platform} device(s)"
         + (f", mesh {dict(mesh.shape)} ({args.parallel})" if mesh is not None else "")
+        + (f", {n_replicas} replicas" if n_replicas > 1 else "")
         + ("; malloc in huge pages" if HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "") else "")
     )
     print(
@@ -466,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_file=os.path.join(logs, "throughput.jsonl"),
         excluded=lambda: val.seconds,
     )
+    if args.eval_every:  # on the other core while the train step compiles
+        compile_beside(tr.evaluate, ts, next(iter(val.batches.at(0))))
     ckpt = os.path.join(args.out, "checkpoints") if args.checkpoint_every else None
     saved = nj.checkpoint.all_steps(ckpt) if ckpt and os.path.isdir(ckpt) else []
     report.start(saved[-1][0] if saved else 0)  # fit resumes at the newest checkpoint

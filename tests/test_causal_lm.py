@@ -178,3 +178,16 @@ def test_layers_without_positions_are_a_kind_of_a_mixed_stack():
     with pytest.raises(nj.ArgumentError, match=r"layer_kinds\['bad'\] overrides \['vocab_size'\]"):
         CausalLM(dataclasses.replace(base, layer_types=("bad",) * 4,
                                      layer_kinds={"bad": {"vocab_size": 3}}))  # fmt: skip
+
+
+def test_init_takes_token_ids_above_the_position_table():
+    """GPT-2's learned positions have ``n_positions`` rows: init with token ids larger than
+    that (a real batch) gives the params init gives for zeros (it read them as positions)."""
+    hf = dict(model_type="gpt2", vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8)
+    model = CausalLM(nj.models.hf.config_from_hf(hf))
+    ids = _ids((2, 8), vocab=50, seed=3)
+    assert ids.max() >= 8
+    got, _ = model.init(jax.random.key(0), ids)
+    want, _ = model.init(jax.random.key(0), np.zeros_like(ids))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -55,16 +55,19 @@ def test_greedy_generate_equals_transformers(family, models):
     np.testing.assert_array_equal(got[:, : want.shape[1]], want)
 
 
-def test_training_objective_is_transformers_loss_with_aux(models):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_training_objective_is_transformers_loss_with_aux(models, replicas):
     """The trainer's objective (task loss + coef * load balance) and its router gradient
-    equal torch's cross-entropy + coef * transformers' ``aux_loss``, differentiated by torch."""
+    equal torch's cross-entropy + coef * transformers' ``aux_loss``, differentiated by torch;
+    with ``replicas=2`` too (each row its own replica: the load-balance statistics are
+    means over tokens, averaged over the replicas)."""
     model = models["qwen2_moe"]
     config, params = _ours(model)
     config = dataclasses.replace(config, router_aux_loss_coef=0.3)
     ids = hf_moe.ids((2, hf_moe.SEQ), seed=4)
     x, y = ids[:, :-1], ids[:, 1:]
     lm = nj.models.CausalLM(config)
-    tr = nj.trainer(lm, nj.losses.softmax_cross_entropy, optax.sgd(1.0))
+    tr = nj.trainer(lm, nj.losses.softmax_cross_entropy, optax.sgd(1.0), replicas=replicas)
     ts, m = tr.step(tr.init(params), (x, y))
     model.zero_grad()
     out = model(torch.from_numpy(x).long(), output_router_logits=True)

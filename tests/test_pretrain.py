@@ -129,6 +129,7 @@ def test_smoke_loss_falls_resumes_exactly_and_exports(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"({parallel})" in proc.stdout
+        assert ("2 replicas" in proc.stdout) == (parallel == "dp")  # trainer(replicas=2)
         if sys.platform == "linux":  # the script restarted itself with huge pages
             assert "malloc in huge pages" in proc.stdout
         got = [

@@ -301,6 +301,88 @@ def test_accumulate_equals_one_full_batch_step():
         train.trainer(model, losses.softmax_cross_entropy, opt, accumulate=3).step(ts, (x, y))
 
 
+@pytest.mark.parametrize(("replicas", "accumulate"), [(2, 1), (4, 1), (2, 2)])
+def test_replicas_equal_one_full_batch_step(replicas, accumulate):
+    """Rows split over replicas, each through its own copy of the params, the loss over
+    all rows and the copies' gradients summed: the hand-written full-batch step."""
+    model, (x, y) = _mlp(), _data(8)
+    params, state = model.init(jax.random.key(0), x)
+    opt = optax.sgd(0.5)
+    tr = train.trainer(
+        model, losses.softmax_cross_entropy, opt, replicas=replicas, accumulate=accumulate
+    )
+    ts, m = tr.step(tr.init(params, state), (x, y))
+    ref, ref_losses = _reference(model, params, state, [(x, y)], opt)
+    _allclose(ts.params, ref)
+    np.testing.assert_allclose(m["loss"], ref_losses[0], rtol=1e-6)
+
+
+def test_replicas_with_lazy_logits_equal_the_full_batch_step():
+    """A language model whose training output is LazyLogits (the chunked loss's head and
+    hidden states, here a tied table): the replicas' step equals hand-written full logits,
+    optax's cross-entropy and jax.grad over the whole batch."""
+    import dataclasses
+
+    hf = dict(model_type="llama", vocab_size=40, hidden_size=16, num_hidden_layers=1)
+    hf.update(num_attention_heads=2, num_key_value_heads=1, intermediate_size=32)
+    config = nj.models.hf.config_from_hf({**hf, "tie_word_embeddings": True})
+    model = nj.models.CausalLM(dataclasses.replace(config, lazy_logits_from=1))
+    ids = np.random.default_rng(0).integers(0, 40, (4, 9)).astype(np.int32)
+    x, y = ids[:, :-1], ids[:, 1:]
+    params, _ = model.init(jax.random.key(0), x)
+    out, _ = model.apply(params, {}, x, train=True)
+    assert isinstance(out, nj.losses.LazyLogits)
+    opt = optax.sgd(0.5)
+    tr = train.trainer(model, losses.softmax_cross_entropy, opt, replicas=2)
+    ts, m = tr.step(tr.init(params), (x, y))
+
+    def loss(p):
+        logits, _ = model.apply(p, {}, {"ids": x, "lazy_logits": False}, train=True)
+        return _ce(logits.reshape(-1, 40), y.reshape(-1))
+
+    value, grads = jax.value_and_grad(loss)(params)
+    want = optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])
+    np.testing.assert_allclose(m["loss"], value, rtol=1e-6)
+    _allclose(ts.params, want)
+
+
+def test_replicas_refuse_outputs_that_are_not_per_row():
+    model = nj.serial(nj.Dense(3), lambda h: jnp.sum(h, axis=0))  # one output for the batch
+    x, t = jnp.ones((4, 2)), jnp.zeros((4, 3))
+    params, state = model.init(jax.random.key(0), x)
+    tr = train.trainer(model, losses.mse, optax.sgd(0.1), replicas=2)
+    with pytest.raises(
+        nj.ShapeError, match=r"output is not per row: expected \(replicas, 2, \.\.\.\)"
+    ):
+        tr.step(tr.init(params, state), (x, t))
+
+
+def test_replicas_draw_their_own_dropout():
+    """Row 0 of each replica (rows 0 and 2 of 4) sees another dropout mask: a key shared
+    by the replicas would give them the same one."""
+    model = nj.serial(nj.Dropout(0.5), nj.Dense(3))
+    x, t = jnp.ones((4, 64)), jnp.zeros((4, 3))
+    params, state = model.init(jax.random.key(0), x)
+    differ = {"differ": lambda out, _: jnp.abs(out[0] - out[2]).sum()}
+    same = {"same": lambda out, _: jnp.abs(out[0] - out[0]).sum()}
+    tr = train.trainer(model, losses.mse, optax.sgd(0.1), replicas=2, metrics={**differ, **same})
+    _, m = tr.step(tr.init(params, state), (x, t), jax.random.key(1))
+    assert float(m["differ"]) > 0 and float(m["same"]) == 0
+
+
+def test_replicas_refuse_layer_state_and_uneven_rows():
+    model, (x, y) = _mlp(), _data(8)
+    params, state = model.init(jax.random.key(0), x)
+    tr = train.trainer(model, losses.softmax_cross_entropy, optax.sgd(0.1), replicas=3)
+    with pytest.raises(nj.ShapeError, match=r"divides by replicas=3, got x.shape == \(8, 5\)"):
+        tr.step(tr.init(params, state), (x, y))
+    stateful = nj.serial(Counter(), nj.Dense(3))
+    params, state = stateful.init(jax.random.key(0), jnp.zeros((4, 2)))
+    tr = train.trainer(stateful, losses.mse, optax.sgd(0.1), replicas=2)
+    with pytest.raises(nj.ArgumentError, match=r"replicas=2\): the model keeps layer state"):
+        tr.step(tr.init(params, state), (jnp.ones((4, 2)), jnp.zeros((4, 3))))
+
+
 def test_layer_state_threads_through_micro_batches_and_steps():
     model = nj.serial(Counter(), nj.Dense(3))
     x = jnp.arange(24.0).reshape(3, 4, 2)  # 3 steps of 4 examples, 2 micro-batches of 2
@@ -481,6 +563,7 @@ def test_onednn_dots_train_a_transformer_like_the_default():
         ({"steps_per_call": 0}, r"^steps_per_call: expected an int >= 1, got 0"),
         ({"accumulate": -1}, r"^accumulate: expected an int >= 1, got -1"),
         ({"accumulate": True}, r"^accumulate: expected an int >= 1, got True \(bool\)"),
+        ({"replicas": 0}, r"^replicas: expected an int >= 1, got 0"),
     ],
 )
 def test_counts_that_are_not_positive_ints_name_the_argument(kwargs, match):
@@ -541,3 +624,58 @@ def test_many_queued_steps_over_two_cpu_devices_finish():
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "steps 600" in proc.stdout
+
+
+_REPLICAS_OVER_DEVICES = """
+import json, re
+import jax, numpy as np, optax
+import nnjax as nj
+mesh = nj.sharding.mesh({"data": 2})
+config = nj.models.hf.config_from_hf(dict(
+    model_type="gpt2", vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16))
+model = nj.models.CausalLM(config)
+ids = np.random.default_rng(0).integers(0, 50, (4, 17)).astype(np.int32)
+params, _ = model.init(jax.random.key(0), ids[:, :-1])
+batch = nj.sharding.shard_batch((ids[:, :-1], ids[:, 1:]), mesh)
+out = {"params": nj.count_params(params)}
+for replicas in (1, 2):
+    tr = nj.trainer(model, nj.losses.softmax_cross_entropy, optax.sgd(0.5), replicas=replicas)
+    ts = nj.sharding.shard_train_state(tr.init(params), mesh, nj.sharding.data_parallel_rules())
+    hlo = tr.step.lower(ts, batch, jax.random.key(1)).compile().as_text()
+    reduces = [l for l in hlo.splitlines() if " all-reduce(" in l]
+    sizes = [[int(np.prod([int(d) for d in dims.split(",") if d])) for dims in
+              re.findall(r"f32\\[([0-9,]*)\\]", l.split("all-reduce(")[0])] for l in reduces]
+    losses = []
+    for _ in range(3):
+        ts, m = tr.step(ts, batch, jax.random.key(1))
+        losses.append(float(m["loss"]))
+    leaves = [np.asarray(x).tolist() for x in jax.tree.leaves(ts.params)]
+    out[replicas] = {"all_reduce_sizes": sizes, "losses": losses, "params": leaves}
+print(json.dumps(out))
+"""
+
+
+def test_replicas_over_two_cpu_devices_sum_one_buffer():
+    """Over two host devices a step with ``replicas=2`` sums the gradients in one
+    all-reduce of one buffer of every param (plus the loss's scalars), where the plain
+    step sums one buffer per gradient; both give the same losses and params."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", _REPLICAS_OVER_DEVICES],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain, replicated = out["1"], out["2"]
+    (one,) = replicated["all_reduce_sizes"]  # one all-reduce op
+    assert max(one) == out["params"] and sum(size > 1 for size in one) == 1
+    assert sum(size > 1 for sizes in plain["all_reduce_sizes"] for size in sizes) > 10
+    np.testing.assert_allclose(replicated["losses"], plain["losses"], rtol=1e-5)
+    for a, b in zip(replicated["params"], plain["params"], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -365,8 +365,9 @@ def CausalLM(config: CausalLMConfig, *, decode: bool = False, name: str = "causa
             "tok_embed": call_child("tok_embed", embed(c.vocab_size, c.dtype).init, k_tok, ids)[0]
         }
         if learned:
+            positions = jnp.broadcast_to(jnp.arange(np.shape(ids)[-1]), np.shape(ids))
             params["pos_embed"] = call_child(
-                "pos_embed", embed(c.max_position, c.dtype).init, k_pos, ids
+                "pos_embed", embed(c.max_position, c.dtype).init, k_pos, positions
             )[0]
         dtype_ = jnp.dtype(c.dtype or param_dtype)
         h = jax.ShapeDtypeStruct((*np.shape(ids), c.hidden_size), dtype_)

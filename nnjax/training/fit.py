@@ -33,6 +33,7 @@ from nnjax.core.checks import check_int
 from nnjax.core.errors import ArgumentError, CheckpointError, DataError, TrainingDiverged
 from nnjax.data.iterators import BatchIterator, batches
 from nnjax.training import stream
+from nnjax.training.ahead import compile_beside
 from nnjax.training.evaluate import evaluate
 from nnjax.training.host_memory import release_host_memory
 from nnjax.training.logs import Logger, MetricLog, jsonable, jsonl_logger, tensorboard_logger
@@ -480,6 +481,8 @@ def fit(
     log = MetricLog(
         run.history, k, total, run.step, progress, _loggers(log_dir, tensorboard), per_epoch
     )
+    if checkpoint_dir is not None and not _is_deleted(run.ts):  # the save's check, beside the step
+        compile_beside(_all_finite, run.ts)
     start_step = run.step
     terminated = False
     with _sigterm_saves(checkpoint_dir) as signals:

@@ -7,18 +7,22 @@ factory closing over configuration, and the step they make is one XLA computatio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nnjax.core import aux, masks, paths
+from nnjax.core.checks import shape_str
 from nnjax.core.combinators import Layer
-from nnjax.core.errors import ArgumentError, LayerError
+from nnjax.core.errors import ArgumentError, LayerError, ShapeError
 from nnjax.core.layer import Params
 from nnjax.training import guards
+from nnjax.training.chunked import LazyLogits
 
 __all__ = ["TrainState"]
 
@@ -112,14 +116,17 @@ def objective_fn(loss_fn: Callable, metric_fns: Mapping[str, Callable]) -> Calla
     return objective
 
 
-def gradients_fn(forward: Callable, objective: Callable, accumulate: int) -> Callable:
+def gradients_fn(
+    forward: Callable, objective: Callable, accumulate: int, replicas: int = 1
+) -> Callable:
     """``grads(train_p, frozen, template, state, batch, rng) -> (grads, state, values)``.
 
     Differentiates the trainable params only (the frozen ones enter as constants). The
     objective is the loss plus the weighted auxiliary losses the layers report in their
     state (:mod:`nnjax.core.aux`); ``values`` gains their unweighted ``aux/{kind}``, and
     the state comes back without them. With ``accumulate`` ``M > 1`` the batch is split into ``M`` micro-batches in a
-    ``lax.scan``, gradients and metrics averaged, layer state threaded in order.
+    ``lax.scan``, gradients and metrics averaged, layer state threaded in order; with
+    ``replicas`` ``n > 1`` each (micro-)batch runs as :func:`replicated_fn` says.
     """
 
     def once(train_p, frozen, template, state, batch, rng):
@@ -141,6 +148,8 @@ def gradients_fn(forward: Callable, objective: Callable, accumulate: int) -> Cal
         new_state = jax.tree.map(lambda n, o: n.astype(o.dtype), new_state, state)
         return grads, new_state, values
 
+    if replicas > 1:
+        once = replicated_fn(forward, objective, replicas)
     if accumulate == 1:
         return once
 
@@ -157,6 +166,101 @@ def gradients_fn(forward: Callable, objective: Callable, accumulate: int) -> Cal
         return grads, new_state, jax.tree.map(lambda v: jnp.mean(v, axis=0), values)
 
     return accumulated
+
+
+def join_replicas(outputs: Any, rows: int) -> Any:
+    """The replicas' outputs ``(n, rows, ...)`` as one batch ``(n * rows, ...)``.
+
+    A :class:`~nnjax.losses.LazyLogits` joins its hidden states and keeps replica 0's
+    head (every replica holds the same values; the head's whole gradient then reaches
+    replica 0's copy, and the sum over copies is the same).
+
+    Raises:
+        ShapeError: an output that is not per row (its axis 1 is not ``rows``).
+    """
+
+    def join(path, x):
+        if isinstance(x, LazyLogits):
+            return LazyLogits(
+                join(path, x.hidden),
+                x.weight[0],
+                transposed=x.transposed,
+                softcap=x.softcap,
+                scale=None if x.scale is None else x.scale[0],
+            )
+        if np.ndim(x) < 2 or np.shape(x)[1] != rows:
+            raise ShapeError(
+                f"trainer(replicas=...): the model's output{jax.tree_util.keystr(path)} "
+                f"is not per row: expected (replicas, {rows}, ...) from {rows} rows a "
+                f"replica, got {shape_str(np.shape(x))}"
+            )
+        return jnp.reshape(x, (-1, *np.shape(x)[2:]))
+
+    return jax.tree_util.tree_map_with_path(
+        join, outputs, is_leaf=lambda x: isinstance(x, LazyLogits)
+    )
+
+
+def sum_replicas(grads: Any) -> Any:
+    """Leaves ``(n, ...)`` summed over axis 0, as one flat buffer per dtype.
+
+    Over devices, XLA sums each buffer of a (combined) all-reduce on its own, and
+    XLA:CPU's in-process all-reduce meets the other devices once per buffer: joined,
+    the gradients of every leaf take one meeting.
+    """
+    leaves, treedef = jax.tree.flatten(grads)
+    out: list[Any] = list(leaves)
+    for dtype in {x.dtype for x in leaves}:
+        idx = [i for i, x in enumerate(leaves) if x.dtype == dtype]
+        flat = jnp.concatenate([leaves[i].reshape(leaves[i].shape[0], -1) for i in idx], axis=1)
+        total, start = jnp.sum(flat, axis=0), 0
+        for i in idx:
+            shape = leaves[i].shape[1:]
+            size = math.prod(shape)
+            out[i] = total[start : start + size].reshape(shape)
+            start += size
+    return jax.tree.unflatten(treedef, out)
+
+
+def replicated_fn(forward: Callable, objective: Callable, n: int) -> Callable:
+    """``once`` (see :func:`gradients_fn`) with the batch's rows in ``n`` replicas.
+
+    Replica ``i`` runs rows ``[i * B/n, (i + 1) * B/n)`` through the model with its own
+    copy of the trainable params (``jax.vmap`` over a leading replica axis) and the
+    dropout key ``split(rng, n)[i]``; the loss and metrics are computed over all rows
+    together, the auxiliary statistics averaged over the replicas (each a mean over
+    as many rows), and the copies' gradients summed by :func:`sum_replicas`. With the
+    batch sharded over ``n`` devices each replica runs on its own device.
+    """
+
+    def once(train_p, frozen, template, state, batch, rng):
+        if jax.tree.leaves(state):
+            raise ArgumentError(
+                f"trainer(replicas={n}): the model keeps layer state (BatchNorm statistics, "
+                f"...: {sorted(paths.flatten(state))[:3]}); each replica would update a copy "
+                "of its own: use replicas=1"
+            )
+        inputs, targets = batch
+        rows = guards.split_leading(inputs, n, "replicas")
+        copies = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), train_p)
+        rngs = keys(rng, n)
+
+        def replica(train_p, inputs, rng):
+            params = masks.merge(template, train_p, frozen)
+            return forward(params, state, inputs, rng, True)
+
+        def loss_of(copies):
+            run = jax.vmap(replica, in_axes=(0, 0, None if rngs is None else 0))
+            outputs, new_state = run(copies, rows, rngs)
+            outputs = join_replicas(outputs, jax.tree.leaves(rows)[0].shape[1])
+            aux_total, aux_values = aux.losses(jax.tree.map(lambda x: x.mean(0), new_state))
+            loss, values = objective(outputs, targets)
+            return loss + aux_total, {**values, **aux_values}
+
+        (_, values), grads = jax.value_and_grad(loss_of, has_aux=True)(copies)
+        return sum_replicas(grads), state, values
+
+    return once
 
 
 def finite_guard(new: Any, old: Any, values: dict, grads: Any) -> tuple[Any, dict]:

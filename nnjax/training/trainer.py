@@ -173,6 +173,7 @@ def trainer(
     donate: bool = True,
     check_finite: bool = False,
     compiler_options: Mapping[str, Any] | None = None,
+    replicas: int = 1,
 ) -> TrainerFunctions:
     """Build the train step, evaluation and prediction functions for ``model``.
 
@@ -214,6 +215,17 @@ def trainer(
             ``evaluate``/``predict``), as ``jax.jit(..., compiler_options=...)`` takes
             them (:data:`ONEDNN_DOTS`); a global ``XLA_FLAGS`` would reach every
             compile.
+        replicas: ``n``; each batch's rows are split into ``n`` equal groups that go
+            through the model as replicas of it (``jax.vmap`` over a replica axis, each
+            with its own dropout key), the loss is taken over all rows, and the
+            replicas' gradients are summed as one flat buffer. Data parallelism over
+            ``n`` host devices (the batch sharded on them, the params replicated):
+            XLA:CPU's all-reduce meets the devices once per buffer, ~50 times a step
+            for a 4-layer GPT, once with replicas (``docs/benchmarks.md``). Layers
+            that look across rows see their replica's only (a mixture of experts'
+            ``capacity`` dispatch fills per replica; its auxiliary statistics are
+            averaged over the replicas); a model with layer state (BatchNorm) is
+            refused. On GPUs and TPUs leave it at 1.
 
     Returns:
         A :class:`TrainerFunctions` ``(init, step, evaluate, predict)``.
@@ -235,11 +247,12 @@ def trainer(
     """
     steps_per_call = check_int(steps_per_call, "steps_per_call")
     accumulate = check_int(accumulate, "accumulate")
+    replicas = check_int(replicas, "replicas")
     loss_fn = names.resolve_loss(loss_fn)
     optimizer = names.resolve_optimizer(optimizer)
     forward = parts.forward_fn(model, compute_dtype)
     objective = parts.objective_fn(loss_fn, names.resolve_metrics(metrics))
-    gradients = parts.gradients_fn(forward, objective, accumulate)
+    gradients = parts.gradients_fn(forward, objective, accumulate, replicas)
     one_step = parts.train_step_fn(model, optimizer, trainable, gradients, check_finite)
 
     def step(ts: TrainState, batch: Batch, rng: jax.Array | None = None):
