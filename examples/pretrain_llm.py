@@ -100,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "nanogpt-char": dict(
         family="gpt2", hidden_size=128, layers=4, heads=4, kv_heads=None, mlp_hidden=512,
         seq_len=64, batch_size=12, steps=2000, lr=1e-3, min_lr=1e-4, warmup=100, beta2=0.99,
-        eval_every=250, eval_batches=20, final_eval_batches=200, log_every=250,
+        eval_every=250, eval_batches=4, final_eval_batches=40, eval_batch_size=60, log_every=250,
         checkpoint_every=1000, steps_per_call=25, unroll=4, tokenizer="chars",
     ),
     # GPT-2 small's sizes (width 768, 12 layers and heads, vocabulary 50,304 tied) in
@@ -120,7 +120,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 DEFAULTS = dict(
     kv_heads=None, vocab_size=None, tie=None, beta1=0.9, beta2=0.95, weight_decay=0.1, clip=1.0,
-    accumulate=1, steps_per_call=1, unroll=None, final_eval_batches=None, dtype="auto", seed=1337,
+    accumulate=1, steps_per_call=1, unroll=None, final_eval_batches=None, eval_batch_size=None,
+    dtype="auto", seed=1337,
 )  # fmt: skip
 
 
@@ -151,20 +152,23 @@ def made_text(n: int = 4000, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
-def prepare_data(args: argparse.Namespace) -> tuple[str, dict[str, Any], str | None]:
-    """``(token folder, its meta.json, tokenizer folder or None)``; a text file is tokenized."""
+def data_source(args: argparse.Namespace) -> tuple[str, str | None, int]:
+    """``(token folder or text file, tokenizer folder or None, vocabulary size)``.
+
+    Nothing is tokenized yet (:func:`prepare_data` does that): the vocabulary is all the
+    model needs, so the train step can compile while the text is tokenized.
+    """
     data = args.data
     if data is not None and os.path.isdir(data):
         meta = nj.data.read_token_meta(data)
         tok = meta["tokenizer"] if os.path.isdir(str(meta["tokenizer"])) else None
-        return data, meta, tok
+        return data, tok, int(meta["vocab_size"])
     if data is None:
         data = str(DEFAULT_DATA)
         if not os.path.isfile(data):
             data = os.path.join(args.out, "made.txt")
             print(f"{DEFAULT_DATA} not found: a text made by code instead ({data})")
             pathlib.Path(data).write_text(made_text(800 if args.smoke else 4000))
-    folder = os.path.join(args.out, "tokens")
     tok_dir = args.tokenizer
     if tok_dir in ("bytes", "chars"):
         made = os.path.join(args.out, "tokenizer")
@@ -173,6 +177,14 @@ def prepare_data(args: argparse.Namespace) -> tuple[str, dict[str, Any], str | N
         else:
             nj.data.char_tokenizer(pathlib.Path(data).read_text(encoding="utf-8"), made)
         tok_dir = made
+    return data, tok_dir, nj.models.hf.load_tokenizer(tok_dir).vocab_size
+
+
+def prepare_data(args: argparse.Namespace, data: str, tok_dir: str | None) -> tuple[str, dict]:
+    """``(token folder, its meta.json)``; a text file is tokenized into ``OUT/tokens``."""
+    if os.path.isdir(data):
+        return data, nj.data.read_token_meta(data)
+    folder = os.path.join(args.out, "tokens")
     if not os.path.isfile(os.path.join(folder, "meta.json")):  # a second run reuses them
         nj.data.tokenize_corpus(data, tok_dir, folder, eot_id="auto", progress=False)
     meta = nj.data.read_token_meta(folder)
@@ -180,7 +192,7 @@ def prepare_data(args: argparse.Namespace) -> tuple[str, dict[str, Any], str | N
         f"data: {data}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
         f"({args.tokenizer} tokenizer, vocabulary {meta['vocab_size']})"
     )
-    return folder, meta, tok_dir
+    return folder, meta
 
 
 class Mapped:
@@ -370,7 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ints = ["hidden-size", "layers", "heads", "kv-heads", "mlp-hidden", "vocab-size", "seq-len"]
     ints += ["batch-size", "steps", "warmup", "accumulate", "steps-per-call", "unroll"]
     ints += ["eval-every"]
-    ints += ["eval-batches", "final-eval-batches", "log-every", "checkpoint-every", "seed"]
+    ints += ["eval-batches", "final-eval-batches", "eval-batch-size", "log-every"]
+    ints += ["checkpoint-every", "seed"]
     for name in ints:
         p.add_argument(f"--{name}", type=int, help="overrides the preset")
     for name in ["lr", "min-lr", "beta1", "beta2", "weight-decay", "clip", "peak-tflops"]:
@@ -394,6 +407,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.final_eval_batches is None:
         args.final_eval_batches = args.eval_batches
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size
     k = args.steps_per_call
     for name in ("steps", "stop_after", "eval_every", "log_every", "checkpoint_every"):
         if (getattr(args, name) or 0) % k:
@@ -417,6 +432,39 @@ def export(out: str, config: Any, params: Any, tok_dir: str | None) -> str:
     return folder
 
 
+def compile_ahead(tr: Any, params: Any, args: argparse.Namespace, mesh: Any, rules: Any):
+    """The train step (and the evaluation) compiled on other threads from shapes alone.
+
+    XLA compiles a program on one core: these compile while the text is tokenized and
+    the params initialized, and ``fit``'s first calls find them compiled. The arguments
+    are described as ``fit`` passes them: the train state placed by ``rules``, the
+    batches' rows on the ``data`` axis (``steps_per_call`` stacked ahead of them).
+    """
+
+    def described(shape, sharding):
+        return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+
+    ts = jax.eval_shape(tr.init, params)
+    lead = (args.steps_per_call,) if args.steps_per_call > 1 else ()
+    rows = stacked_rows = None
+    if mesh is not None:
+        placed = nj.sharding.train_state_shardings(ts, mesh, rules)
+        ts = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s, weak_type=a.weak_type),
+            ts,
+            placed,
+        )
+        rows = nj.sharding.batch_sharding(mesh)
+        stacked_rows = nj.sharding.batch_sharding(mesh, dim=len(lead))
+    window = described((*lead, args.batch_size, args.seq_len), stacked_rows)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    threads = [compile_beside(tr.step, ts, (window, window), rng)]
+    if args.eval_every or args.final_eval_batches:
+        plain = described((args.eval_batch_size, args.seq_len), rows)
+        threads.append(compile_beside(tr.evaluate, ts, (plain, plain)))
+    return threads
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.distributed:
@@ -424,32 +472,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     host_devices(args)
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    folder, meta, tok_dir = prepare_data(args)
-    phases = {"data": time.perf_counter() - start}
-    config = model_config(args, meta["vocab_size"])
+    data, tok_dir, vocab = data_source(args)
+    config = model_config(args, vocab)
     model = nj.models.CausalLM(config)
-    # Compiled without XLA's backend optimizations: the init runs once, and its random
-    # draws compiled 2.4x faster so (values within 1e-8 of the optimized program's).
-    init = jax.jit(model.init, compiler_options={"xla_backend_optimization_level": 0})
-    params, _ = init(jax.random.key(args.seed), jnp.zeros((1, args.seq_len), jnp.int32))
-    n_params = nj.count_params(params)
+    example = jnp.zeros((1, args.seq_len), jnp.int32)
+    shapes, _ = jax.eval_shape(model.init, jax.random.key(args.seed), example)
+    n_params = nj.count_params(shapes)
     mesh, rules = placement(args, config)
     dtype = compute_dtype(args.dtype)
     n_replicas = replicas(args, mesh, n_params)
     tr = nj.trainer(
         model,
         nj.losses.softmax_cross_entropy,
-        optimizer(params, args),
+        optimizer(shapes, args),
         steps_per_call=args.steps_per_call,
         accumulate=args.accumulate,
         compute_dtype=dtype,
         replicas=n_replicas,
     )
+    compiling = compile_ahead(tr, shapes, args, mesh, rules)
+    folder, meta = prepare_data(args, data, tok_dir)
+    if meta["vocab_size"] != vocab:
+        raise SystemExit(f"{folder}: vocabulary {meta['vocab_size']}, its tokenizer's {vocab}")
+    phases = {"data": time.perf_counter() - start}
+    # Compiled without XLA's backend optimizations: the init runs once, and its random
+    # draws compiled 2.4x faster so (values within 1e-8 of the optimized program's).
+    init = jax.jit(model.init, compiler_options={"xla_backend_optimization_level": 0})
+    params, _ = init(jax.random.key(args.seed), example)
     ts = tr.init(params)
     del params
     if mesh is not None:
         ts = nj.sharding.shard_train_state(ts, mesh, rules)
-    fn = batch_fn(mesh, args.batch_size)
+    fn, eval_fn = batch_fn(mesh, args.batch_size), batch_fn(mesh, args.eval_batch_size)
+    for thread in compiling:
+        thread.join()
     phases["model init"] = time.perf_counter() - start - sum(phases.values())
     windows = dict(dtype=meta["dtype"])
     train = nj.data.token_batches(
@@ -459,9 +515,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val = EvalTimer(
         Mapped(
             nj.data.token_batches(
-                val_path, args.seq_len, args.batch_size, 1, steps=args.eval_batches, **windows
+                val_path, args.seq_len, args.eval_batch_size, 1, steps=args.eval_batches, **windows
             ),
-            fn,
+            eval_fn,
         )
     )
     tokens_per_step = args.batch_size * args.seq_len
@@ -492,8 +548,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         log_file=os.path.join(logs, "throughput.jsonl"),
         excluded=lambda: val.seconds,
     )
-    if args.eval_every:  # on the other core while the train step compiles
-        compile_beside(tr.evaluate, ts, next(iter(val.batches.at(0))))
     ckpt = os.path.join(args.out, "checkpoints") if args.checkpoint_every else None
     saved = nj.checkpoint.all_steps(ckpt) if ckpt and os.path.isdir(ckpt) else []
     report.start(saved[-1][0] if saved else 0)  # fit resumes at the newest checkpoint
@@ -517,14 +571,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     phases["training"] = time.perf_counter() - start - sum(phases.values())
     final_batches = Mapped(
         nj.data.token_batches(
-            val_path, args.seq_len, args.batch_size, 10**6, steps=args.final_eval_batches, **windows
+            val_path,
+            args.seq_len,
+            args.eval_batch_size,
+            10**6,
+            steps=args.final_eval_batches,
+            **windows,
         ),
-        fn,
+        eval_fn,
     )
     val_loss = final_loss(tr, ts, final_batches)
     print(
         f"final val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f}, mean over "
-        f"{args.final_eval_batches} batches of {args.batch_size} x {args.seq_len})"
+        f"{args.final_eval_batches} batches of {args.eval_batch_size} x {args.seq_len})"
     )
     phases["final evaluation"] = time.perf_counter() - start - sum(phases.values())
     hf_dir = None
