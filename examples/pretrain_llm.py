@@ -25,7 +25,8 @@ The recipe, step by step:
    the batch split over them (data parallel: XLA:CPU keeps one core and a half busy
    with one small computation; ``--mesh none`` runs on one device); a small model's
    data parallelism on a CPU runs as ``trainer(replicas=)`` (one flat all-reduce of
-   the gradients a step);
+   the gradients a step); the train step and the evaluation compile from shapes alone
+   on other threads while the text is tokenized and the params initialized;
 4. every log line: the loss, tokens/s and model FLOPs utilisation (MFU: ``6N + 12LHQT``
    FLOPs per token, see ``nnjax.training.throughput``, over the device's peak; on a CPU
    the assumed peak is printed; ``--peak-tflops`` sets yours); every ``--eval-every``

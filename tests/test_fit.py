@@ -533,3 +533,28 @@ def test_the_compilers_freed_heap_is_released_once_after_the_first_step(monkeypa
     data = nd.batches((x, y), 8, epochs=1)
     fit(tr._replace(step=step), _fresh(tr, init), data, progress=False)
     assert seen == ["step", "release"] + ["step"] * 5
+
+
+def test_compile_beside_compiles_for_the_first_call(caplog):
+    """Compiled on another thread from shapes: the call compiles nothing (jax logs every
+    compilation it makes on the calling thread); a function not compiled ahead does."""
+    import logging
+
+    from nnjax.training.ahead import compile_beside
+
+    def ahead(x):
+        return jnp.cos(x) * 3
+
+    def plain(x):
+        return jnp.cos(x) * 3
+
+    f, g = jax.jit(ahead), jax.jit(plain)
+    thread = compile_beside(f, jax.ShapeDtypeStruct((5,), jnp.float32))
+    thread.join()
+    x = jnp.ones(5)
+    with caplog.at_level(logging.WARNING, logger="jax"), jax.log_compiles(True):
+        np.testing.assert_allclose(f(x), np.cos(1.0) * 3, rtol=1e-6)
+        g(x)
+    compiled = [r.getMessage() for r in caplog.records if "XLA compilation" in r.getMessage()]
+    assert any("jit(plain)" in m for m in compiled)
+    assert not any("jit(ahead)" in m for m in compiled)

@@ -122,6 +122,7 @@ def test_smoke_loss_falls_resumes_exactly_and_exports(tmp_path):
     # the same run data-parallel and tensor-parallel over two host devices: the same losses
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     env["PYTHONPATH"] = str(EXAMPLE.parents[1])
+    env["JAX_LOG_COMPILES"] = "1"  # jax logs each compilation on stderr
     expected = [(r["step"], r["loss"]) for r in whole["reports"][:2]]
     for mesh, parallel in (("data=2", "dp"), ("data=1,model=2", "tp")):
         cmd = [sys.executable, str(EXAMPLE), *common, "--stop-after", "6", "--no-export"]
@@ -130,6 +131,9 @@ def test_smoke_loss_falls_resumes_exactly_and_exports(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"({parallel})" in proc.stdout
         assert ("2 replicas" in proc.stdout) == (parallel == "dp")  # trainer(replicas=2)
+        # compiled from shapes while the text was tokenized, and found by fit: once each
+        for fn in ("step", "evaluate"):
+            assert proc.stderr.count(f"Finished XLA compilation of jit({fn})") == 1, fn
         if sys.platform == "linux":  # the script restarted itself with huge pages
             assert "malloc in huge pages" in proc.stdout
         got = [
