@@ -3,7 +3,8 @@
 Loading checks every name and shape against the table and the model's param
 shapes before reading any tensor; then each tensor is read, converted (layout,
 dtype) and placed on its device / sharding before the next. Per-layer tensors are
-written into their stacked leaf in place (a donated ``dynamic_update_index_in_dim``),
+written into their stacked leaf in place (on a CPU, into an aligned host buffer that
+becomes the array without a copy; elsewhere a donated ``dynamic_update_index_in_dim``),
 so no second copy of a stacked leaf is ever built: peak memory is the result plus
 about one tensor.
 """
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from nnjax.core.errors import CheckpointError, LayerError
@@ -27,6 +29,7 @@ from nnjax.layers import quantized
 from nnjax.layers.adapters import ADAPTER_KEYS
 from nnjax.models.hf.files import Pending, TensorInfo
 from nnjax.models.hf.tables import Slot, Table, hf_shape, ignored, layout, to_hf, to_nnjax
+from nnjax.training.host_memory import release_host_memory
 
 __all__ = ["tensors_to_params", "params_to_tensors", "split_adapters"]
 
@@ -99,30 +102,91 @@ def _set_rows(table: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice_in_dim(table, rows, start, axis=0)
 
 
+_ALIGN = 64  # XLA:CPU takes host memory aligned so without copying it
+
+
+def _on_host_cpu(where: Any) -> bool:
+    """Whether a leaf placed at ``where`` lives on the one CPU device that also holds
+    host memory: then a host buffer becomes the array itself (see :class:`_Buffer`)."""
+    if where is None:
+        return jax.default_backend() == "cpu"
+    devices = getattr(where, "device_set", set())
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
+class _Buffer:
+    """One leaf written a part at a time without a second copy of it.
+
+    On a CPU device: a 64-byte-aligned host array, handed to ``jax.device_put`` when
+    complete, which XLA:CPU then takes as the device buffer without copying it (so no
+    program is compiled per leaf shape: a donated in-place update compiled one for
+    every stacked shape, ~100 MB of compiled code kept by a Qwen2-0.5B load). On other
+    devices: the device buffer itself, updated in place by a donated program.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any, where: Any):
+        self.where, self.host = where, _on_host_cpu(where)
+        if self.host:
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            raw = np.empty(size + _ALIGN, np.uint8)
+            start = -raw.ctypes.data % _ALIGN
+            self.array: Any = raw[start : start + size].view(dtype).reshape(shape)
+        else:
+            self.array = jnp.zeros(shape, dtype, device=where)
+
+    def set_copy(self, index: tuple[int, ...], value: Any) -> None:
+        if self.host:
+            self.array[index] = np.asarray(value, self.array.dtype)
+        else:
+            self.array = _set_copy(self.array, value, tuple(np.int32(i) for i in index))
+
+    def set_rows(self, start: int, rows: Any) -> None:
+        if self.host:
+            self.array[start : start + np.shape(rows)[0]] = np.asarray(rows)
+        else:
+            self.array = _set_rows(self.array, rows, np.int32(start))
+
+    def result(self) -> jax.Array:
+        return jax.device_put(self.array, self.where) if self.host else self.array
+
+
+def _widens(source: Any, target: Any) -> bool:
+    """Whether every ``source`` float is exactly a ``target`` float (bf16, f16 -> f32)."""
+    source, target = np.dtype(source), np.dtype(target)
+    exact = {np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16)}
+    return source in exact and target in (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def _table_rows(
-    name: str, shape: tuple[int, ...], read_rows: Callable[[str, int, int], np.ndarray], target
+    name: str,
+    shape: tuple[int, ...],
+    read_rows: Callable[[str, int, int], np.ndarray],
+    target: Any,
+    where: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """An int8-per-row token table read and quantized a chunk of rows at a time, written
-    into its (donated) device buffer as it goes: no second copy of the table is made.
-    Each row's scale is its own, so this is the whole table's result bit for bit."""
+    into its buffer as it goes: no second copy of the table is made. Each row's scale
+    is its own, so this is the whole table's result bit for bit."""
     rows, width = shape
     step = max(1, quantization.CHUNK // width)
-    q, scale = jnp.zeros(shape, jnp.int8), jnp.zeros(rows, jnp.float32)
+    q, scale = _Buffer(shape, np.int8, where), _Buffer((rows,), np.float32, where)
     for r in range(0, rows, step):
         part = np.asarray(read_rows(name, r, min(r + step, rows)), dtype=target)
         q_rows, s_rows = quantize_leaf(part, "embedding", 8, 1)
-        q, scale = _set_rows(q, q_rows, np.int32(r)), _set_rows(scale, s_rows, np.int32(r))
-    return q, scale
+        q.set_rows(r, q_rows)
+        scale.set_rows(r, s_rows)
+    return q.result(), scale.result()
 
 
-def _place(out: dict, path: str, index: tuple, value: Any, stack: tuple, where: Any) -> None:
-    """``out[path]`` = ``value``, or its copy ``index`` of a ``stack`` made on first use."""
+def _place(out: dict, stacks: dict, path: str, index: tuple, value: Any, stack: tuple, where: Any):
+    """``out[path]`` = ``value``, or its copy ``index`` of a ``stack`` (``stacks[path]``,
+    made on first use, moved to ``out`` by :func:`_finish`)."""
     if not index:
         out[path] = jax.device_put(value, where)
         return
-    if path not in out:
-        out[path] = jnp.zeros((*stack, *np.shape(value)), value.dtype, device=where)
-    out[path] = _set_copy(out[path], value, tuple(np.int32(i) for i in index))
+    if path not in stacks:
+        stacks[path] = _Buffer((*stack, *np.shape(value)), np.asarray(value).dtype, where)
+    stacks[path].set_copy(index, value)
 
 
 def tensors_to_params(
@@ -164,6 +228,7 @@ def tensors_to_params(
     devices = flatten(shardings) if shardings is not None else {}
     plan = quantize.plan(template, "quantize") if quantize is not None else {}
     out: dict[str, jax.Array] = {}
+    stacks: dict[str, _Buffer] = {}
     for name in infos:  # file order, then each file's order: each file is read front to back
         if name not in slots:
             continue
@@ -172,27 +237,30 @@ def tensors_to_params(
         target = np.dtype(dtype) if dtype is not None else infos[name].dtype
         if plan.get(first) == "embedding" and read_rows is not None and len(slot.places) == 1:
             out[first], out[scale_path(first)] = _table_rows(
-                name, infos[name].shape, read_rows, target
+                name, infos[name].shape, read_rows, target, devices.get(first)
             )
             continue
+        release_host_memory()  # the last tensor's float copies: freed, kept by malloc
         widths = [s[-1] for s in _copy_shapes(slot, flat_t)]
         values = to_nnjax(slot, read(name), widths)
         for (path, index), value in zip(slot.places, values, strict=True):
             where = devices.get(path)
             kind = plan.get(path)
             if kind is not None and quantize is not None:
-                v = np.asarray(value, dtype=target)  # the float leaf from_pretrained would hold
+                # the float leaf from_pretrained would hold; where that only widens (bf16
+                # -> float32: exact), the quantizer widens each chunk itself instead
+                v = value if _widens(np.asarray(value).dtype, target) else np.asarray(value, target)
                 q, s = quantize_leaf(v, kind, quantize.bits, quantize.block_size, 0, path)
                 del v
                 stack = tuple(flat_t[path].shape[: len(index)])
-                _place(out, path, index, q, stack, where)
-                _place(out, scale_path(path), index, s, stack, where)
-            elif not index:
-                out[path] = jax.device_put(np.asarray(value, dtype=target), where)
+                _place(out, stacks, path, index, q, stack, where)
+                _place(out, stacks, scale_path(path), index, s, stack, where)
             else:
-                if path not in out:
-                    out[path] = jnp.zeros(flat_t[path].shape, target, device=where)
-                out[path] = _set_copy(out[path], value, tuple(np.int32(i) for i in index))
+                stack = tuple(flat_t[path].shape[: len(index)])
+                _place(out, stacks, path, index, np.asarray(value, dtype=target), stack, where)
+    for path, buffer in stacks.items():
+        out[path] = buffer.result()
+    stacks.clear()
     return unflatten(out)
 
 
