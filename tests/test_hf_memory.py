@@ -2,10 +2,10 @@
 
 What is measured is what the claim is about: the host buffers Python and NumPy allocate
 while loading (``tracemalloc``, which NumPy reports its array data to), their peak
-beyond what is still held at the end. On a CPU the stacked params are themselves host
-buffers (written in place, then taken by XLA without a copy), so what is held at the
-end is about the params; elsewhere they live in device buffers, which tracemalloc does
-not count. Unlike a process's RSS, these figures do not move with the machine's load.
+beyond what is still held at the end. A quantized load on a CPU writes its stacked
+params into host buffers that XLA then takes without a copy, so what it holds at the
+end is about the params; other loads write device buffers, which tracemalloc does not
+count. Unlike a process's RSS, these figures do not move with the machine's load.
 """
 
 import tracemalloc

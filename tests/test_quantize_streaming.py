@@ -318,3 +318,19 @@ def test_bf16_reads_are_rounded_before_quantizing():
     want_q, want_s = quantized.quantize(jnp.asarray(w, jnp.float32), 8)
     np.testing.assert_array_equal(q, want_q)
     np.testing.assert_array_equal(s, want_s)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_while_loading_a_bf16_checkpoint_as_float32_is_bit_identical(tmp_path, bits):
+    """bf16 tensors loaded as float32 are widened a chunk at a time inside the quantizer
+    (no whole float32 copy of each tensor): the same leaves as loading in float32 and
+    quantizing after."""
+    import torch
+
+    from tests import hf_tiny
+
+    hf_tiny.build("llama", tmp_path, dtype=torch.bfloat16)
+    spec = ft.Quantization(bits=bits, exclude="lm_head/**", embeddings="tok_embed/**")
+    _, params = nj.models.hf.from_pretrained(tmp_path, quantize=spec, dtype=jnp.float32)
+    _, floats = nj.models.hf.from_pretrained(tmp_path, dtype=jnp.float32)
+    _same(params, ft.quantize(floats, spec))

@@ -29,7 +29,6 @@ from nnjax.layers import quantized
 from nnjax.layers.adapters import ADAPTER_KEYS
 from nnjax.models.hf.files import Pending, TensorInfo
 from nnjax.models.hf.tables import Slot, Table, hf_shape, ignored, layout, to_hf, to_nnjax
-from nnjax.training.host_memory import release_host_memory
 
 __all__ = ["tensors_to_params", "params_to_tensors", "split_adapters"]
 
@@ -117,15 +116,15 @@ def _on_host_cpu(where: Any) -> bool:
 class _Buffer:
     """One leaf written a part at a time without a second copy of it.
 
-    On a CPU device: a 64-byte-aligned host array, handed to ``jax.device_put`` when
-    complete, which XLA:CPU then takes as the device buffer without copying it (so no
-    program is compiled per leaf shape: a donated in-place update compiled one for
-    every stacked shape, ~100 MB of compiled code kept by a Qwen2-0.5B load). On other
-    devices: the device buffer itself, updated in place by a donated program.
+    On a CPU device (``host``): a 64-byte-aligned host array, handed to
+    ``jax.device_put`` when complete, which XLA:CPU then takes as the device buffer
+    without copying it, so no program is compiled per leaf shape (the process keeps
+    every compiled program: docs/benchmarks.md, "QLoRA memory"). Otherwise the device
+    buffer itself, updated in place by a donated program.
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype: Any, where: Any):
-        self.where, self.host = where, _on_host_cpu(where)
+    def __init__(self, shape: tuple[int, ...], dtype: Any, where: Any, host: bool = True):
+        self.where, self.host = where, host and _on_host_cpu(where)
         if self.host:
             size = int(np.prod(shape)) * np.dtype(dtype).itemsize
             raw = np.empty(size + _ALIGN, np.uint8)
@@ -178,14 +177,24 @@ def _table_rows(
     return q.result(), scale.result()
 
 
-def _place(out: dict, stacks: dict, path: str, index: tuple, value: Any, stack: tuple, where: Any):
+def _place(
+    out: dict,
+    stacks: dict,
+    path: str,
+    index: tuple,
+    value: Any,
+    stack: tuple,
+    where: Any,
+    host: bool,
+) -> None:
     """``out[path]`` = ``value``, or its copy ``index`` of a ``stack`` (``stacks[path]``,
-    made on first use, moved to ``out`` by :func:`_finish`)."""
+    a :class:`_Buffer` made on first use; ``host``: in host memory where it can be)."""
     if not index:
         out[path] = jax.device_put(value, where)
         return
     if path not in stacks:
-        stacks[path] = _Buffer((*stack, *np.shape(value)), np.asarray(value).dtype, where)
+        shape = (*stack, *np.shape(value))
+        stacks[path] = _Buffer(shape, np.asarray(value).dtype, where, host)
     stacks[path].set_copy(index, value)
 
 
@@ -240,7 +249,6 @@ def tensors_to_params(
                 name, infos[name].shape, read_rows, target, devices.get(first)
             )
             continue
-        release_host_memory()  # the last tensor's float copies: freed, kept by malloc
         widths = [s[-1] for s in _copy_shapes(slot, flat_t)]
         values = to_nnjax(slot, read(name), widths)
         for (path, index), value in zip(slot.places, values, strict=True):
@@ -253,11 +261,15 @@ def tensors_to_params(
                 q, s = quantize_leaf(v, kind, quantize.bits, quantize.block_size, 0, path)
                 del v
                 stack = tuple(flat_t[path].shape[: len(index)])
-                _place(out, stacks, path, index, q, stack, where)
-                _place(out, stacks, scale_path(path), index, s, stack, where)
+                _place(out, stacks, path, index, q, stack, where, True)
+                _place(out, stacks, scale_path(path), index, s, stack, where, True)
             else:
                 stack = tuple(flat_t[path].shape[: len(index)])
-                _place(out, stacks, path, index, np.asarray(value, dtype=target), stack, where)
+                # a float model's stacks in device buffers (host ones peaked higher on a
+                # 124.7M float32 load); a quantized one's small float stacks (norms,
+                # biases) on the host beside its quantized ones
+                value = np.asarray(value, dtype=target)
+                _place(out, stacks, path, index, value, stack, where, quantize is not None)
     for path, buffer in stacks.items():
         out[path] = buffer.result()
     stacks.clear()
