@@ -326,10 +326,14 @@ def test_quantize_while_loading_a_bf16_checkpoint_as_float32_is_bit_identical(tm
     (no whole float32 copy of each tensor): the same leaves as loading in float32 and
     quantizing after."""
     import torch
+    from safetensors import safe_open
 
     from tests import hf_tiny
 
     hf_tiny.build("llama", tmp_path, dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "model.safetensors"), "numpy") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    assert dtypes == {"BF16"}  # what is widened
     spec = ft.Quantization(bits=bits, exclude="lm_head/**", embeddings="tok_embed/**")
     _, params = nj.models.hf.from_pretrained(tmp_path, quantize=spec, dtype=jnp.float32)
     _, floats = nj.models.hf.from_pretrained(tmp_path, dtype=jnp.float32)

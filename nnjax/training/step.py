@@ -210,7 +210,7 @@ def sum_replicas(grads: Any) -> Any:
     """
     leaves, treedef = jax.tree.flatten(grads)
     out: list[Any] = list(leaves)
-    for dtype in {x.dtype for x in leaves}:
+    for dtype in dict.fromkeys(x.dtype for x in leaves):  # in leaf order: one program
         idx = [i for i, x in enumerate(leaves) if x.dtype == dtype]
         flat = jnp.concatenate([leaves[i].reshape(leaves[i].shape[0], -1) for i in idx], axis=1)
         total, start = jnp.sum(flat, axis=0), 0
