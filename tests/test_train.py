@@ -609,10 +609,8 @@ print("steps", int(ts.step), "loss", float(m["loss"]), float(values["loss"]))
 """
 
 
-def test_many_queued_steps_over_two_cpu_devices_finish():
-    """600 steps and evaluations of a small model, dispatched back to back over two host
-    devices, finish: unguarded, XLA:CPU's in-process all-reduce deadlocked with ~128
-    queued and aborted the process after its 40 s rendezvous timeout."""
+def _on_two_cpu_devices(script: str) -> str:
+    """``script``'s stdout, run by a fresh interpreter with two XLA host devices."""
     import os
     import subprocess
     import sys
@@ -620,10 +618,17 @@ def test_many_queued_steps_over_two_cpu_devices_finish():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
-        [sys.executable, "-c", _QUEUED_STEPS], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "steps 600" in proc.stdout
+    return proc.stdout
+
+
+def test_many_queued_steps_over_two_cpu_devices_finish():
+    """600 steps and evaluations of a small model, dispatched back to back over two host
+    devices, finish: unguarded, XLA:CPU's in-process all-reduce deadlocked with ~128
+    queued and aborted the process after its 40 s rendezvous timeout."""
+    assert "steps 600" in _on_two_cpu_devices(_QUEUED_STEPS)
 
 
 _REPLICAS_OVER_DEVICES = """
@@ -660,18 +665,8 @@ def test_replicas_over_two_cpu_devices_sum_one_buffer():
     all-reduce of one buffer of every param (plus the loss's scalars), where the plain
     step sums one buffer per gradient; both give the same losses and params."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", _REPLICAS_OVER_DEVICES],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(_on_two_cpu_devices(_REPLICAS_OVER_DEVICES).strip().splitlines()[-1])
     plain, replicated = out["1"], out["2"]
     (one,) = replicated["all_reduce_sizes"]  # one all-reduce op
     assert max(one) == out["params"] and sum(size > 1 for size in one) == 1
