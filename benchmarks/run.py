@@ -37,6 +37,7 @@ STUDIES = {
     "llm-long": "benchmarks.study_llm_long",
     "moe": "benchmarks.study_moe",
     "dpo": "benchmarks.study_dpo",
+    "decode-products": "benchmarks.study_decode_products",
 }
 _QUICK_SKIP = ("torch-compile",)  # its first compile takes ~40 s per model on a small CPU
 # --quick checks that everything runs, not how fast: compile with XLA's cheapest

@@ -28,7 +28,7 @@ Training:
     compiler's freed heap back to the OS; fit does after its first step).
 Errors (all are NNJaxError):
     LayerError, ShapeError, ArgumentError, DataError, GlobError, MaskError,
-    OptimizerStateError, CheckpointError, ShardingError, TrainingDiverged.
+    OptimizerStateError, CheckpointError, ShardingError, TrainingDiverged, BuildError.
 Modules:
     nj.losses, nj.metrics, nj.data, nj.checkpoint, nj.finetune, nj.models, nj.post,
     nj.sharding, nj.paths (path globs), nj.layers (every layer and its helpers).
@@ -48,6 +48,7 @@ from nnjax.core.combinators import (
 )
 from nnjax.core.errors import (
     ArgumentError,
+    BuildError,
     CheckpointError,
     DataError,
     GlobError,
@@ -183,6 +184,7 @@ __all__ = [
     "DataError",
     "TrainingDiverged",
     "ShardingError",
+    "BuildError",
     # modules
     "losses",
     "metrics",

@@ -9,7 +9,7 @@ import nnjax
 import nnjax as nj
 
 # Subpackages Python binds on the parent when they are imported: not names we export.
-_BOUND_SUBPACKAGES = {"core", "training", "app", "eval"}
+_BOUND_SUBPACKAGES = {"core", "training", "app", "eval", "kernels"}
 
 
 def test_all_names_exist_and_nothing_else_is_public():

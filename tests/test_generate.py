@@ -359,3 +359,54 @@ def test_int8_weight_decode_is_the_dequantized_model_and_keeps_the_float_tokens(
         # quality: on this model int8 weights keep every greedy token of the float weights
         float_tokens = _hf_greedy(torch, model, np.array(ours[None, :5]), ours.size - 5)[0]
         np.testing.assert_array_equal(ours, float_tokens, err_msg=f"seed {seed}")
+
+
+@functools.cache
+def _wide(family, tied):
+    # wide enough that the decode products (256 x 256 and up) take nnjax's native kernel
+    model = hf_model(
+        family,
+        hidden_size=256,
+        intermediate_size=512,
+        vocab_size=512,
+        initializer_range=0.1,
+        tie_word_embeddings=tied,
+    )
+    return model, nnjax_config(model), nnjax_params(model)
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
+def test_native_kernel_decode_of_float_bf16_and_int8_weights_equals_transformers(
+    torch, monkeypatch, family, tied
+):
+    from nnjax.kernels import small_matmul
+
+    if not small_matmul.available():
+        pytest.skip("the native kernel is not built here (no C++ compiler, or turned off)")
+    calls = []
+    real = small_matmul.small_matmul
+
+    def spy(x, w, scale=None, *, transposed=False):
+        calls.append((str(jnp.result_type(w)), transposed))
+        return real(x, w, scale, transposed=transposed)
+
+    monkeypatch.setattr(small_matmul, "small_matmul", spy)
+    model, cfg, params = _wide(family, tied)
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    q8 = nj.finetune.quantize(params, bits=8)
+    rounded = _weights_copy(model, lambda p: p.bfloat16().float())
+    dequantized = _weights_copy(
+        model, _int8_dequantized, lambda name: name.endswith(("proj.weight", "lm_head.weight"))
+    )
+    for weights, reference, dtype in [
+        (params, model, "float32"),
+        (half, rounded, "bfloat16"),
+        (q8, dequantized, "int8"),
+    ]:
+        calls.clear()
+        ours, expected = _greedy_pair(torch, reference, cfg, weights, seed=7, n=12)
+        np.testing.assert_array_equal(ours, expected, err_msg=dtype)
+        assert (dtype, False) in calls  # the blocks' kernels
+        # the head: the tied table (bfloat16 or float32: quantize leaves tables alone)
+        head = ("float32" if dtype == "int8" else dtype, True) if tied else (dtype, False)
+        assert head in calls, calls

@@ -1,6 +1,6 @@
 """The errors nnjax raises, by kind: catch ``nj.NNJaxError`` for all, or one kind.
 
-Every kind but :class:`TrainingDiverged` is also a ``ValueError`` (and
+Every kind but :class:`TrainingDiverged` and :class:`BuildError` is also a ``ValueError`` (and
 :class:`ArgumentError` a ``TypeError``), so code that catches those keeps working.
 Each message names what was wrong: the layer path, the argument, the file.
 
@@ -15,6 +15,7 @@ Each message names what was wrong: the layer path, the argument, the file.
 ``CheckpointError``      a checkpoint that is missing, corrupt or does not fit
 ``ShardingError``        a sharding that does not fit the mesh or the array
 ``TrainingDiverged``     a non-finite loss or train state (a ``FloatingPointError``)
+``BuildError``           a native kernel that cannot be built here (a ``RuntimeError``)
 =======================  ===================================================================
 """
 
@@ -32,6 +33,7 @@ __all__ = [
     "DataError",
     "TrainingDiverged",
     "ShardingError",
+    "BuildError",
 ]
 
 
@@ -115,3 +117,9 @@ class TrainingDiverged(NNJaxError, FloatingPointError):  # noqa: N818 (the name 
 class ShardingError(NNJaxError, ValueError):
     """A sharding that does not fit: an axis not divisible by its mesh axes, an unknown
     mesh axis, a spec longer than the array's rank, or axis sizes that miss the devices."""
+
+
+class BuildError(NNJaxError, RuntimeError):
+    """A native kernel (``nnjax.kernels``) that cannot be built: no C++ compiler, or the
+    compiler failed (its output is in the message). The layers catch it and compute with
+    XLA's operations instead."""

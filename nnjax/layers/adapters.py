@@ -26,6 +26,7 @@ import numpy as np
 
 from nnjax.core.checks import shape_str
 from nnjax.core.errors import LayerError
+from nnjax.kernels import small_matmul
 from nnjax.layers import quantized
 from nnjax.layers.base import matmul_last
 
@@ -248,15 +249,21 @@ def adapted_matmul(params: Mapping[str, Any], x: jax.Array, dtype: Any) -> jax.A
     Kinds up to the last one without an output form (DoRA) act on the weight; the
     rest act on the output (LoRA as ``(x @ a) @ b``, which never forms ``a @ b``).
     """
-    kernel = _kernel(params, dtype)
     kinds = _present(params)
-    check_adapters(params, *kernel.shape)
     lead = x.shape[:-1]
     x = jnp.reshape(x, (-1, x.shape[-1])) if x.ndim > 2 else x  # see layers.base.matmul_last
     split = max((i + 1 for i, k in enumerate(kinds) if k.output is None), default=0)
-    for kind in kinds[:split]:
-        kernel = kind.weight(kernel, params)
-    y = matmul_last(x, kernel)
+    stored, scale = params["kernel"], params.get(quantized.SCALE)
+    if split == 0 and jnp.dtype(dtype) == jnp.float32 and small_matmul.takes(x, stored, scale):
+        # few rows (decoding): the stored kernel read once, dequantized in registers
+        check_adapters(params, *kernel_shape(params))
+        y = small_matmul.small_matmul(x, stored, scale)
+    else:
+        kernel = _kernel(params, dtype)
+        check_adapters(params, *kernel.shape)
+        for kind in kinds[:split]:
+            kernel = kind.weight(kernel, params)
+        y = matmul_last(x, kernel)
     for kind in kinds[split:]:
         assert kind.output is not None  # split is past the last kind without one
         y = kind.output(y, x, params)

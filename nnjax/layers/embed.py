@@ -23,6 +23,7 @@ from nnjax.core.layer import (
     non_empty,
     output_shape,
 )
+from nnjax.kernels import small_matmul
 from nnjax.layers import quantized
 from nnjax.layers.base import compute_dtype, matmul_last
 
@@ -172,6 +173,9 @@ def attend(embedding_params: dict[str, Any], x: Any, *, dtype: Any = None) -> ja
             f"(embedding {shape_str(np.shape(table))}), got x.shape == {shape_str(np.shape(x))}"
         )
     dtype_ = compute_dtype(x, dtype)
+    if dtype_ == jnp.float32 and small_matmul.takes(x, table, scale):
+        # few rows (decoding): each stored row read once, dequantized in registers
+        return small_matmul.small_matmul(x, table, scale, transposed=True)
     logits = matmul_last(jnp.asarray(x, dtype_), table.astype(dtype_).T)
     if scale is None:
         return logits

@@ -3,8 +3,9 @@
 One prefill call runs the (left-padded) prompts, then a ``lax.scan`` feeds one token
 per step; the whole loop is one XLA computation, compiled once per shape and static
 setting. Every argument is checked before anything is traced. Each call splits the
-layer stack per layer before the loop (:func:`~nnjax.unstack`) and, on CPU, reads
-16-bit float weights as float32 (converted once per call): both are for the speed of
+layer stack per layer before the loop (:func:`~nnjax.unstack`), and on CPU its
+products with few rows read the stored weights (float32, bfloat16 or int8) through
+nnjax's own kernel (:mod:`nnjax.kernels.small_matmul`): both are for the speed of
 reading every weight once per token.
 """
 
@@ -22,6 +23,8 @@ import numpy as np
 from nnjax.core.checks import check_ids, check_int, check_number, shape_str
 from nnjax.core.combinators import unstack
 from nnjax.core.errors import ArgumentError
+from nnjax.kernels import small_matmul
+from nnjax.layers.adapters import ADAPTERS
 from nnjax.models.causal_lm import CausalLM
 from nnjax.models.causal_lm_config import CausalLMConfig
 from nnjax.models.gpt import GPTConfig, causal_lm_config
@@ -54,7 +57,7 @@ def _generate(params, prompt, lengths, rng, temperature, top_p, min_p, *, s: _St
     """``(B, T0)`` -> ``(B, T0 + N)``: prefill, then a scan over the new tokens."""
     b, t0 = prompt.shape
     n = s.max_new_tokens
-    config, params = _for_platform(s.config, params)
+    config, params = _for_platform(s.config, params, b)
     model = CausalLM(config, decode=True)
     spec = jax.ShapeDtypeStruct((b, t0 + n - 1), jnp.int32)
     _, state_spec = jax.eval_shape(model.init, jax.random.key(0), spec)
@@ -108,17 +111,41 @@ def _half(dtype: Any) -> bool:
     )
 
 
-def _for_platform(config: CausalLMConfig, params: Any) -> tuple[CausalLMConfig, Any]:
-    """On CPU a model in 16-bit floats decodes in float32, its 16-bit weights upcast once
-    per call: XLA:CPU's matrix-vector product reads bfloat16 weights about 8x slower than
-    float32 ones (docs/benchmarks.md), so this is the faster way to read the same values.
-    Other platforms decode in the model's own dtypes."""
+def _for_platform(config: CausalLMConfig, params: Any, rows: int) -> tuple[CausalLMConfig, Any]:
+    """On CPU a model in 16-bit floats decodes in float32. Its kernels and token tables stay
+    16-bit where nnjax's kernel reads them (:mod:`nnjax.kernels.small_matmul`: up to its
+    ``ROWS`` rows, no weight-form adapter beside them); other 16-bit weights are upcast once
+    per call, since XLA:CPU's product reads bfloat16 weights about 8x slower than float32
+    ones (docs/benchmarks.md). Other platforms decode in the model's own dtypes."""
     if jax.default_backend() != "cpu":
         return config, params
     if not (_half(config.dtype) or any(_half(a.dtype) for a in jax.tree.leaves(params))):
         return config, params
-    params = jax.tree.map(lambda a: a.astype(jnp.float32) if _half(a.dtype) else a, params)
-    return dataclasses.replace(config, dtype=jnp.float32), params
+    keep = rows <= small_matmul.ROWS and small_matmul.available()
+    return dataclasses.replace(config, dtype=jnp.float32), _upcast(params, keep)
+
+
+_WEIGHT_FORM = frozenset(n for k in ADAPTERS.values() if k.output is None for n in k.leaves)
+
+
+def _read_natively(key: str, value: Any) -> bool:
+    return key in ("kernel", "embedding") and getattr(value, "dtype", None) == jnp.bfloat16
+
+
+def _upcast(tree: Any, keep_read_natively: bool) -> Any:
+    """``tree`` with its 16-bit float leaves in float32, but for the kernels and tables that
+    the native product reads (``keep_read_natively``)."""
+    if isinstance(tree, dict):
+        native = keep_read_natively and not _WEIGHT_FORM.intersection(tree)
+        return {
+            k: v if native and _read_natively(k, v) else _upcast(v, keep_read_natively)
+            for k, v in tree.items()
+        }
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_upcast(v, keep_read_natively) for v in tree)
+    if not hasattr(tree, "dtype"):
+        return tree
+    return tree.astype(jnp.float32) if _half(tree.dtype) else tree
 
 
 def _unstacked(params: Any, state: Any) -> tuple[Any, Any]:
@@ -344,8 +371,9 @@ def generate(
             kernels from :func:`~nnjax.finetune.quantize` are dequantized in each product).
             Each call copies the layer stack into one buffer per layer for speed; to copy
             it once for many calls (and keep one copy in memory), pass
-            ``{**params, "blocks": nj.unstack(params["blocks"])}``. On CPU, bfloat16 or
-            float16 weights are read as float32 (an upcast copy for the call).
+            ``{**params, "blocks": nj.unstack(params["blocks"])}``. On CPU, bfloat16
+            kernels are read as stored by nnjax's kernel (batches up to 16); other
+            16-bit weights are read as float32 (an upcast copy for the call).
         prompt_ids: int ``(B, T0)``, ids in ``[0, vocab_size)``, left-padded.
         max_new_tokens: ``N >= 1``; ``T0 + N - 1 <= max_position`` unless the model
             attends a sliding window (Mistral: each token sees the last ``sliding_window``
