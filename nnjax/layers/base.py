@@ -58,13 +58,11 @@ def _f32_einsum_bwd(spec, res, g):
     sa, sb = ins.split(",")
     g = g.astype(a.dtype)
     if spec == _MATMUL:
-        # The weight gradient contracts the rows of ``a (n, k)`` and ``g (n, m)``: one of
-        # them is copied transposed, the narrower (XLA fuses its producer into the copy,
-        # and a GELU fused into a transposing copy ran 20x slower than in order).
-        if a.shape[1] <= g.shape[1]:
-            db = _dot(transposed_copy(a), g, 0)
-        else:
-            db = transposed_copy(_dot(transposed_copy(g), a, 0))
+        # The weight gradient contracts the rows of ``a (n, k)`` and ``g (n, m)``: ``a``
+        # is copied transposed. Transposing ``g`` instead and then the product (k, m)
+        # made XLA fuse that transpose into the write of the gradient into a stacked
+        # buffer (the layer scan's), 8 ms per 2048 x 768 kernel (docs/benchmarks.md).
+        db = _dot(transposed_copy(a), g, 0)
         return _dot(g, b, 1).astype(a.dtype), db.astype(b.dtype)
     da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
     db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32)
