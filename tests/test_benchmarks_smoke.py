@@ -143,6 +143,19 @@ def test_quick_cpu_cores_study_times_one_core_and_all(tmp_path):
     assert "| nnjax |" in (tmp_path / "quick-cpu-cores.md").read_text()
 
 
+def test_quick_decode_products_study_times_every_form(tmp_path):
+    # the study itself checks the kernel's products against XLA's before timing them
+    proc = _run(tmp_path, "--quick", "--study", "decode-products")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "quick-decode-products.json").read_text())["rows"]
+    assert [(r["storage"], r["rows"]) for r in rows] == [
+        (s, n) for s in ("float32", "bfloat16", "int8") for n in (1, 2)
+    ]
+    assert all(r["XLA dot ms"] > 0 and r["nnjax kernel ms"] > 0 for r in rows)
+    assert all(("torch ms" in r) == (available("torch") and r["storage"] != "int8") for r in rows)
+    assert "| int8 | 2 |" in (tmp_path / "quick-decode-products.md").read_text()
+
+
 @pytest.mark.parametrize("study", ["compile-depth", "finetune", "gpt-scale"])
 def test_quick_study_writes_its_report(tmp_path, study):
     proc = _run(tmp_path, "--quick", "--study", study)
