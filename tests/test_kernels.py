@@ -15,7 +15,14 @@ import pytest
 
 import nnjax as nj
 from nnjax.kernels import native
-from nnjax.kernels.small_matmul import MIN_WEIGHTS, ROWS, available, small_matmul, takes
+from nnjax.kernels.small_matmul import (
+    MIN_WEIGHTS,
+    ROWS,
+    TRANSPOSED_FLOAT32_ROWS,
+    available,
+    small_matmul,
+    takes,
+)
 
 TARGET = 'custom_call_target="nnjax_small_matmul"'
 
@@ -111,6 +118,13 @@ def test_which_products_take_the_kernel():
     assert not takes(jnp.zeros((1, 256)), big.astype(jnp.float16))  # a dtype it does not read
     assert not takes(jnp.zeros((1, 256)), big.astype(jnp.int8))  # int8 without its scale
     assert not takes(jnp.zeros((1, 256), jnp.int32), big)  # integer input
+    # a float32 table stored (N, K): XLA's product of that layout is as fast from 8 rows
+    rows = TRANSPOSED_FLOAT32_ROWS
+    assert takes(jnp.zeros((rows, 256)), big, transposed=True) == takes(jnp.zeros((1, 256)), big)
+    assert not takes(jnp.zeros((rows + 1, 256)), big, transposed=True)
+    assert takes(jnp.zeros((ROWS, 256)), big.astype(jnp.bfloat16), transposed=True) == (
+        jax.default_backend() == "cpu"
+    )
 
 
 def test_dense_and_a_tied_head_take_it_with_their_values():

@@ -127,24 +127,61 @@ void KnTile(const Problem& p, int64_t r0, int64_t n0, int64_t n1, float* tile) {
     }
 }
 
-// Rows [r0, r0 + R) by columns [n0, n1) of an (N, K) kernel: one dot product per output,
-// each kernel row read once for the R rows.
-template <typename T, int R>
-void NkTile(const Problem& p, int64_t r0, int64_t n0, int64_t n1, float*) {
+// Rows [r0, r0 + R) times kernel rows [n, n + C) of an (N, K) kernel: one dot product
+// per output; each x vector loaded once for the C kernel rows.
+template <typename T, int R, int C>
+void NkRows(const Problem& p, int64_t r0, int64_t n) {
   const T* w = static_cast<const T*>(p.w);
   const int64_t K = p.k, N = p.n, vecs = K / kLanes;
-  for (int64_t n = n0; n < n1; ++n) {
-    const T* row = w + n * K;
-    VecF acc[R] = {};
-    for (int64_t v = 0; v < vecs; ++v) {
-      const VecF wv = Load(row + v * kLanes);
-      for (int r = 0; r < R; ++r) acc[r] += Load(p.x + (r0 + r) * K + v * kLanes) * wv;
-    }
-    const float s = p.scale ? p.scale[n] : 1.0f;
+  VecF acc[R][C] = {};
+  for (int64_t v = 0; v < vecs; ++v) {
+    VecF wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = Load(w + (n + c) * K + v * kLanes);
     for (int r = 0; r < R; ++r) {
-      float total = Sum(acc[r]);
+      const VecF xv = Load(p.x + (r0 + r) * K + v * kLanes);
+      for (int c = 0; c < C; ++c) acc[r][c] += xv * wv[c];
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const T* row = w + (n + c) * K;
+    const float s = p.scale ? p.scale[n + c] : 1.0f;
+    for (int r = 0; r < R; ++r) {
+      float total = Sum(acc[r][c]);
       for (int64_t k = vecs * kLanes; k < K; ++k) total += p.x[(r0 + r) * K + k] * Scalar(row[k]);
-      p.y[(r0 + r) * N + n] = total * s;
+      p.y[(r0 + r) * N + n + c] = total * s;
+    }
+  }
+}
+
+// All rows by columns [n0, n1) of an (N, K) kernel: kernel rows two at a time, each
+// read from memory once; passes of up to 8 rows re-read them from the L1 cache.
+template <typename T, int R>
+void NkPass(const Problem& p, int64_t r0, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) NkRows<T, R, 2>(p, r0, n);
+  if (n < n1) NkRows<T, R, 1>(p, r0, n);
+}
+
+template <typename T>
+void NkTile(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int64_t kStep = 16;  // kernel rows per group: all passes over them stay in L1
+  for (int64_t g = n0; g < n1; g += kStep) {
+    const int64_t g1 = std::min(n1, g + kStep);
+    for (int64_t r0 = 0; r0 < p.m;) {
+      const int64_t left = p.m - r0;
+      if (left >= 8) {
+        NkPass<T, 8>(p, r0, g, g1);
+        r0 += 8;
+      } else if (left >= 4) {
+        NkPass<T, 4>(p, r0, g, g1);
+        r0 += 4;
+      } else if (left >= 2) {
+        NkPass<T, 2>(p, r0, g, g1);
+        r0 += 2;
+      } else {
+        NkPass<T, 1>(p, r0, g, g1);
+        r0 += 1;
+      }
     }
   }
 }
@@ -153,20 +190,21 @@ constexpr int64_t kTileFloats = 4096;  // 16 KB of partial sums: half an L1 data
 
 template <typename T, bool kTransposed>
 void Columns(const Problem& p, int64_t n0, int64_t n1) {
+  if (kTransposed) return NkTile<T>(p, n0, n1);
   alignas(64) float tile[kTileFloats];
   for (int64_t r0 = 0; r0 < p.m;) {
     const int64_t left = p.m - r0;
     if (left >= 8) {
-      kTransposed ? NkTile<T, 8>(p, r0, n0, n1, tile) : KnTile<T, 8>(p, r0, n0, n1, tile);
+      KnTile<T, 8>(p, r0, n0, n1, tile);
       r0 += 8;
     } else if (left >= 4) {
-      kTransposed ? NkTile<T, 4>(p, r0, n0, n1, tile) : KnTile<T, 4>(p, r0, n0, n1, tile);
+      KnTile<T, 4>(p, r0, n0, n1, tile);
       r0 += 4;
     } else if (left >= 2) {
-      kTransposed ? NkTile<T, 2>(p, r0, n0, n1, tile) : KnTile<T, 2>(p, r0, n0, n1, tile);
+      KnTile<T, 2>(p, r0, n0, n1, tile);
       r0 += 2;
     } else {
-      kTransposed ? NkTile<T, 1>(p, r0, n0, n1, tile) : KnTile<T, 1>(p, r0, n0, n1, tile);
+      KnTile<T, 1>(p, r0, n0, n1, tile);
       r0 += 1;
     }
   }

@@ -25,7 +25,15 @@ import jax.numpy as jnp
 
 from nnjax.kernels.native import ffi_target
 
-__all__ = ["ROWS", "MIN_WEIGHTS", "WEIGHT_DTYPES", "available", "takes", "small_matmul"]
+__all__ = [
+    "ROWS",
+    "MIN_WEIGHTS",
+    "WEIGHT_DTYPES",
+    "TRANSPOSED_FLOAT32_ROWS",
+    "available",
+    "takes",
+    "small_matmul",
+]
 
 ROWS = 16
 """The most rows the kernel takes: beyond, a product is compute-bound and XLA's dot is
@@ -37,6 +45,10 @@ MIN_WEIGHTS = 1 << 16
 WEIGHT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8))
 """The weight storage dtypes the kernel reads."""
 
+TRANSPOSED_FLOAT32_ROWS = 4
+"""The most rows for which a float32 weight stored ``(N, K)`` (a tied head's table) takes
+the kernel: XLA's own row-by-row product of that layout is as fast from 8 rows on."""
+
 
 def available() -> bool:
     """Whether this process runs the native kernel on CPU (built, not turned off)."""
@@ -47,9 +59,10 @@ def _target() -> str | None:
     return ffi_target("small_matmul", "NnjaxSmallMatmul")
 
 
-def takes(x: Any, w: Any, scale: Any = None) -> bool:
+def takes(x: Any, w: Any, scale: Any = None, *, transposed: bool = False) -> bool:
     """Whether ``x (..., K)`` times the 2-D weight ``w`` takes :func:`small_matmul` on this
-    backend: at most :data:`ROWS` rows, at least :data:`MIN_WEIGHTS` weights stored in
+    backend: at most :data:`ROWS` rows (:data:`TRANSPOSED_FLOAT32_ROWS` for a float32
+    ``w`` stored ``(N, K)``), at least :data:`MIN_WEIGHTS` weights stored in
     :data:`WEIGHT_DTYPES`, a float ``x``, and a per-output-channel ``scale (N,)`` exactly
     when ``w`` is int8. Decided from shapes and dtypes, at trace time."""
     if jax.default_backend() != "cpu" or jnp.ndim(w) != 2 or jnp.ndim(x) < 1:
@@ -60,6 +73,8 @@ def takes(x: Any, w: Any, scale: Any = None) -> bool:
     if scale is not None and jnp.ndim(scale) != 1:
         return False
     rows = math.prod(jnp.shape(x)[:-1])
+    if transposed and w_dtype == jnp.float32 and rows > TRANSPOSED_FLOAT32_ROWS:
+        return False
     return (
         jnp.issubdtype(jnp.result_type(x), jnp.floating)
         and 1 <= rows <= ROWS

@@ -173,7 +173,7 @@ def attend(embedding_params: dict[str, Any], x: Any, *, dtype: Any = None) -> ja
             f"(embedding {shape_str(np.shape(table))}), got x.shape == {shape_str(np.shape(x))}"
         )
     dtype_ = compute_dtype(x, dtype)
-    if dtype_ == jnp.float32 and small_matmul.takes(x, table, scale):
+    if dtype_ == jnp.float32 and small_matmul.takes(x, table, scale, transposed=True):
         # few rows (decoding): each stored row read once, dequantized in registers
         return small_matmul.small_matmul(x, table, scale, transposed=True)
     logits = matmul_last(jnp.asarray(x, dtype_), table.astype(dtype_).T)
