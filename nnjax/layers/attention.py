@@ -35,6 +35,7 @@ from nnjax.core.errors import ArgumentError, LayerError
 from nnjax.core.layer import Initializer, as_layer, call_child
 from nnjax.layers.base import accumulating_einsum, compute_dtype
 from nnjax.layers.blockwise_attention import blockwise_attention
+from nnjax.layers.cache_attention import filled_cache_attention
 from nnjax.layers.dense import Dense
 from nnjax.layers.rope import Rotary, apply_rotary
 
@@ -628,6 +629,22 @@ def MultiHeadAttention(
                 scale=logits.scale,
                 softcap=logits.softcap,
             ).astype(dtype_)
+        elif decode and not ring and t_q == 1 and impl == "einsum" and drop is None:
+            y = filled_cache_attention(  # a decode step reads the written slots only
+                q,
+                k,
+                v,
+                filled=index + t_q,
+                q_index=q_index,
+                q_segments=segments,
+                kv_segments=kv_segments,
+                pad=pad,
+                causal=use_causal,
+                window=sliding_window,
+                scale=logits.scale,
+                softcap=logits.softcap,
+                dtype=dtype_,
+            )
         else:
             mask = _mask(
                 pad=pad,
