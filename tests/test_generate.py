@@ -410,3 +410,28 @@ def test_native_kernel_decode_of_float_bf16_and_int8_weights_equals_transformers
         # the head: the tied table (bfloat16 or float32: quantize leaves tables alone)
         head = ("float32" if dtype == "int8" else dtype, True) if tied else (dtype, False)
         assert head in calls, calls
+
+
+def test_the_loop_stops_once_every_row_is_done(monkeypatch):
+    _, cfg, params = _llama()
+    prompt = _prompts(3, [5])[0]
+    full = np.asarray(generate(cfg, params, prompt, 12, temperature=0))[0, 5:]
+    eos = int(full[2])
+    j = int(np.flatnonzero(full == eos)[0])  # the first new token that is the eos
+    draws = []
+    real = generate_lib.sample
+
+    def counting(*args, **kwargs):
+        jax.debug.callback(lambda: draws.append(1))  # once per token drawn at run time
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate_lib, "sample", counting)
+    out = np.asarray(generate(cfg, params, prompt, 12, temperature=0, eos_token_id=eos))[0, 5:]
+    np.testing.assert_array_equal(out[: j + 1], full[: j + 1])
+    assert (out[j + 1 :] == eos).all()  # finished: the pad id (the eos when none is given)
+    assert len(draws) == j + 1  # no step after every row was done
+    # while a row has not emitted the eos the loop goes on, to the last token
+    two = np.concatenate([prompt, _prompts(4, [5])[0]])  # two prompts of 5
+    both = np.asarray(generate(cfg, params, two, 12, temperature=0, eos_token_id=eos))[:, 5:]
+    assert (both[0, j + 1 :] == eos).all() and not (both[1] == eos).any()
+    assert len(draws) == j + 1 + 12  # the call above stopped early; this one did not

@@ -1,7 +1,8 @@
 """KV-cache generation for :func:`~nnjax.models.CausalLM` and :func:`~nnjax.models.GPT`.
 
-One prefill call runs the (left-padded) prompts, then a ``lax.scan`` feeds one token
-per step; the whole loop is one XLA computation, compiled once per shape and static
+One prefill call runs the (left-padded) prompts, then a ``lax.while_loop`` feeds one
+token per step until every row is done (its eos) or the tokens run out; the whole loop
+is one XLA computation, compiled once per shape and static
 setting. Every argument is checked before anything is traced. Each call splits the
 layer stack per layer before the loop (:func:`~nnjax.unstack`), and on CPU its
 products with few rows read the stored weights (float32, bfloat16 or int8) through
@@ -54,7 +55,7 @@ def _left_padding(lengths: jax.Array, t0: int) -> tuple[jax.Array, jax.Array]:
 
 
 def _generate(params, prompt, lengths, rng, temperature, top_p, min_p, *, s: _Static):
-    """``(B, T0)`` -> ``(B, T0 + N)``: prefill, then a scan over the new tokens."""
+    """``(B, T0)`` -> ``(B, T0 + N)``: prefill, then a loop over the new tokens."""
     b, t0 = prompt.shape
     n = s.max_new_tokens
     config, params = _for_platform(s.config, params, b)
@@ -84,21 +85,27 @@ def _generate(params, prompt, lengths, rng, temperature, top_p, min_p, *, s: _St
     first = draw(logits[:, -1], None if keys is None else keys[0])
     done = jnp.isin(first, eos)
 
-    def step(carry, key):
-        state, token, position, done = carry
+    def step(carry):
+        i, state, token, position, done, rest = carry
         x = {
             "ids": token[:, None],
             "positions": position[:, None],
             "segment_ids": jnp.ones_like(token)[:, None],
         }
         logits, state = model.apply(params, state, x)  # (B, 1, V)
-        token = jnp.where(done, s.pad, draw(logits[:, -1], key))
-        return (state, token, position + 1, done | jnp.isin(token, eos)), token
+        token = jnp.where(done, s.pad, draw(logits[:, -1], None if keys is None else keys[i + 1]))
+        rest = jax.lax.dynamic_update_index_in_dim(rest, token.astype(jnp.int32), i, axis=1)
+        return i + 1, state, token, position + 1, done | jnp.isin(token, eos), rest
 
-    rest_keys = None if keys is None else keys[1:]  # (0, ...) for one token: still keys
-    carry = (state, first, lengths.astype(jnp.int32), done)
-    _, rest = jax.lax.scan(step, carry, rest_keys, length=n - 1)
-    return jnp.concatenate([prompt, first[:, None], rest.T.astype(jnp.int32)], axis=1)
+    def going(carry):  # stops once every row is done: the rest stays padding, as they'd be
+        i, *_, done, _ = carry
+        return (i < n - 1) & ~jnp.all(done)
+
+    rest = jnp.full((b, n - 1), s.pad, jnp.int32)
+    if n > 1:
+        carry = (jnp.int32(0), state, first, lengths.astype(jnp.int32), done, rest)
+        rest = jax.lax.while_loop(going, step, carry)[-1]
+    return jnp.concatenate([prompt, first[:, None], rest], axis=1)
 
 
 _generate_jit = jax.jit(_generate, static_argnames="s")
@@ -347,7 +354,9 @@ def generate(
 ) -> jax.Array:
     """Continue ``prompt_ids`` by ``max_new_tokens`` tokens with the KV cache.
 
-    The prompts run in one call (prefill), then a ``lax.scan`` feeds one token at a time.
+    The prompts run in one call (prefill), then a ``lax.while_loop`` feeds one token at a
+    time, and stops once every row has emitted an eos id (the rest is padding, as it would
+    be had the loop gone on).
     Each new token is the argmax (``temperature=0`` or ``top_k=1``: greedy, no ``rng``
     needed) or a draw from ``softmax(logits / temperature)`` restricted by ``top_k``,
     ``top_p`` and ``min_p`` (see :func:`~nnjax.models.filter_logits`).
