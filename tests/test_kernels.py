@@ -45,7 +45,7 @@ def _stored(rng, shape, kind):
     return jnp.asarray(q), jnp.asarray(scale), q.astype(np.float64) * scale.astype(np.float64)
 
 
-def _close(y, expected):
+def _assert_close(y, expected):
     """Float32 sums of K products: within 1e-5 of the largest magnitude (float64 reference)."""
     y = np.asarray(y, np.float64)
     assert y.shape == expected.shape
@@ -66,7 +66,7 @@ def test_products_equal_numpy(kind, transposed, rows, k, n):
     if transposed:
         w = w.T  # stored (N, K); an int8 scale stays per output
     y = jax.jit(small_matmul, static_argnames="transposed")(x, w, scale, transposed=transposed)
-    _close(y, x.astype(np.float64) @ values)
+    _assert_close(y, x.astype(np.float64) @ values)
 
 
 def test_the_kernel_runs_and_a_leading_batch_is_rows():
@@ -76,7 +76,7 @@ def test_the_kernel_runs_and_a_leading_batch_is_rows():
     w, scale, values = _stored(rng, (256, 300), "int8")
     f = jax.jit(small_matmul)
     assert TARGET in f.lower(x, w, scale).compile().as_text()
-    _close(f(x, w, scale), x.astype(np.float64) @ values)
+    _assert_close(f(x, w, scale), x.astype(np.float64) @ values)
 
 
 def test_gradients_are_the_plain_products():
@@ -88,15 +88,15 @@ def test_gradients_are_the_plain_products():
     loss = lambda x, w, s: jnp.sum(small_matmul(x, w, s) * dy)
     dx, dw, ds = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, s)
     x64, w64, s64 = (a.astype(np.float64) for a in (x, w, s))
-    _close(dx, (dy * s64) @ w64.T)
-    _close(dw, x64.T @ (dy * s64))
-    _close(ds, np.sum(dy * (x64 @ w64), axis=0))
+    _assert_close(dx, (dy * s64) @ w64.T)
+    _assert_close(dw, x64.T @ (dy * s64))
+    _assert_close(ds, np.sum(dy * (x64 @ w64), axis=0))
     # an int8 kernel has no gradient; its input and scale do
     q = jnp.asarray(np.round(w * 10).clip(-127, 127).astype(np.int8))
     dx8, ds8 = jax.grad(lambda x, s: jnp.sum(small_matmul(x, q, s) * dy), argnums=(0, 1))(x, s)
     q64 = np.asarray(q, np.float64)
-    _close(dx8, (dy * s64) @ q64.T)
-    _close(ds8, np.sum(dy * (x64 @ q64), axis=0))
+    _assert_close(dx8, (dy * s64) @ q64.T)
+    _assert_close(ds8, np.sum(dy * (x64 @ q64), axis=0))
 
 
 def test_vmap_over_rows_and_over_weights():
@@ -104,9 +104,9 @@ def test_vmap_over_rows_and_over_weights():
     x = rng.standard_normal((3, 2, 64)).astype(np.float32)
     w = rng.standard_normal((3, 64, 40)).astype(np.float32)
     y = jax.vmap(small_matmul)(x, w)  # each copy its own weight (an expert stack)
-    _close(y, np.einsum("ebk,ekn->ebn", x.astype(np.float64), w.astype(np.float64)))
+    _assert_close(y, np.einsum("ebk,ekn->ebn", x.astype(np.float64), w.astype(np.float64)))
     y1 = jax.vmap(small_matmul, in_axes=(0, None))(x, w[0])
-    _close(y1, x.astype(np.float64) @ w[0].astype(np.float64))
+    _assert_close(y1, x.astype(np.float64) @ w[0].astype(np.float64))
 
 
 def test_which_products_take_the_kernel():
@@ -138,13 +138,13 @@ def test_dense_and_a_tied_head_take_it_with_their_values():
     assert TARGET in apply.lower(q, x).compile().as_text()
     kernel = np.asarray(q["kernel"], np.float64) * np.asarray(q["kernel_scale"], np.float64)
     expected = x.astype(np.float64) @ kernel + np.asarray(params["bias"], np.float64)
-    _close(apply(q, x), expected)
+    _assert_close(apply(q, x), expected)
     table, scale = nj.layers.quantized.quantize_rows(jnp.asarray(rng.standard_normal((400, 256))))
     head = {"embedding": table, "embedding_scale": scale}
     attend = jax.jit(nj.attend)
     assert TARGET in attend.lower(head, x).compile().as_text()
     rows = np.asarray(table, np.float64) * np.asarray(scale, np.float64)[:, None]
-    _close(attend(head, x), x.astype(np.float64) @ rows.T)
+    _assert_close(attend(head, x), x.astype(np.float64) @ rows.T)
 
 
 def test_a_bfloat16_compute_dtype_keeps_xla_s_product():
