@@ -200,3 +200,31 @@ def test_turned_off_or_unbuildable_the_product_is_xla_s_with_a_warning(tmp_path)
     assert broken.stdout.startswith("False False 256.0 ")
     assert "the native kernel 'small_matmul' is unavailable" in broken.stdout
     assert "false could not build small_matmul.cc" in broken.stdout  # the cause, named
+
+
+_TENSOR_PARALLEL_DECODE = """
+import jax, jax.numpy as jnp, numpy as np
+import nnjax as nj
+from nnjax.kernels.small_matmul import available
+cfg = nj.models.CausalLMConfig(vocab_size=512, hidden_size=256, num_layers=2, num_heads=4,
+                               num_kv_heads=2, mlp_hidden=512)
+model = nj.models.CausalLM(cfg)
+prompt = np.random.default_rng(0).integers(1, 512, (2, 5)).astype(np.int32)
+params, _ = model.init(jax.random.key(0), jnp.asarray(prompt))
+one = np.asarray(nj.models.generate(cfg, params, prompt, 8, temperature=0))
+mesh = nj.sharding.mesh({"model": 2})
+rules = nj.sharding.tensor_parallel_rules(
+    column=nj.sharding.GATED_COLUMN, row=nj.sharding.GATED_ROW, kv_heads=2)
+sharded = nj.sharding.shard_params(params, mesh, rules)
+two = np.asarray(nj.models.generate(cfg, sharded, prompt, 8, temperature=0))
+print(available(), (one == two).all(), one[:, 5:].tolist())
+"""
+
+
+def test_tensor_parallel_decode_over_two_devices_gives_the_same_tokens():
+    # the kernel's custom call inside a program partitioned over two devices (XLA
+    # gathers its operands): the greedy tokens of the unsharded model
+    from tests.test_train import _on_two_cpu_devices
+
+    out = _on_two_cpu_devices(_TENSOR_PARALLEL_DECODE).split()
+    assert out[1] == "True", out
