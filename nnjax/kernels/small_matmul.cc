@@ -194,7 +194,10 @@ void Columns(const Problem& p, int64_t n0, int64_t n1) {
   alignas(64) float tile[kTileFloats];
   for (int64_t r0 = 0; r0 < p.m;) {
     const int64_t left = p.m - r0;
-    if (left >= 8) {
+    if (left >= 16) {
+      KnTile<T, 16>(p, r0, n0, n1, tile);
+      r0 += 16;
+    } else if (left >= 8) {
       KnTile<T, 8>(p, r0, n0, n1, tile);
       r0 += 8;
     } else if (left >= 4) {
@@ -231,7 +234,7 @@ template <typename T, bool kTransposed>
 void Dispatch(const Problem& p, ffi::ThreadPool& pool) {
   // Column blocks: a multiple of the vector width whose tile of partial sums fits
   // kTileFloats for up to 8 rows, and at least 2 blocks a thread when there is work.
-  const int64_t rows = std::min<int64_t>(p.m, 8);
+  const int64_t rows = std::min<int64_t>(p.m, 16);
   const int64_t widest = std::max<int64_t>(kLanes, (kTileFloats / rows) / kLanes * kLanes);
   const int64_t bytes = p.k * p.n * static_cast<int64_t>(sizeof(T));
   const int64_t threads = bytes < (1 << 18) ? 1 : std::max<int64_t>(1, pool.num_threads());
