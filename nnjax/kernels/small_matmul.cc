@@ -233,7 +233,7 @@ void Drain(Shared& s) {
 template <typename T, bool kTransposed>
 void Dispatch(const Problem& p, ffi::ThreadPool& pool) {
   // Column blocks: a multiple of the vector width whose tile of partial sums fits
-  // kTileFloats for up to 8 rows, and at least 2 blocks a thread when there is work.
+  // kTileFloats for up to 16 rows, and at least 2 blocks a thread when there is work.
   const int64_t rows = std::min<int64_t>(p.m, 16);
   const int64_t widest = std::max<int64_t>(kLanes, (kTileFloats / rows) / kLanes * kLanes);
   const int64_t bytes = p.k * p.n * static_cast<int64_t>(sizeof(T));
