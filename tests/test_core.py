@@ -199,7 +199,10 @@ def test_mixed_repeat_equals_its_layers_applied_in_turn(layout):
     g = jax.grad(lambda p: jnp.sum(model.apply(p, state, x)[0] ** 2))(params)
     want = jax.grad(lambda p: jnp.sum(reference(p, x) ** 2))(params)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        # float32 rounding through six layers, relative to the leaf's largest entry:
+        # a small entry beside large ones differs by more than rtol on some CPUs
+        scale = max(1.0, float(np.max(np.abs(b))))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_unstacked_copies_must_be_one_tuple_per_copy():
