@@ -72,6 +72,11 @@ CASES = {
     "one_block": (19, 19, True, None, True, True, None, 256, 256),
     "cross_short_queries": (11, 30, True, None, True, False, None, 8, 8),
     "cross_long_queries_window": (30, 11, True, 4, False, False, None, 8, 8),
+    # no pad mask: the blocks a query block sees whole skip the mask
+    "causal_whole_blocks": (37, 37, True, None, False, False, None, 8, 8),
+    "window_whole_blocks_softcap": (45, 45, True, 12, False, False, 3.0, 8, 4),
+    "no_mask_last_block_partial": (21, 27, False, None, False, False, None, 8, 8),
+    "cross_short_queries_whole_blocks": (11, 30, True, None, False, False, None, 4, 8),
 }
 
 
@@ -99,6 +104,32 @@ def test_blockwise_equals_einsum_outputs_and_gradients(name):
     np.testing.assert_allclose(l_a, l_b, rtol=1e-5)
     for a, b in zip(g_a, g_b, strict=True):
         np.testing.assert_allclose(a, b, **TOL)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_blocks_skip_the_mask_only_where_every_query_sees_every_key(name):
+    from nnjax.layers import blockwise_attention as module
+
+    t_q, t_kv, causal, window, padded, segmented, _, bq, bk = CASES[name]
+    pad = _pad_rows(t_kv) if padded else None
+    seg = _segment_rows(t_q) if segmented else None
+    mask = np.asarray(
+        _full_mask(t_q, t_kv, pad, causal, window, None if seg is None else (seg, seg))
+    )
+    bq, bk = min(bq, t_q), min(bk, t_kv)
+    c = module._Config(t_q, t_kv, bq, bk, causal, window, 1.0, None, segmented, padded)
+    lo, hi, full_lo, full_hi = module._schedule(c)
+    for i in range(-(-t_q // bq)):
+        for j in range(-(-t_kv // bk)):
+            block = mask[:, :, i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
+            # a pad mask or segments are traced: no block can be known whole
+            known = not padded and not segmented
+            whole = known and (j + 1) * bk <= t_kv and bool(block.all())
+            assert (full_lo[i] <= j < full_hi[i]) == whole, (i, j)
+            if block.any():  # a block with a visible key is visited
+                assert lo[i] <= j < hi[i], (i, j)
+    if "whole" in name or "no_mask" in name:  # those cases have whole blocks to skip
+        assert (full_hi > full_lo).any()
 
 
 def test_a_query_that_sees_no_key_gets_the_mean_of_the_values():

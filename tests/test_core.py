@@ -502,3 +502,38 @@ def test_cpu_remat_policy_saves_wide_matmuls_and_recomputes_low_rank_ones():
     ]
     # x @ w (contracts d), x @ a (contracts d), (x @ a) @ b (contracts r), the batched one
     assert saved == [True, True, False, False]
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """How many ``name`` equations ``jaxpr`` holds, inner jaxprs (scan, remat, custom
+    VJP, jit) included."""
+    count = 0
+    for e in jaxpr.eqns:
+        count += e.primitive.name == name
+        for v in e.params.values():
+            for inner in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    count += _count_primitive(inner, name)
+    return count
+
+
+def test_cpu_remat_keeps_bfloat16_products_as_it_keeps_float32_ones():
+    """A bfloat16 product (float32 accumulation, its own VJP) is saved by the CPU scan's
+    remat policy like a float32 one: the gradient runs as many products in both."""
+    # tanh's derivative needs the product's output: saved, or recomputed
+    model = nj.repeat(nj.serial(nj.Dense(256, use_bias=False), jnp.tanh), 3)
+    x = jax.random.normal(jax.random.key(1), (32, 256))  # rows past the decode kernel's
+    params, state = model.init(jax.random.key(0), x)
+
+    def products(dtype):
+        def loss(p):
+            p = jax.tree.map(lambda w: w.astype(dtype), p)
+            y, _ = model.apply(p, state, x.astype(dtype))
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        return _count_primitive(jax.make_jaxpr(jax.grad(loss))(params).jaxpr, "dot_general")
+
+    # forward x @ w, backward g @ w.T and x.T @ g; none recomputed
+    assert products(jnp.float32) == 3
+    assert products(jnp.bfloat16) == 3

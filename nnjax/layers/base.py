@@ -46,7 +46,10 @@ def _f32_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _f32_einsum_fwd(spec, a, b):
-    return _f32_einsum(spec, a, b), (a, b)
+    # The product itself, not a call of the custom-VJP function: a remat policy that
+    # saves matmul outputs (the CPU layer scan's) sees a dot_general here and keeps it,
+    # where a nested custom-VJP call was recomputed in the backward pass.
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32), (a, b)
 
 
 def _f32_einsum_bwd(spec, res, g):

@@ -4,10 +4,11 @@ The queries are cut into blocks of ``block_q`` rows and the keys into blocks of
 ``block_k``; each query block loops over its key blocks with an online softmax (a
 running maximum, normaliser and weighted sum in float32), so the largest temporary
 is one ``(N, H, block_q, block_k)`` block of scores. Key blocks that a causal or
-sliding-window mask hides entirely are never visited (their bounds are worked out
-from the static shapes). The backward pass (a custom VJP) recomputes each block's
-scores from the saved output and log-sum-exp instead of storing them, so the
-memory of a training step is ``O(T * head_dim)`` per layer, not ``O(T^2)``.
+sliding-window mask hides entirely are never visited, and blocks it shows whole are
+not masked (both worked out from the static shapes). The backward pass (a custom
+VJP) recomputes each block's scores from the saved output and log-sum-exp instead
+of storing them, so the memory of a training step is ``O(T * head_dim)`` per layer,
+not ``O(T^2)``.
 
 Grouped-query heads are handled by broadcast (each key/value head serves its group
 of query heads; k and v are never repeated); bfloat16/float16 operands are
@@ -45,6 +46,7 @@ class _Config(NamedTuple):
     scale: float
     softcap: float | None
     segments: bool
+    padded: bool  # a pad mask was given (no block can skip masking)
 
 
 def _acc(x) -> Any:
@@ -67,6 +69,45 @@ def _bounds(c: _Config) -> tuple[np.ndarray, np.ndarray]:
     return lo.astype(np.int32), hi.astype(np.int32)
 
 
+def _schedule(c: _Config) -> tuple[np.ndarray, ...]:
+    """Per query block: ``lo, hi`` (the key blocks it can see, :func:`_bounds`) and
+    ``full_lo, full_hi``: the blocks inside ``[lo, hi)`` that it sees whole (every query
+    row sees every key), which need no mask. The others, ``[lo, full_lo)`` and
+    ``[full_hi, hi)``, are masked. No block is whole with a pad mask or segments."""
+    lo, hi = _bounds(c)
+    full_lo, full_hi = hi.copy(), hi.copy()
+    if c.padded or c.segments:
+        return lo, hi, full_lo, full_hi
+    n_q = len(lo)
+    first_q = np.arange(n_q) * c.block_q
+    last_q = np.minimum(first_q + c.block_q, c.t_q) - 1
+    for i in range(n_q):
+        j = np.arange(lo[i], hi[i])
+        first_k, last_k = j * c.block_k, (j + 1) * c.block_k - 1
+        whole = last_k < c.t_kv
+        if c.causal:
+            whole &= last_k <= first_q[i]
+        if c.window is not None:
+            whole &= first_k > last_q[i] - c.window
+        if whole.any():  # whole blocks are contiguous: an intersection of intervals
+            full_lo[i], full_hi[i] = j[whole][0], j[whole][-1] + 1
+    return lo, hi, full_lo.astype(np.int32), full_hi.astype(np.int32)
+
+
+def _visit(lo, hi, full_lo, full_hi, i, body, carry):
+    """Run ``body(j, carry, masked)`` over query block ``i``'s key blocks: the masked
+    ones, then the whole ones (``masked=False``)."""
+    before = full_lo[i] - lo[i]
+
+    def masked(k, carry):
+        j = jnp.where(k < before, lo[i] + k, full_hi[i] + k - before)
+        return body(j, carry, True)
+
+    n_masked = before + hi[i] - full_hi[i]
+    carry = jax.lax.fori_loop(0, n_masked, masked, carry)
+    return jax.lax.fori_loop(full_lo[i], full_hi[i], lambda j, c: body(j, c, False), carry)
+
+
 def _block_mask(c: _Config, i, j, pad_j, qseg_i, kseg_j):
     """``(N, 1, 1, block_q, block_k)`` bool: which keys of block ``j`` each query of ``i`` sees."""
     q_pos = i * c.block_q + jnp.arange(c.block_q)
@@ -83,14 +124,15 @@ def _block_mask(c: _Config, i, j, pad_j, qseg_i, kseg_j):
 
 
 def _scores(c: _Config, q_i, k_j, mask):
-    """Masked logits ``(N, KV, G, bq, bk)`` float32 and ``tanh`` of the cap (or None)."""
+    """Masked logits ``(N, KV, G, bq, bk)`` float32 and ``tanh`` of the cap (or None);
+    ``mask`` None: a block seen whole."""
     s = jnp.einsum("nkgqd,nksd->nkgqs", q_i, k_j, preferred_element_type=_acc(q_i))
     s = s * c.scale
     t = None
     if c.softcap is not None:
         t = jnp.tanh(s / c.softcap)
         s = c.softcap * t
-    return jnp.where(mask, s, -jnp.inf), t
+    return (s if mask is None else jnp.where(mask, s, -jnp.inf)), t
 
 
 def _pv(p, v_j):
@@ -113,18 +155,21 @@ def _tn(a, b):
 def _forward(c: _Config, q, k, v, pad, qseg, kseg):
     """Blocked ``q (n_q, N, KV, G, bq, hd)``, ``k, v (n_k, N, KV, bk, hd)`` ->
     ``o`` like q (zero where no key is seen) and ``lse (n_q, N, KV, G, bq)`` (-inf there)."""
-    lo, hi = (jnp.asarray(b) for b in _bounds(c))
+    bounds = [jnp.asarray(b) for b in _schedule(c)]
 
     def one_block(i):
         q_i = q[i]
         qseg_i = qseg[i] if c.segments else None
 
-        def body(j, carry):
+        def body(j, carry, masked):
             m, total, acc = carry
-            mask = _block_mask(c, i, j, pad[j], qseg_i, kseg[j] if c.segments else None)
+            mask = None
+            if masked:
+                mask = _block_mask(c, i, j, pad[j], qseg_i, kseg[j] if c.segments else None)
             s, _ = _scores(c, q_i, k[j], mask)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            # a masked block can leave a row with no key yet (m_new = -inf)
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0) if masked else m_new
             p = jnp.exp(s - m_safe[..., None])
             corr = jnp.exp(m - m_safe)
             total = total * corr + jnp.sum(p, axis=-1)
@@ -137,7 +182,7 @@ def _forward(c: _Config, q, k, v, pad, qseg, kseg):
             jnp.zeros(shape, _acc(q_i)),
             jnp.zeros(q_i.shape, _acc(q_i)),
         )
-        m, total, acc = jax.lax.fori_loop(lo[i], hi[i], body, init)
+        m, total, acc = _visit(*bounds, i, body, init)
         seen = total > 0
         total = jnp.where(seen, total, 1.0)
         o = acc / total[..., None]
@@ -150,7 +195,7 @@ def _forward(c: _Config, q, k, v, pad, qseg, kseg):
 def _backward(c: _Config, res, cotangents):
     q, k, v, pad, qseg, kseg, o, lse = res
     do, dlse = cotangents
-    lo, hi = (jnp.asarray(b) for b in _bounds(c))
+    bounds = [jnp.asarray(b) for b in _schedule(c)]
     do = do.astype(q.dtype)
     delta = jnp.sum(do.astype(_acc(q)) * o.astype(_acc(q)), axis=-1) - dlse
     lse_b = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # rows that saw no key: p = 0
@@ -160,9 +205,11 @@ def _backward(c: _Config, res, cotangents):
         q_i, do_i, lse_i, delta_i = q[i], do[i], lse_b[i], delta[i]
         qseg_i = qseg[i] if c.segments else None
 
-        def body(j, inner):
+        def body(j, inner, masked):
             dq_i, dk, dv = inner
-            mask = _block_mask(c, i, j, pad[j], qseg_i, kseg[j] if c.segments else None)
+            mask = None
+            if masked:
+                mask = _block_mask(c, i, j, pad[j], qseg_i, kseg[j] if c.segments else None)
             s, t = _scores(c, q_i, k[j], mask)
             p = jnp.exp(s - lse_i[..., None])
             dv = dv.at[j].add(_tn(p.astype(q.dtype), do_i))
@@ -178,7 +225,7 @@ def _backward(c: _Config, res, cotangents):
             return dq_i, dk, dv
 
         init = (jnp.zeros(q_i.shape, _acc(q)), dk, dv)
-        dq_i, dk, dv = jax.lax.fori_loop(lo[i], hi[i], body, init)
+        dq_i, dk, dv = _visit(*bounds, i, body, init)
         return (dk, dv), dq_i
 
     zeros = jnp.zeros(k.shape, _acc(k))
@@ -305,6 +352,7 @@ def blockwise_attention(
         float(1.0 / np.sqrt(hd) if scale is None else scale),
         None if softcap is None else float(softcap),
         segments is not None,
+        pad is not None,
     )
     tq_pad, tk_pad = -(-t_q // block_q) * block_q, -(-t_kv // block_k) * block_k
     g = h // kv
