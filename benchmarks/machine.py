@@ -29,6 +29,25 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _matrix_units() -> str:
+    """The CPU's fastest bfloat16 product instructions (what the bf16 rows run on):
+    ``"AMX"``, ``"AVX-512 BF16"``, ``"AVX-512"``, ``"AVX2"`` or ``""`` (unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return ""
+    for flag, name in (
+        ("amx_bf16", "AMX"),
+        ("avx512_bf16", "AVX-512 BF16"),
+        ("avx512f", "AVX-512"),
+        ("avx2", "AVX2"),
+    ):
+        if flag in flags:
+            return name
+    return ""
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -45,6 +64,7 @@ def describe() -> dict:
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu": _cpu_model(),
+        "matrix_units": _matrix_units(),
         "cores": os.cpu_count(),
         "usable_cores": usable,
         "platform": platform.platform(),

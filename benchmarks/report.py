@@ -44,8 +44,9 @@ def machine_line(machine: dict) -> str:
     flags = f"; XLA_FLAGS={machine['xla_flags']!r}" if machine.get("xla_flags") else ""
     devices = machine.get("jax_devices") or []
     devices_s = f"; {len(devices)} JAX devices ({devices[0]}, ...)" if len(devices) > 1 else ""
+    units = f" ({machine['matrix_units']})" if machine.get("matrix_units") else ""
     return (
-        f"{machine['date']} on {machine['cpu']}, {machine['usable_cores']} usable cores "
+        f"{machine['date']} on {machine['cpu']}{units}, {machine['usable_cores']} usable cores "
         f"({machine['platform']}, Python {machine['python']}); {libs}{load_s}{flags}{devices_s}."
     )
 

@@ -94,9 +94,11 @@ def _schedule(c: _Config) -> tuple[np.ndarray, ...]:
     return lo, hi, full_lo.astype(np.int32), full_hi.astype(np.int32)
 
 
-def _visit(lo, hi, full_lo, full_hi, i, body, carry):
-    """Run ``body(j, carry, masked)`` over query block ``i``'s key blocks: the masked
-    ones, then the whole ones (``masked=False``)."""
+def _visit(bounds, i, body, carry):
+    """Run ``body(j, carry, masked)`` over query block ``i``'s key blocks (``bounds``:
+    :func:`_schedule`'s four arrays): the masked ones, then the whole ones
+    (``masked=False``)."""
+    lo, hi, full_lo, full_hi = bounds
     before = full_lo[i] - lo[i]
 
     def masked(k, carry):
@@ -182,7 +184,7 @@ def _forward(c: _Config, q, k, v, pad, qseg, kseg):
             jnp.zeros(shape, _acc(q_i)),
             jnp.zeros(q_i.shape, _acc(q_i)),
         )
-        m, total, acc = _visit(*bounds, i, body, init)
+        m, total, acc = _visit(bounds, i, body, init)
         seen = total > 0
         total = jnp.where(seen, total, 1.0)
         o = acc / total[..., None]
@@ -225,7 +227,7 @@ def _backward(c: _Config, res, cotangents):
             return dq_i, dk, dv
 
         init = (jnp.zeros(q_i.shape, _acc(q)), dk, dv)
-        dq_i, dk, dv = _visit(*bounds, i, body, init)
+        dq_i, dk, dv = _visit(bounds, i, body, init)
         return (dk, dv), dq_i
 
     zeros = jnp.zeros(k.shape, _acc(k))
