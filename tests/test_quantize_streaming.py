@@ -227,7 +227,7 @@ def test_lora_trains_on_an_nf4_base_with_an_int8_tied_embedding():
 pytest.importorskip("transformers", reason="transformers writes the checkpoints")
 
 
-def _same(a, b):
+def _assert_same(a, b):
     fa, fb = nj.paths.flatten(a), nj.paths.flatten(b)
     assert sorted(fa) == sorted(fb)
     for k in fa:
@@ -262,7 +262,7 @@ def test_from_pretrained_quantize_equals_quantize_after_loading(
     model_hf = hf_tiny.build(family, tmp_path, max_shard_size=shard)
     config, params = nj.models.hf.from_pretrained(tmp_path, quantize=spec, dtype=dtype)
     _, floats = nj.models.hf.from_pretrained(tmp_path, dtype=dtype)
-    _same(params, ft.quantize(floats, spec))
+    _assert_same(params, ft.quantize(floats, spec))
     ids = hf_tiny.ids((2, hf_tiny.SEQ))
     model = nj.models.CausalLM(config)
     got, _ = model.apply(params, {}, jnp.asarray(ids))
@@ -307,7 +307,7 @@ def test_save_pretrained_of_an_int8_table_writes_the_dequantized_floats(tmp_path
     config, params = nj.models.hf.from_pretrained(tmp_path / "in", quantize=spec)
     nj.models.hf.save_pretrained(tmp_path / "out", config, params)
     _, back = nj.models.hf.from_pretrained(tmp_path / "out")
-    _same(back, ft.dequantize(params))
+    _assert_same(back, ft.dequantize(params))
 
 
 def test_bf16_reads_are_rounded_before_quantizing():
@@ -336,4 +336,4 @@ def test_quantize_while_loading_a_bf16_checkpoint_as_float32_is_bit_identical(tm
     spec = ft.Quantization(bits=4, exclude="lm_head/**", embeddings="tok_embed/**")
     _, params = nj.models.hf.from_pretrained(tmp_path, quantize=spec, dtype=jnp.float32)
     _, floats = nj.models.hf.from_pretrained(tmp_path, dtype=jnp.float32)
-    _same(params, ft.quantize(floats, spec))
+    _assert_same(params, ft.quantize(floats, spec))
