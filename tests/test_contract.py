@@ -64,10 +64,10 @@ def test_grads_are_finite(case):
         return sum(jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in jax.tree.leaves(y))
 
     if case.int_input is None:
-        g_params, g_x = jax.grad(loss, argnums=(0, 1))(params, x)
+        g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
         assert bool(jnp.all(jnp.isfinite(g_x)))
     else:
-        g_params = jax.grad(loss)(params, x)
+        g_params = jax.jit(jax.grad(loss))(params, x)
     for g in jax.tree.leaves(g_params):
         assert bool(jnp.all(jnp.isfinite(g)))
 
@@ -78,7 +78,7 @@ def test_dtype_is_kept(case, dtype):
         pytest.skip(f"{case.name} does not take {dtype} input")
     layer, x = case.make(), _input(case, dtype)
     params, state = layer.init(jax.random.key(0), x)
-    y, _ = layer.apply(params, state, x)
+    y, _ = jax.jit(lambda p, s, x: layer.apply(p, s, x))(params, state, x)
     expected = jnp.float32 if case.int_input is not None else jnp.dtype(dtype)
     for leaf in jax.tree.leaves(y):
         if jnp.issubdtype(leaf.dtype, jnp.floating):

@@ -179,7 +179,7 @@ def test_stacked_params_are_cast_one_copy_at_a_time_with_float32_gradients():
         return nj.losses.softmax_cross_entropy(out.astype(jnp.float32), ids[:, 1:])
 
     (value, grads), (ref_value, ref_grads) = (
-        jax.value_and_grad(f)(params) for f in (jax.jit(loss), jax.jit(loss_cast_up_front))
+        jax.jit(jax.value_and_grad(f))(params) for f in (loss, loss_cast_up_front)
     )
     np.testing.assert_array_equal(value, ref_value)
     kernel = grads["blocks"]["stacked"]["mlp"]["down"]["kernel"]
